@@ -1,0 +1,48 @@
+"""The CLI's commands: each a short function that instantiates library objects and calls them."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from resofilter import context
+from resofilter._io import read_json, write_json_atomic
+from resofilter.config_check import validate
+from resofilter.data.tokenize import tokenize_records
+from resofilter.models.loading import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def prepare(cfg: DictConfig) -> dict:
+    """Build (or reuse) the embedded base model and data, tokenize the data, report counts."""
+    validate(cfg)
+    t0 = time.perf_counter()
+    out = context.output_dir(cfg)
+    model_dir = context.model_dir(cfg)
+    records, data_info = context.load_data(cfg)
+    tok = load_tokenizer(model_dir)
+    _, stats = tokenize_records(records, context.template(cfg), tok, cfg.tokenize.max_length,
+                                cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    report = {"model": model_dir, "data": data_info, "tokenized": stats.as_dict(),
+              "time_s": time.perf_counter() - t0}
+    bench = context.benchmark_dir(cfg)
+    if bench is not None:
+        report["benchmark"] = read_json(bench / "manifest.json")
+    build = f"{model_dir}/build.json"
+    try:
+        report["base_model"] = {k: v for k, v in read_json(build).items() if k != "metrics"}
+    except FileNotFoundError:
+        pass
+    write_json_atomic(out / "prepare.json", report)
+    log.info("data: %d records from %s; tokenized: %s", len(records), data_info["path"], stats.as_dict())
+    log.info("prepare report: %s", out / "prepare.json")
+    return report
+
+
+COMMANDS: dict[str, tuple[Callable, str]] = {
+    "prepare": (prepare, "build/reuse the embedded base model + data, tokenize, report counts"),
+}

@@ -1,0 +1,89 @@
+"""Resolving a composed config into concrete things: output dir, model dir, data files.
+
+Shared by every command, so that `score`, `finetune` and `run` agree on where the
+embedded base model and the synthetic data live.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from resofilter.data.records import Record, dedup_records, load_records
+from resofilter.data.templates import Template
+from resofilter.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """``cfg.output_dir`` or Hydra's run dir for this job."""
+    if cfg.get("output_dir"):
+        out = Path(cfg.output_dir)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise ConfigError("output_dir", "must be set when not running under Hydra")
+        out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def template(cfg: DictConfig) -> Template:
+    return instantiate(cfg.template)
+
+
+def benchmark_dir(cfg: DictConfig) -> Path | None:
+    """The synthetic benchmark directory when the config uses it, else ``None``."""
+    synth = cfg.data.get("synthetic")
+    if synth is None:
+        return None
+    from resofilter.models.embedded import ensure_benchmark
+
+    return ensure_benchmark(synth, cfg.paths.cache_dir)
+
+
+def model_dir(cfg: DictConfig) -> str:
+    """``model.name_or_path``, or the embedded base model (built and cached on first use)."""
+    if cfg.model.get("name_or_path"):
+        return str(cfg.model.name_or_path)
+    if cfg.model.get("embedded") is None:
+        raise ConfigError("model.name_or_path", "is null and the model has no `embedded` recipe")
+    synth = cfg.data.get("synthetic")
+    if synth is None:
+        raise ConfigError("data.synthetic", "the embedded model is trained on the synthetic benchmark; "
+                          "use data=math_synth or set model.name_or_path")
+    from resofilter.models.embedded import ensure_base_model, ensure_benchmark
+
+    bench = ensure_benchmark(synth, cfg.paths.cache_dir)
+    return str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))
+
+
+def data_path(cfg: DictConfig) -> Path:
+    if cfg.data.get("path"):
+        return Path(cfg.data.path)
+    bench = benchmark_dir(cfg)
+    if bench is None:
+        raise ConfigError("data.path", "is required (the data config has no synthetic generator)")
+    return bench / f"{cfg.data.split}.jsonl"
+
+
+def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Record], dict[str, Any]]:
+    """Records of ``cfg.data`` (or ``path`` read with the same field mapping), deduplicated per config."""
+    d = cfg.data
+    src = Path(path) if path is not None else data_path(cfg)
+    records = load_records(src, d.query_field, d.response_field, d.get("input_field"), d.get("id_field"),
+                           d.get("format", "auto"), d.get("max_samples"))
+    records, removed = dedup_records(records, d.get("dedup"))
+    if removed:
+        log.info("dedup=%s removed %d records with repeated queries", d.dedup, removed)
+    return records, {"path": str(src), "n_records": len(records) + removed, "dedup_removed": removed}
+
+
+def plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg

@@ -1,0 +1,299 @@
+"""A synthetic math benchmark with labeled noise, deterministic by seed.
+
+Problems are short word problems over small numbers. Each step applies one operation to
+the running quantity (``buys 5 more`` → +5, ``gives away 3`` → −3, ``gets 2 times as
+many`` → ×2) and the response shows one equation per step, ending in MetaMathQA's
+``The answer is: N``::
+
+    Query:    Mia has 7 shells. She buys 5 more. Then she gives away 3.
+              How many shells does Mia have now?
+    Response: She buys 5 more: 7 + 5 = 12
+              Then she gives away 3: 12 - 3 = 9
+              The answer is: 9
+
+Each solution line quotes the step it computes, so a multi-step solution is a chain of
+one-step solutions — the base model knows the parts, fine-tuning teaches the chaining.
+
+Two skills:
+
+* the **base skill**, one-step problems, which the embedded base model is trained on;
+* the **fine-tuning skill**, problems of ``finetune_steps`` steps (2–3 by default), the
+  skill the fine-tuning pool teaches and the test set measures.
+
+The fine-tuning pool carries noise of several kinds at configurable rates; each record's
+``meta`` says whether it is noisy and of which kind. Scorers never read ``meta``;
+diagnostics use it to measure how well a score flags noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resofilter._io import stable_hash, write_json_atomic, write_jsonl_atomic
+from resofilter.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+NAMES = [
+    ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Sam", "he"), ("Zoe", "she"),
+    ("Max", "he"), ("Ivy", "she"), ("Ben", "he"), ("Eva", "she"), ("Tom", "he"),
+    ("Lia", "she"), ("Dan", "he"), ("Amy", "she"), ("Jon", "he"), ("Kim", "she"),
+    ("Raj", "he"),
+]
+ITEMS = [
+    "apples", "shells", "cards", "coins", "books", "pens", "stamps", "marbles",
+    "stickers", "cookies", "rocks", "toys", "eggs", "beads", "plums", "kites",
+]
+# op → phrasings of one step; {p} pronoun, {n} operand
+PHRASES = {
+    "+": ["{p} buys {n} more.", "{p} finds {n} more.", "{p} gets {n} more.", "{p} is given {n} more."],
+    "-": ["{p} gives away {n}.", "{p} loses {n}.", "{p} sells {n}.", "{p} eats {n}."],
+    "*": ["{p} gets {n} times as many.", "{p} ends up with {n} times as many."],
+}
+THEN = ["Then", "After that", "Next", "Later"]
+NOISE_KINDS = (
+    "wrong_final",      # steps right, final answer line wrong
+    "corrupted_step",   # one intermediate result wrong, later steps follow it
+    "truncated",        # response cut before the answer line
+    "mismatched",       # the response of a different question
+    "garbled",          # repetitive / scrambled text
+    "easier",           # a correct-looking answer to an easier (one-step) problem
+    "near_duplicate",   # a copy of another pool question with a cosmetic change
+)
+
+
+@dataclass
+class SyntheticConfig:
+    """Sizes, number ranges and noise rates of the benchmark (``data.synthetic`` in config)."""
+
+    seed: int = 0
+    max_operand: int = 20          # operands of + and - are drawn from 1..max_operand
+    max_value: int = 30            # every intermediate and final value stays in 0..max_value
+    max_factor: int = 3            # × operands are drawn from 2..max_factor
+    finetune_steps: list[int] = field(default_factory=lambda: [2, 3])
+    n_base_train: int = 20000      # one-step problems the base model is trained on
+    n_base_test: int = 300         # held-out one-step problems
+    n_pool: int = 2000             # fine-tuning pool (clean + noisy)
+    n_test: int = 500              # held-out fine-tuning-skill problems
+    noise: dict[str, float] = field(default_factory=lambda: {
+        "wrong_final": 0.08, "corrupted_step": 0.08, "truncated": 0.06, "mismatched": 0.06,
+        "garbled": 0.05, "easier": 0.05, "near_duplicate": 0.02,
+    })
+
+    def validate(self) -> None:
+        unknown = set(self.noise) - set(NOISE_KINDS)
+        if unknown:
+            raise ConfigError("data.synthetic.noise", f"unknown noise kinds {sorted(unknown)}; known: {NOISE_KINDS}")
+        total = sum(self.noise.values())
+        if any(v < 0 for v in self.noise.values()) or total >= 1:
+            raise ConfigError("data.synthetic.noise", f"rates must be ≥0 and sum to <1, sum={total:.3f}")
+        if self.max_operand < 2 or self.max_value < self.max_operand:
+            raise ConfigError("data.synthetic.max_value", "need 2 ≤ max_operand ≤ max_value")
+        if not self.finetune_steps or min(self.finetune_steps) < 1:
+            raise ConfigError("data.synthetic.finetune_steps", "need a non-empty list of step counts ≥ 1")
+
+
+@dataclass(frozen=True)
+class Problem:
+    name: str
+    pronoun: str
+    item: str
+    start: int
+    ops: tuple[tuple[str, int], ...]
+    sentences: tuple[str, ...]  # one per step, as written in the query ("Then she sells 3.")
+
+    def values(self) -> list[int]:
+        vals = [self.start]
+        for op, n in self.ops:
+            vals.append(apply_op(vals[-1], op, n))
+        return vals
+
+    @property
+    def answer(self) -> int:
+        return self.values()[-1]
+
+    def query(self) -> str:
+        return " ".join([f"{self.name} has {self.start} {self.item}.", *self.sentences,
+                         f"How many {self.item} does {self.name} have now?"])
+
+
+def apply_op(x: int, op: str, n: int) -> int:
+    return x + n if op == "+" else x - n if op == "-" else x * n
+
+
+def solution_lines(problem: Problem, values: Sequence[int] | None = None) -> list[str]:
+    """One ``a op n = b`` line per step; ``values`` overrides the running values (noise)."""
+    vals = list(values) if values is not None else problem.values()
+    return [f"{problem.sentences[k].rstrip('.')}: {vals[k]} {op} {n} = {vals[k + 1]}"
+            for k, (op, n) in enumerate(problem.ops)]
+
+
+def format_response(lines: Sequence[str], answer: int | None) -> str:
+    body = list(lines)
+    if answer is not None:
+        body.append(f"The answer is: {answer}")
+    return "\n".join(body)
+
+
+class _Gen:
+    def __init__(self, cfg: SyntheticConfig, rng: random.Random) -> None:
+        self.cfg = cfg
+        self.rng = rng
+
+    def problem(self, n_steps: int) -> Problem:
+        cfg, rng = self.cfg, self.rng
+        while True:
+            name, pronoun = rng.choice(NAMES)
+            x = rng.randint(1, cfg.max_operand)
+            start, ops = x, []
+            for _ in range(n_steps):
+                op = rng.choice("+-*")
+                if op == "*":
+                    cands = [k for k in range(2, cfg.max_factor + 1) if x * k <= cfg.max_value]
+                elif op == "+":
+                    cands = [k for k in range(1, cfg.max_operand + 1) if x + k <= cfg.max_value]
+                else:
+                    cands = list(range(1, min(x, cfg.max_operand) + 1))
+                if not cands:
+                    break
+                n = rng.choice(cands)
+                ops.append((op, n))
+                x = apply_op(x, op, n)
+            if len(ops) == n_steps:
+                sentences = []
+                for k, (op, n) in enumerate(ops):
+                    s = rng.choice(PHRASES[op]).format(p=pronoun, n=n)
+                    sentences.append(s[0].upper() + s[1:] if k == 0 else f"{rng.choice(THEN)} {s}")
+                return Problem(name, pronoun, rng.choice(ITEMS), start, tuple(ops), tuple(sentences))
+
+    def record(self, problem: Problem) -> tuple[str, str]:
+        return problem.query(), format_response(solution_lines(problem), problem.answer)
+
+
+def _wrong(rng: random.Random, value: int, max_value: int) -> int:
+    """A different value in 0..max_value near ``value``."""
+    while True:
+        w = value + rng.choice([-3, -2, -1, 1, 2, 3, rng.randint(-10, 10)])
+        if w != value and 0 <= w <= max_value:
+            return w
+
+
+def _noisy_response(kind: str, problem: Problem, clean: str, gen: _Gen,
+                    other: tuple[Problem, str]) -> str:
+    rng, cfg = gen.rng, gen.cfg
+    vals = problem.values()
+    if kind == "wrong_final":
+        return format_response(solution_lines(problem), _wrong(rng, problem.answer, cfg.max_value))
+    if kind == "corrupted_step":
+        k = rng.randrange(1, len(vals) - 1) if len(vals) > 2 else 1
+        bad = list(vals[:k]) + [_wrong(rng, vals[k], cfg.max_value)]
+        for op, n in problem.ops[k:]:
+            bad.append(apply_op(bad[-1], op, n))
+        return format_response(solution_lines(problem, bad), bad[-1])
+    if kind == "truncated":
+        lines = solution_lines(problem)
+        text = "\n".join(lines)
+        cut = rng.randint(max(1, len(text) // 4), max(2, len(text) - 2))
+        return text[:cut]
+    if kind == "mismatched":
+        return other[1]
+    if kind == "garbled":
+        lines = solution_lines(problem)
+        if rng.random() < 0.5:  # repetitive
+            return "\n".join([lines[0]] * rng.randint(3, 6))
+        chars = list(clean)
+        rng.shuffle(chars)
+        return "".join(chars)
+    if kind == "easier":
+        first = solution_lines(problem)[:1]
+        return format_response(first, vals[1])
+    raise ValueError(kind)
+
+
+def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
+    """All splits as lists of JSON-ready records: ``base_train``, ``base_test``, ``pool``, ``test``."""
+    cfg.validate()
+    rng = random.Random(cfg.seed)
+    gen = _Gen(cfg, rng)
+    seen: set[str] = set()
+
+    def unique(n_steps_choices: Sequence[int], n: int, split: str, avoid: set[str]) -> list[tuple[Problem, str, str]]:
+        out: list[tuple[Problem, str, str]] = []
+        attempts = 0
+        while len(out) < n:
+            attempts += 1
+            if attempts > 50 * n + 1000:
+                raise ConfigError("data.synthetic", f"cannot draw {n} distinct {split} problems; widen the ranges")
+            p = gen.problem(rng.choice(list(n_steps_choices)))
+            q, r = gen.record(p)
+            if q in avoid:
+                continue
+            avoid.add(q)
+            out.append((p, q, r))
+        return out
+
+    # Test sets are drawn first, so the training splits can never contain a test question.
+    test = unique(cfg.finetune_steps, cfg.n_test, "test", seen)
+    base_test = unique([1], cfg.n_base_test, "base_test", seen)
+    pool = unique(cfg.finetune_steps, cfg.n_pool, "pool", seen)
+    base_train = unique([1], cfg.n_base_train, "base_train", set(seen))
+
+    def meta(p: Problem, **extra: Any) -> dict[str, Any]:
+        return {"n_steps": len(p.ops), "answer": p.answer, **extra}
+
+    out: dict[str, list[dict[str, Any]]] = {
+        "test": [{"id": f"test-{i:05d}", "query": q, "response": r, "answer": str(p.answer),
+                  "meta": meta(p)} for i, (p, q, r) in enumerate(test)],
+        "base_test": [{"id": f"base_test-{i:05d}", "query": q, "response": r, "answer": str(p.answer),
+                       "meta": meta(p)} for i, (p, q, r) in enumerate(base_test)],
+        "base_train": [{"id": f"base_train-{i:06d}", "query": q, "response": r, "meta": meta(p)}
+                       for i, (p, q, r) in enumerate(base_train)],
+    }
+    # Assign noise kinds to exact counts (not Bernoulli draws), in a shuffled order.
+    kinds: list[str | None] = []
+    for kind in NOISE_KINDS:
+        kinds += [kind] * round(cfg.noise.get(kind, 0.0) * cfg.n_pool)
+    kinds += [None] * (cfg.n_pool - len(kinds))
+    rng.shuffle(kinds)
+    pool_rows = []
+    for i, ((p, q, r), kind) in enumerate(zip(pool, kinds, strict=True)):
+        response = r
+        if kind == "near_duplicate":
+            j = rng.randrange(len(pool))
+            p2, q2, r2 = pool[j]
+            q = q2.replace(" now?", "?") if q2.endswith(" now?") else q2 + " "
+            p, response = p2, r2
+        elif kind is not None:
+            response = _noisy_response(kind, p, r, gen, pool[(i + 1 + rng.randrange(len(pool) - 1)) % len(pool)][::2])
+            if response == r:  # e.g. a shuffle that happened to restore the text
+                response = format_response(solution_lines(p), _wrong(rng, p.answer, cfg.max_value))
+        pool_rows.append({"id": f"pool-{i:05d}", "query": q, "response": response,
+                          "meta": meta(p, noisy=kind is not None, noise_kind=kind or "clean")})
+    out["pool"] = pool_rows
+    return out
+
+
+def write_benchmark(cfg: SyntheticConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Generate and write ``<split>.jsonl`` + ``manifest.json`` into ``out_dir``; return the manifest."""
+    out_dir = Path(out_dir)
+    splits = generate(cfg)
+    counts = {name: len(rows) for name, rows in splits.items()}
+    for name, rows in splits.items():
+        write_jsonl_atomic(out_dir / f"{name}.jsonl", rows)
+    composition = Counter(r["meta"]["noise_kind"] for r in splits["pool"])
+    manifest = {
+        "config": asdict(cfg),
+        "config_hash": stable_hash(asdict(cfg)),
+        "counts": counts,
+        "pool_composition": dict(sorted(composition.items())),
+        "pool_noise_rate": sum(r["meta"]["noisy"] for r in splits["pool"]) / max(1, counts["pool"]),
+    }
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    log.info("synthetic benchmark in %s: %s; pool composition %s", out_dir, counts, manifest["pool_composition"])
+    return manifest

@@ -1,0 +1,105 @@
+"""Batched greedy generation and accuracy with a 95 % interval."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from resofilter.data.records import Record
+from resofilter.data.templates import Template
+from resofilter.errors import ResoFilterError
+
+log = logging.getLogger(__name__)
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``k/n``."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    add_special_tokens: bool = True,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    stop_strings: Sequence[str] = (),
+    progress: bool = True,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left padding, stop at EOS or a stop string)."""
+    model.eval()
+    device = next(model.parameters()).device
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=add_special_tokens).to(device)
+            kwargs: dict[str, Any] = {}
+            if stop_strings:
+                kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 **kwargs)
+            new = out[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(idx, new, strict=True):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                for s in stop_strings:
+                    text = text.split(s)[0]
+                outputs[i] = text
+    finally:
+        tokenizer.padding_side = old_side
+    return outputs
+
+
+def evaluate_records(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    golds: Sequence[str],
+    template: Template,
+    extractor: Any,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    stop_strings: Sequence[str] = (),
+    few_shot_prefix: str = "",
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate for every record and score against ``golds``: (predictions, metrics)."""
+    if not records:
+        raise ResoFilterError("evaluation set is empty")
+    prompts = [few_shot_prefix + template.render_prompt(r.query, r.input, tokenizer) for r in records]
+    gens = generate(model, tokenizer, prompts, template.add_special_tokens, batch_size,
+                    max_new_tokens, stop_strings, progress)
+    preds = []
+    for r, prompt, gen, gold in zip(records, prompts, gens, golds, strict=True):
+        extracted = extractor.extract(gen)
+        preds.append({"sample_id": r.sample_id, "prompt": prompt, "generation": gen,
+                      "extracted": extracted, "gold": gold, "correct": extractor.equal(extracted, gold)})
+    n = len(preds)
+    k = sum(p["correct"] for p in preds)
+    lo, hi = wilson_interval(k, n)
+    metrics = {
+        "accuracy": k / n, "ci95_low": lo, "ci95_high": hi, "n": n, "n_correct": k,
+        "extraction_failures": sum(p["extracted"] is None for p in preds),
+        "empty_generations": sum(not p["generation"].strip() for p in preds),
+    }
+    log.info("accuracy %.4f (%d/%d, 95%% CI %.3f–%.3f), %d extraction failures",
+             metrics["accuracy"], k, n, lo, hi, metrics["extraction_failures"])
+    return preds, metrics

@@ -1,0 +1,146 @@
+"""The embedded default: synthetic benchmark + locally built tokenizer + tiny Llama base model.
+
+Everything is cached on disk keyed by a hash of the config that produced it, so the first
+run builds it (a few minutes on 2 CPU cores) and every later run reuses it. The result is
+an ordinary HF model directory: the rest of the pipeline loads it through
+``AutoModelForCausalLM``/``AutoTokenizer`` exactly as it would load google/gemma-2-2b.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from resofilter._io import read_json, stable_hash, write_json_atomic
+from resofilter.data.records import load_records
+from resofilter.data.synthetic import SyntheticConfig, write_benchmark
+from resofilter.data.templates import Template
+from resofilter.data.tokenize import tokenize_records
+from resofilter.evaluation.extract import SyntheticExtractor
+from resofilter.evaluation.generate import evaluate_records
+from resofilter.models.loading import build_tiny_model
+from resofilter.models.tokenizer import train_tokenizer
+from resofilter.training.sft import SFTDataModule, SFTModule
+
+log = logging.getLogger(__name__)
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def synthetic_config(cfg: Any) -> SyntheticConfig:
+    return SyntheticConfig(**_plain(cfg))
+
+
+def ensure_benchmark(synth_cfg: Any, cache_dir: str | Path) -> Path:
+    """The synthetic benchmark directory for ``synth_cfg``, generated on first use."""
+    sc = synthetic_config(synth_cfg)
+    sc.validate()
+    out = Path(cache_dir) / "synthetic" / stable_hash(asdict(sc))
+    if (out / "manifest.json").exists():
+        log.info("synthetic benchmark cached at %s", out)
+        return out
+    write_benchmark(sc, out)  # manifest is written last: its presence marks completion
+    return out
+
+
+def _atomic_dir(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+
+
+def base_model_key(embedded: Any, bench_dir: Path, template: Template) -> str:
+    return stable_hash({"embedded": _plain(embedded), "bench": bench_dir.name,
+                        "template": template.render_prompt("{q}", None, None)})
+
+
+def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, cache_dir: str | Path) -> Path:
+    """Directory of the embedded base model (tokenizer + weights), built and cached on first use.
+
+    Trains a digit-aware BPE tokenizer on the benchmark's training text, builds a tiny Llama
+    from ``embedded`` sizes and trains it on the base skill (one-step problems) with the SFT
+    module, then records held-out accuracy on both skills in ``build.json``.
+    """
+    bench_dir = Path(bench_dir)
+    final = Path(cache_dir) / "models" / f"base-{base_model_key(embedded, bench_dir, template)}"
+    if (final / "build.json").exists():
+        log.info("embedded base model cached at %s", final)
+        return final
+    e = _plain(embedded)
+    t0 = time.perf_counter()
+    base_train = load_records(bench_dir / "base_train.jsonl", id_field="id")
+    pool = load_records(bench_dir / "pool.jsonl", id_field="id")
+    texts = [f"{r.query}\n{r.response}" for r in base_train + pool]
+    texts.append(template.render_prompt("x", None, None))
+    tokenizer = train_tokenizer(texts, vocab_size=e["tokenizer"]["vocab_size"])
+    sizes = {k: v for k, v in e["architecture"].items()}
+    model = build_tiny_model(
+        e["arch"], vocab_size=len(tokenizer), seed=e["init_seed"],
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **sizes,
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    bt = e["base_training"]
+    samples, stats = tokenize_records(base_train, template, tokenizer, bt["max_length"])
+    log.info("base training: %d samples, %.2fM parameters, %d steps × batch %d",
+             len(samples), n_params / 1e6, bt["steps"], bt["batch_size"])
+    pl.seed_everything(bt["seed"], workers=True, verbose=False)
+    optimizer = _adamw(lr=bt["lr"], weight_decay=bt["weight_decay"], betas=tuple(bt["betas"]))
+    module = SFTModule(model, optimizer, {"name": "cosine", "warmup_ratio": bt["warmup_ratio"],
+                                          "min_lr_ratio": bt["min_lr_ratio"]})
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=bt["steps"], max_epochs=-1, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, gradient_clip_val=1.0,
+        log_every_n_steps=50, enable_progress_bar=bt.get("progress_bar", True),
+    )
+    trainer.fit(module, SFTDataModule(samples, tokenizer.pad_token_id, bt["batch_size"], seed=bt["seed"]))
+    train_time = time.perf_counter() - t0
+
+    metrics = {}
+    ev = e["eval"]
+    for split in ("base_test", "test"):
+        recs = load_records(bench_dir / f"{split}.jsonl", id_field="id", max_samples=ev["max_samples"])
+        ex = SyntheticExtractor()
+        golds = [ex.gold(r.raw["answer"]) for r in recs]
+        _, m = evaluate_records(model, tokenizer, recs, golds, template, ex, batch_size=ev["batch_size"],
+                                max_new_tokens=ev["max_new_tokens"], progress=False)
+        metrics[split] = m
+    tmp = _atomic_dir(final)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        build = {
+            "embedded": e, "benchmark": str(bench_dir), "n_parameters": n_params,
+            "train_samples": stats.as_dict(), "train_time_s": train_time,
+            "total_time_s": time.perf_counter() - t0,
+            "accuracy": {k: v["accuracy"] for k, v in metrics.items()}, "metrics": metrics,
+        }
+        write_json_atomic(tmp / "build.json", build)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log.info("embedded base model built in %.0f s: base-skill accuracy %.3f, fine-tuning-skill accuracy %.3f",
+             time.perf_counter() - t0, metrics["base_test"]["accuracy"], metrics["test"]["accuracy"])
+    return final
+
+
+def _adamw(**kw: Any):  # noqa: ANN202
+    def make(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, **kw)
+
+    return make
+
+
+def read_build(model_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(model_dir) / "build.json")

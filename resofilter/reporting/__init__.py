@@ -1,0 +1,1 @@
+"""resofilter.reporting"""

@@ -1,0 +1,72 @@
+"""Shared fixtures: real configs composed with Hydra, tiny tokenizers/models built in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from resofilter.cli import CONF_DIR
+from resofilter.data.records import load_records
+from resofilter.models.loading import build_tiny_model
+from resofilter.models.tokenizer import train_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl"
+
+
+def compose_cfg(overrides: list[str] | None = None, command: str = "run") -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"command={command}", *(overrides or [])])
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def gsm8k_records():
+    return load_records(GSM8K_TRAIN, "question", "answer")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(gsm8k_records):
+    texts = [f"{r.query}\n{r.response}" for r in gsm8k_records]
+    return train_tokenizer(texts, vocab_size=400)
+
+
+def tiny(arch: str, tokenizer, seed: int = 0, **sizes) -> torch.nn.Module:
+    defaults = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                    max_position_embeddings=512)
+    defaults.update(sizes)
+    return build_tiny_model(arch, len(tokenizer), seed=seed, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **defaults)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny Llama + tokenizer saved as an HF directory (the shape of a real model dir)."""
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tiny("llama", tokenizer).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def shrink(cfg: DictConfig, tmp_path: Path, **extra) -> DictConfig:
+    """Small, fast settings on a real composed config."""
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "out")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        for k, v in extra.items():
+            node = cfg
+            *parents, leaf = k.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = v
+    return cfg

@@ -1,0 +1,85 @@
+"""Every shipped config composes and validates (big models included, without weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+
+from resofilter.cli import CONF_DIR
+from resofilter.config_check import resolve_indices, validate
+from resofilter.errors import ConfigError
+from tests.conftest import compose_cfg
+
+CONF = Path(CONF_DIR)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+GROUPS = ["model", "data", "template", "layers", "statistic", "step", "scorer", "selection",
+          "finetune", "eval", "trainer", "logger"]
+NEEDS_PATH = {"data": {"metamathqa": ["data.path=/x.jsonl"], "jsonl": ["data.path=/x.jsonl"]}}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_validates(group, option):
+    extra = NEEDS_PATH.get(group, {}).get(option, [])
+    overrides = [f"{group}={option}", *extra]
+    if group == "statistic" and option in ("quantile", "count_above"):
+        pass  # names of their default columns are produced by the default score.statistics
+    cfg = compose_cfg(overrides)
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+
+
+def test_gemma2_2b_paper_config_states_what_matters():
+    cfg = compose_cfg(["model=gemma2_2b"])
+    validate(cfg)
+    assert cfg.model.name_or_path == "google/gemma-2-2b"
+    assert cfg.model.attn_implementation == "eager"
+    assert cfg.model.dtype == "bfloat16"
+    assert resolve_indices(cfg.layers.indices, cfg.model.num_hidden_layers, "k") == [23, 24, 25]
+
+
+def test_data_configs_map_the_paper_fields():
+    mm = compose_cfg(["data=metamathqa", "data.path=/d.json"]).data
+    assert (mm.query_field, mm.response_field) == ("query", "response")
+    g = compose_cfg(["data=gsm8k"]).data
+    assert (g.query_field, g.response_field) == ("question", "answer")
+    with pytest.raises(Exception, match="Missing mandatory value"):
+        OmegaConf.to_container(compose_cfg(["data=metamathqa"]).data, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("selection.keep_ratio", 0.0, "selection.keep_ratio"),
+    ("selection.keep_ratio", 1.5, "selection.keep_ratio"),
+    ("selection.direction", "sideways", "selection.direction"),
+    ("layers.indices", [7], "layers.indices"),
+    ("step.name", "lion", "step.name"),
+    ("statistic.name", "median", "statistic.name"),
+    ("score.mode", "approx", "score.mode"),
+    ("model.dtype", "float8", "model.dtype"),
+    ("scorer.name", "oracle", "scorer.name"),
+    ("score.batch_size", 0, "score.batch_size"),
+])
+def test_invalid_values_name_their_key(key, value, match):
+    cfg = compose_cfg()
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False)
+    with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_keep_ratio_one_is_valid():
+    validate(compose_cfg(["selection.keep_ratio=1.0"]))
+
+
+def test_resolve_indices():
+    assert resolve_indices([-3, -2, -1], 26, "k") == [23, 24, 25]
+    assert resolve_indices("all", 3, "k") == [0, 1, 2]
+    assert resolve_indices([0, -4], 4, "k") == [0]
+    with pytest.raises(ConfigError, match="out of range"):
+        resolve_indices([4], 4, "k")

@@ -1,0 +1,109 @@
+"""The synthetic benchmark is deterministic and its noise labels are what they say."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from resofilter.data.synthetic import SyntheticConfig, apply_op, generate, write_benchmark
+from resofilter.errors import ConfigError
+
+SMALL = dict(n_base_train=200, n_base_test=50, n_pool=400, n_test=100)
+LINE = re.compile(r"^[A-Z][^:]*: (\d+) ([+\-*]) (\d+) = (\d+)$")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return generate(SyntheticConfig(seed=3, **SMALL))
+
+
+def test_deterministic_by_seed(bench):
+    assert generate(SyntheticConfig(seed=3, **SMALL)) == bench
+    assert generate(SyntheticConfig(seed=4, **SMALL))["pool"] != bench["pool"]
+
+
+def test_sizes_and_disjoint_test_set(bench):
+    assert [len(bench[k]) for k in ("base_train", "base_test", "pool", "test")] == [200, 50, 400, 100]
+    test_q = {r["query"] for r in bench["test"]} | {r["query"] for r in bench["base_test"]}
+    assert not test_q & {r["query"] for r in bench["pool"] + bench["base_train"]}
+
+
+def _check_clean(r):
+    lines = r["response"].split("\n")
+    assert lines[-1] == f"The answer is: {r['meta']['answer']}"
+    nums = [int(n) for n in re.findall(r"\d+", r["query"].split(" How many")[0])]
+    x = nums[0]
+    for line, n in zip(lines[:-1], nums[1:], strict=True):
+        a, op, b, c = LINE.match(line).groups()
+        assert int(a) == x and int(b) == n and int(c) == apply_op(x, op, n)
+        x = int(c)
+    assert x == r["meta"]["answer"]
+
+
+def test_clean_records_are_correct_step_by_step(bench):
+    for r in bench["test"] + bench["base_train"][:50]:
+        _check_clean(r)
+    clean = [r for r in bench["pool"] if r["meta"]["noise_kind"] == "clean"]
+    assert clean and all(not r["meta"]["noisy"] for r in clean)
+    for r in clean:
+        _check_clean(r)
+        assert r["meta"]["n_steps"] in (2, 3)
+
+
+def test_noise_rates_are_exact_counts(bench):
+    cfg = SyntheticConfig(**SMALL)
+    kinds = [r["meta"]["noise_kind"] for r in bench["pool"]]
+    for kind, rate in cfg.noise.items():
+        assert kinds.count(kind) == round(rate * 400)
+
+
+def test_noise_kinds_are_what_they_say(bench):
+    by_q = {r["query"]: r for r in bench["pool"]}
+    responses = {r["response"] for r in bench["pool"] if r["meta"]["noise_kind"] == "clean"}
+    for r in bench["pool"]:
+        kind, resp, ans = r["meta"]["noise_kind"], r["response"], r["meta"]["answer"]
+        final = re.search(r"The answer is: (\d+)$", resp)
+        if kind == "wrong_final":
+            assert int(final.group(1)) != ans
+            body = "\n".join(resp.split("\n")[:-1])
+            _check_clean({**r, "response": body + f"\nThe answer is: {ans}"})
+        elif kind == "corrupted_step":
+            lines = resp.split("\n")[:-1]
+            assert any(int(LINE.match(line).group(4)) != apply_op(int(LINE.match(line).group(1)),
+                       LINE.match(line).group(2), int(LINE.match(line).group(3))) for line in lines) \
+                or int(final.group(1)) != ans
+        elif kind == "truncated":
+            assert "The answer is" not in resp
+        elif kind == "easier":  # the correct solution of only the first step
+            first, last = resp.split("\n")
+            a, op, b, c = LINE.match(first).groups()
+            assert int(final.group(1)) == int(c) == apply_op(int(a), op, int(b))
+            assert r["meta"]["n_steps"] >= 2
+        elif kind == "mismatched":  # a clean solution of a different problem
+            lines = resp.split("\n")
+            first = [int(x) for x in LINE.match(lines[0]).groups()[::2]]
+            start = int(re.search(r"has (\d+)", r["query"]).group(1))
+            assert int(final.group(1)) != ans or first[0] != start or first[1] != int(
+                re.findall(r"\d+", r["query"])[1])
+        elif kind == "garbled":
+            assert final is None
+        elif kind == "near_duplicate":  # another pool question, cosmetically changed, solved correctly
+            _check_clean(r)
+            q = r["query"]
+            assert q.replace("?", " now?") in by_q or q.rstrip(" ") in by_q
+        else:
+            assert kind == "clean"
+
+
+def test_write_benchmark_manifest(tmp_path):
+    m = write_benchmark(SyntheticConfig(**SMALL), tmp_path)
+    assert m["counts"]["pool"] == 400 and (tmp_path / "pool.jsonl").exists()
+    assert abs(m["pool_noise_rate"] - sum(SyntheticConfig().noise.values())) < 0.01
+
+
+def test_invalid_noise_config():
+    with pytest.raises(ConfigError, match="noise"):
+        generate(SyntheticConfig(noise={"sarcasm": 0.1}))
+    with pytest.raises(ConfigError, match="noise"):
+        generate(SyntheticConfig(noise={"wrong_final": 0.7, "garbled": 0.4}))
