@@ -20,10 +20,18 @@ log = logging.getLogger("resofilter")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def _commands() -> dict[str, tuple[Callable[[DictConfig], object], str]]:
+# name → help line; the functions live in resofilter.commands (imported only to run one,
+# so `--help` and shell completion stay fast).
+COMMANDS = {
+    "prepare": "build/reuse the embedded base model + data, tokenize, report counts",
+    "score": "per-sample one-step weight-change features → features.parquet",
+}
+
+
+def _function(name: str) -> Callable[[object], object]:
     from resofilter import commands
 
-    return commands.COMMANDS
+    return getattr(commands, name)
 
 
 USAGE = """usage: resofilter <command> [hydra overrides] [--cfg job] [-m]
@@ -43,25 +51,25 @@ Examples:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _commands()
+    commands = COMMANDS
     if not argv or argv[0] in ("-h", "--help", "help"):
-        lines = "\n".join(f"  {name:<10} {doc}" for name, (_, doc) in commands.items())
+        lines = "\n".join(f"  {name:<10} {doc}" for name, doc in commands.items())
         sys.stdout.write(USAGE.format(lines=lines))
         return
     name, rest = argv[0], argv[1:]
     if name not in commands:
         sys.stderr.write(f"resofilter: unknown command {name!r}; known: {', '.join(commands)}\n")
         raise SystemExit(2)
-    fn = commands[name][0]
     if name == "table":  # reads a directory, not a config
-        _guard(fn, rest)
+        _guard(_function(name), rest)
         return
 
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    # conf/<command>.yaml composes config.yaml and sets `command`.
+    @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
     def _app(cfg: DictConfig) -> object:
-        return _guard(fn, cfg)
+        return _guard(_function(name), cfg)
 
-    sys.argv = [f"resofilter {name}", f"command={name}", *rest]
+    sys.argv = [f"resofilter {name}", *rest]
     _app()
 
 

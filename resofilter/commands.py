@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 from omegaconf import DictConfig
 
@@ -12,6 +11,7 @@ from resofilter import context
 from resofilter._io import read_json, write_json_atomic
 from resofilter.config_check import validate
 from resofilter.data.tokenize import tokenize_records
+from resofilter.features.stage import score_records
 from resofilter.models.loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,16 @@ def prepare(cfg: DictConfig) -> dict:
     return report
 
 
-COMMANDS: dict[str, tuple[Callable, str]] = {
-    "prepare": (prepare, "build/reuse the embedded base model + data, tokenize, report counts"),
-}
+def score(cfg: DictConfig) -> dict | None:
+    """Per-sample one-step weight-change features → ``<out>/features.parquet`` + ``manifest.json``."""
+    validate(cfg)
+    out = context.output_dir(cfg)
+    model_dir = context.model_dir(cfg)
+    records, data_info = context.load_data(cfg)
+    features, manifest = score_records(cfg, records, context.template(cfg), model_dir, out)
+    if manifest is None:  # not rank zero
+        return None
+    manifest["data"] = data_info
+    write_json_atomic(out / "manifest.json", manifest)
+    log.info("scored %d samples in %.1f s → %s", len(features), manifest["timing"]["score_s"], out)
+    return manifest

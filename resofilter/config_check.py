@@ -99,7 +99,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("step.lr", "must be > 0")
     stat_names = statistic_names(cfg)
     if cfg.statistic.name not in stat_names:
-        raise ConfigError("statistic.name", f"{cfg.statistic.name!r} is not computed; score.statistics give {stat_names}")
+        raise ConfigError("statistic.name",
+                          f"{cfg.statistic.name!r} is not computed; score.statistics give {stat_names}")
     _one_of(cfg.scorer.name, SCORERS, "scorer.name")
     _one_of(cfg.scorer.get("bad_end", "high"), ("high", "low"), "scorer.bad_end")
     check_keep_ratio(cfg.selection.keep_ratio)

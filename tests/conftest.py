@@ -21,7 +21,7 @@ GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl"
 
 def compose_cfg(overrides: list[str] | None = None, command: str = "run") -> DictConfig:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"command={command}", *(overrides or [])])
+        cfg = compose(command, overrides=list(overrides or []))
     return cfg
 
 

@@ -60,7 +60,6 @@ def test_noise_rates_are_exact_counts(bench):
 
 def test_noise_kinds_are_what_they_say(bench):
     by_q = {r["query"]: r for r in bench["pool"]}
-    responses = {r["response"] for r in bench["pool"] if r["meta"]["noise_kind"] == "clean"}
     for r in bench["pool"]:
         kind, resp, ans = r["meta"]["noise_kind"], r["response"], r["meta"]["answer"]
         final = re.search(r"The answer is: (\d+)$", resp)

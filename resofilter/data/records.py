@@ -69,7 +69,7 @@ def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[s
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})")
+                    raise DataError(path, lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
                 if not isinstance(row, dict):
                     raise DataError(path, lineno, f"expected a JSON object, got {type(row).__name__}")
                 yield lineno, row
@@ -78,7 +78,7 @@ def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[s
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
-            raise DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})")
+            raise DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(data, list):
             raise DataError(path, None, "expected a JSON list of objects")
         for i, row in enumerate(data, start=1):
@@ -105,7 +105,7 @@ def _text(row: dict[str, Any], name: str, path: Path, line: int, required: bool)
         value = get_field(row, name)
     except KeyError:
         if required:
-            raise DataError(path, line, f"missing field {name!r} (has: {sorted(row)})")
+            raise DataError(path, line, f"missing field {name!r} (has: {sorted(row)})") from None
         return None
     if value is None and not required:
         return None
@@ -149,7 +149,7 @@ def load_records(
             try:
                 raw_id = get_field(row, id_field)
             except KeyError:
-                raise DataError(path, line, f"missing id field {id_field!r}")
+                raise DataError(path, line, f"missing id field {id_field!r}") from None
             if not isinstance(raw_id, (str, int)) or isinstance(raw_id, bool):
                 raise DataError(path, line, f"id field {id_field!r} must be a string or int")
             sample_id = str(raw_id)

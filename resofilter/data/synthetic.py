@@ -76,7 +76,7 @@ class SyntheticConfig:
     max_operand: int = 20          # operands of + and - are drawn from 1..max_operand
     max_value: int = 30            # every intermediate and final value stays in 0..max_value
     max_factor: int = 3            # × operands are drawn from 2..max_factor
-    finetune_steps: list[int] = field(default_factory=lambda: [2, 3])
+    finetune_steps: list[int] = field(default_factory=lambda: [2])
     n_base_train: int = 20000      # one-step problems the base model is trained on
     n_base_test: int = 300         # held-out one-step problems
     n_pool: int = 2000             # fine-tuning pool (clean + noisy)

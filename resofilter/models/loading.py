@@ -67,7 +67,7 @@ def load_causal_lm(
 
 def tiny_model_config(arch: str, vocab_size: int, **sizes: Any) -> Any:
     """A transformers config for a tiny ``llama``, ``gemma`` or ``gemma2`` model."""
-    from transformers import GemmaConfig, Gemma2Config, LlamaConfig
+    from transformers import Gemma2Config, GemmaConfig, LlamaConfig
 
     common = dict(
         vocab_size=vocab_size,

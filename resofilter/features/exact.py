@@ -1,0 +1,77 @@
+"""The exact oracle: the authors' literal per-sample procedure.
+
+For every sample: restore the original weights, build a fresh ``torch.optim`` optimizer
+over all parameters, one forward/backward on that sample alone (prompt masked), one
+``.step()``, and diff the chosen weights: ΔW = W_after − W_before.
+
+It runs in ``score.exact_dtype`` (float64 by default). In float32 the rounding of
+W_after − W_before (≈1e-5 steps on weights of ≈1e-2) adds noise larger than the
+across-sample spread of the statistic, so an fp32 literal loop ranks samples largely by
+rounding noise; ``exact_dtype=float32`` reproduces the authors' procedure, noise included.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from resofilter.features.closed_form import StepConfig
+from resofilter.features.fast import per_sample_loss
+from resofilter.features.statistics import UpdateStatistics
+from resofilter.features.targets import Target
+
+
+class ExactScorer:
+    """Same interface and output as :class:`~resofilter.features.fast.FastScorer`."""
+
+    def __init__(self, model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
+                 statistics: Sequence[str], quantiles: Sequence[float] = (),
+                 count_above: Sequence[float] = (), dtype: torch.dtype = torch.float64) -> None:
+        self.model = copy.deepcopy(model).to(dtype)
+        self.model.eval()  # no dropout: the step must be a function of the sample alone
+        for p in self.model.parameters():
+            p.requires_grad_(True)
+        modules = dict(self.model.named_modules())
+        self.target_names = [t.name for t in targets]
+        self.weights = {n: modules[n].weight for n in self.target_names}
+        self.params = [p for p in self.model.parameters()]
+        self.saved = [p.detach().clone() for p in self.params]
+        self.step = step
+        self.statistics, self.quantiles, self.count_above = list(statistics), list(quantiles), list(count_above)
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for p, s in zip(self.params, self.saved, strict=True):
+                p.copy_(s)
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        B = batch["input_ids"].shape[0]
+        per_target: dict[str, list[dict[str, torch.Tensor]]] = {n: [] for n in self.target_names}
+        losses, counts = [], []
+        device = self.saved[0].device
+        for b in range(B):
+            keep = batch["attention_mask"][b].bool()  # the sample alone, no padding
+            ids = batch["input_ids"][b][keep].unsqueeze(0).to(device)
+            labels = batch["labels"][b][keep].unsqueeze(0).to(device)
+            self._restore()
+            before = {n: w.detach().clone() for n, w in self.weights.items()}
+            opt = self.step.make_optimizer(self.params)  # fresh state every sample
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():  # callers (Lightning predict) may run under no_grad
+                logits = self.model(input_ids=ids, use_cache=False).logits
+                loss, n = per_sample_loss(logits, labels)
+                loss.sum().backward()
+            opt.step()
+            for name, w in self.weights.items():
+                dw = (w.detach() - before[name]).unsqueeze(0)  # (1, d_out, d_in)
+                acc = UpdateStatistics(1, tuple(w.shape), self.statistics, self.quantiles, self.count_above)
+                acc.update(dw, before[name])
+                per_target[name].append(acc.result())
+            losses.append(loss.detach().to(torch.float64))
+            counts.append(n)
+        self._restore()
+        result = {name: {k: torch.cat([r[k] for r in rows]) for k in rows[0]} for name, rows in per_target.items()}
+        return result, torch.cat(losses), torch.cat(counts)

@@ -1,0 +1,260 @@
+"""Feature extraction as a Lightning predict loop: sharded, resumable, multi-device.
+
+Samples are split into shards of ``shard_size`` consecutive samples; shard k goes to rank
+``k % world_size``. Within a shard, batches are bucketed by length. Each finished shard is
+written atomically to ``<out>/shards/shard-XXXXX.parquet``; a restarted run with the same
+output dir skips finished shards, and rank 0 merges all shards into ``features.parquet``
+(original order, ``sample_id`` first) and writes ``manifest.json``. A different config in
+an existing output dir is an error, never a silent mix.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader
+
+from resofilter._io import environment_info, read_json, stable_hash, write_json_atomic, write_parquet_atomic
+from resofilter.data.tokenize import Collator, TokenizedSample, length_buckets
+from resofilter.errors import ResoFilterError
+from resofilter.features.exact import ExactScorer
+from resofilter.features.fast import FastScorer, per_sample_loss, ppl
+from resofilter.features.targets import Target
+
+log = logging.getLogger(__name__)
+
+FEATURES_FILE = "features.parquet"
+MANIFEST_FILE = "manifest.json"
+META_COLUMNS = ("sample_id", "loss", "ppl", "n_tokens", "truncated")
+
+
+def column(target: str, statistic: str) -> str:
+    return f"{target}/{statistic}"
+
+
+def samples_hash(samples: Sequence[TokenizedSample]) -> str:
+    return stable_hash([(s.sample_id, s.input_ids, s.labels) for s in samples])
+
+
+class FeatureDataModule(pl.LightningDataModule):
+    """Batches of the shards this rank owns and has not finished yet."""
+
+    def __init__(self, samples: Sequence[TokenizedSample], pad_token_id: int, shard_size: int,
+                 batch_size: int, max_tokens: int | None, done: set[int],
+                 alone: Sequence[TokenizedSample] | None = None) -> None:
+        super().__init__()
+        self.samples = list(samples)
+        self.alone = list(alone) if alone is not None else None
+        self.collate = Collator(pad_token_id, "right")
+        self.shard_size, self.batch_size, self.max_tokens = shard_size, batch_size, max_tokens
+        self.done = done
+
+    def n_shards(self) -> int:
+        return (len(self.samples) + self.shard_size - 1) // self.shard_size
+
+    def shard_range(self, k: int) -> range:
+        return range(k * self.shard_size, min(len(self.samples), (k + 1) * self.shard_size))
+
+    def batches(self, rank: int, world: int) -> list[list[int]]:
+        out = []
+        for k in range(self.n_shards()):
+            if k % world != rank or k in self.done:
+                continue
+            idx = self.shard_range(k)
+            lengths = [len(self.samples[i]) for i in idx]
+            out += [[idx[j] for j in b] for b in length_buckets(lengths, self.batch_size, self.max_tokens)]
+        return out
+
+    def _collate(self, indices: list[int]) -> dict[str, Any]:
+        batch = self.collate([self.samples[i] for i in indices])
+        batch["index"] = torch.tensor(indices)
+        if self.alone is not None:
+            batch["alone"] = self.collate([self.alone[i] for i in indices])
+        return batch
+
+    def predict_dataloader(self) -> DataLoader:
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        batches = self.batches(rank, world)
+        return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=self._collate)
+
+
+class FeatureModule(pl.LightningModule):
+    """``predict_step`` returns one feature row per sample of the batch."""
+
+    def __init__(self, model: torch.nn.Module, scorer: FastScorer | ExactScorer, ifd: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.scorer = scorer
+        self.ifd = ifd
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        stats, losses, n_tok = self.scorer(batch)
+        losses = losses.to(torch.float64).cpu()
+        rows = [{"index": int(i), "sample_id": sid, "loss": float(loss), "ppl": float(ppl(loss)),
+                 "n_tokens": int(n), "truncated": bool(tr)}
+                for i, sid, loss, n, tr in zip(batch["index"], batch["sample_ids"], losses, n_tok,
+                                               batch["truncated"], strict=True)]
+        if self.ifd:
+            alone = batch["alone"]
+            with torch.no_grad():
+                logits = self.model(input_ids=alone["input_ids"].to(self.device),
+                                    attention_mask=alone["attention_mask"].to(self.device), use_cache=False).logits
+                loss_alone, _ = per_sample_loss(logits, alone["labels"].to(self.device))
+            for row, la in zip(rows, loss_alone.to(torch.float64).cpu(), strict=True):
+                row["loss_alone"] = float(la)
+                row["ifd"] = float(np.exp(row["loss"] - float(la)))  # ppl(r|q) / ppl(r)
+        for target, by_stat in stats.items():
+            for stat, values in by_stat.items():
+                vals = values.cpu().tolist()
+                for row, v in zip(rows, vals, strict=True):
+                    row[column(target, stat)] = v
+        return rows
+
+
+class ShardWriter(BasePredictionWriter):
+    """Writes a shard's rows atomically as soon as the shard is complete."""
+
+    def __init__(self, shard_dir: Path, shard_size: int, n_samples: int) -> None:
+        super().__init__(write_interval="batch")
+        self.shard_dir, self.shard_size, self.n = shard_dir, shard_size, n_samples
+        self.pending: dict[int, list[dict[str, Any]]] = {}
+
+    def expected(self, k: int) -> int:
+        return min(self.n, (k + 1) * self.shard_size) - k * self.shard_size
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        for row in prediction:
+            k = row["index"] // self.shard_size
+            rows = self.pending.setdefault(k, [])
+            rows.append(row)
+            if len(rows) == self.expected(k):
+                frame = pd.DataFrame(sorted(rows, key=lambda r: r["index"]))
+                write_parquet_atomic(self.shard_dir / f"shard-{k:05d}.parquet", frame)
+                del self.pending[k]
+
+
+def finished_shards(shard_dir: Path) -> set[int]:
+    return {int(p.stem.split("-")[1]) for p in shard_dir.glob("shard-*.parquet")}
+
+
+def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any]) -> None:
+    """Record the config key of this output dir, or fail if it holds another config's shards."""
+    key_file = shard_dir / "key.json"
+    if key_file.exists():
+        old = read_json(key_file)
+        if old["key"] != key:
+            changed = sorted(k for k in set(old["description"]) | set(description)
+                             if old["description"].get(k) != description.get(k))
+            raise ResoFilterError(
+                f"{shard_dir.parent} holds features of a different config (changed: {changed}); "
+                "use a new output_dir or delete it")
+        return
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(key_file, {"key": key, "description": description})
+
+
+def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample]) -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in sorted(shard_dir.glob("shard-*.parquet"))]
+    df = pd.concat(frames, ignore_index=True).sort_values("index")
+    ids = [s.sample_id for s in samples]
+    if df["index"].tolist() != list(range(len(samples))) or df["sample_id"].tolist() != ids:
+        raise ResoFilterError(f"shards in {shard_dir} do not cover the data exactly once; delete them and rerun")
+    cols = [c for c in META_COLUMNS] + [c for c in df.columns if c not in META_COLUMNS and c != "index"]
+    return df[cols].reset_index(drop=True)
+
+
+def build_scorer(model: torch.nn.Module, targets: Sequence[Target], step: Any,
+                 settings: dict[str, Any]) -> FastScorer | ExactScorer:
+    common = dict(statistics=settings["statistics"], quantiles=settings["quantiles"],
+                  count_above=settings["count_above"])
+    if settings["mode"] == "exact":
+        return ExactScorer(model, targets, step, dtype=settings["exact_dtype"], **common)
+    return FastScorer(model, targets, step, chunk_elements=settings["chunk_elements"], **common)
+
+
+def extract_features(
+    model: torch.nn.Module,
+    samples: Sequence[TokenizedSample],
+    targets: Sequence[Target],
+    step: Any,
+    settings: dict[str, Any],
+    out_dir: str | Path,
+    pad_token_id: int,
+    trainer_kwargs: dict[str, Any] | None = None,
+    description: dict[str, Any] | None = None,
+    alone: Sequence[TokenizedSample] | None = None,
+) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
+    """Score every sample; returns (features, manifest) on rank 0, (None, None) elsewhere.
+
+    ``settings``: mode, exact_dtype (torch.dtype), statistics, quantiles, count_above,
+    chunk_elements, batch_size, max_tokens_per_batch, shard_size, progress_bar.
+    ``description``: what identifies this run (config, model, data hash) → the resume key.
+    """
+    if not samples:
+        raise ResoFilterError("no samples to score (empty data after tokenization)")
+    out_dir = Path(out_dir)
+    shard_dir = out_dir / "shards"
+    description = {**(description or {}), "samples": samples_hash(samples),
+                   "targets": [t.name for t in targets]}
+    key = stable_hash(description)
+    final = out_dir / FEATURES_FILE
+    if final.exists() and (out_dir / MANIFEST_FILE).exists():
+        manifest = read_json(out_dir / MANIFEST_FILE)
+        if manifest.get("key") == key:
+            log.info("features already complete in %s (key %s): reusing", out_dir, key)
+            return pd.read_parquet(final), manifest
+        raise ResoFilterError(f"{out_dir} holds features of a different config; use a new output_dir")
+    check_or_claim(shard_dir, key, description)
+    done = finished_shards(shard_dir)
+    dm = FeatureDataModule(samples, pad_token_id, settings["shard_size"], settings["batch_size"],
+                           settings.get("max_tokens_per_batch"), done, alone)
+    if done:
+        log.info("resuming: %d of %d shards already done in %s", len(done), dm.n_shards(), shard_dir)
+    module = FeatureModule(model, build_scorer(model, targets, step, settings), ifd=alone is not None)
+    writer = ShardWriter(shard_dir, settings["shard_size"], len(samples))
+    kw = dict(accelerator="cpu", devices=1)
+    kw.update(trainer_kwargs or {})
+    # inference_mode=False: predict runs under no_grad, which the scorer lifts for its truncated backward
+    kw.update(logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
+              use_distributed_sampler=False, callbacks=[writer],
+              enable_progress_bar=settings.get("progress_bar", True))
+    kw.pop("log_every_n_steps", None)
+    trainer = pl.Trainer(**kw)
+    t0 = time.perf_counter()
+    if len(done) < dm.n_shards():
+        trainer.predict(module, datamodule=dm, return_predictions=False)
+    elapsed = time.perf_counter() - t0
+    trainer.strategy.barrier()
+    if trainer.global_rank != 0:
+        return None, None
+    if writer.pending:
+        raise ResoFilterError(f"incomplete shards {sorted(writer.pending)} after scoring (a bug)")
+    features = merge_shards(shard_dir, samples)
+    n_scored = len(samples) - sum(len(dm.shard_range(k)) for k in done)
+    manifest = {
+        "key": key,
+        "description": description,
+        "n_samples": len(samples),
+        "n_shards": dm.n_shards(),
+        "resumed_shards": len(done),
+        "columns": list(features.columns),
+        "timing": {"score_s": elapsed, "samples_scored": n_scored, "samples_per_s": n_scored / max(elapsed, 1e-9)},
+        "world_size": trainer.world_size,
+        **environment_info(),
+    }
+    write_parquet_atomic(final, features)
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    shutil.rmtree(shard_dir)
+    log.info("features: %d samples × %d columns in %.1f s → %s", len(features), features.shape[1], elapsed, final)
+    return features, manifest

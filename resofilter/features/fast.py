@@ -1,0 +1,161 @@
+"""Fast per-sample scoring: one batched forward, a truncated backward, closed-form step.
+
+For a padded batch whose loss is the **sum of per-sample mean losses**, the gradient of
+sample b's loss w.r.t. a Linear weight is ``G_b = Σ_t δ_{b,t}ᵀ x_{b,t}`` where x is the
+layer's input and δ the gradient w.r.t. its output: no sample's loss depends on another's
+tokens, so padding and batch composition cannot leak between samples. Hooks capture x
+and the outputs; ``torch.autograd.grad`` returns δ; the backward stops at the input of
+the lowest scored decoder layer (everything below runs without a graph), and no weight
+gradient is ever formed for the whole batch — only per-sample blocks of rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from resofilter.data.tokenize import IGNORE_INDEX
+from resofilter.errors import ResoFilterError
+from resofilter.features.closed_form import StepConfig, one_step_update
+from resofilter.features.statistics import UpdateStatistics
+from resofilter.features.targets import Target, decoder_layers
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean response-token cross-entropy per sample (B,) in fp32+, and token counts (B,)."""
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:]
+    if shift_logits.dtype not in (torch.float32, torch.float64):
+        shift_logits = shift_logits.float()
+    tok = torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T-1)
+    n = (shift_labels != IGNORE_INDEX).sum(dim=1)  # (B,)
+    return tok.sum(dim=1) / n.clamp_min(1), n
+
+
+@contextlib.contextmanager
+def _truncate_below(model: torch.nn.Module, lowest_layer: int) -> Iterator[None]:
+    """Make the hidden state entering ``lowest_layer`` a fresh leaf that requires grad."""
+    _, layers = decoder_layers(model)
+
+    def pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            args = (args[0].detach().requires_grad_(True), *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
+        return args, kwargs
+
+    h = layers[lowest_layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+class FastScorer:
+    """Scores a batch: ``{target name: {statistic: (B,)}}`` plus per-sample loss and token counts."""
+
+    def __init__(self, model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
+                 statistics: Sequence[str], quantiles: Sequence[float] = (),
+                 count_above: Sequence[float] = (), chunk_elements: int = 1 << 24) -> None:
+        self.model = model
+        self.targets = list(targets)
+        self.step = step
+        self.statistics = list(statistics)
+        self.quantiles = list(quantiles)
+        self.count_above = list(count_above)
+        self.chunk_elements = chunk_elements
+        self.lowest = min(t.layer for t in self.targets)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # W in float64, once: the decay term and don/cos need it at full precision.
+        self.weights = {t.name: t.module.weight.detach().to(torch.float64) for t in self.targets}
+
+    def _activations(
+        self, batch: dict[str, Any]
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """One forward + truncated backward: ``{target: (δ, x)}`` (padding zeroed), losses, token counts."""
+        model = self.model
+        device = next(model.parameters()).device
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        labels = batch["labels"].to(device)
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+
+        def make_hook(name: str):  # noqa: ANN202
+            def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
+                inputs[name] = args[0].detach()
+                outputs[name] = out
+
+            return hook
+
+        handles = [t.module.register_forward_hook(make_hook(t.name)) for t in self.targets]
+        try:
+            with torch.enable_grad(), _truncate_below(model, self.lowest):
+                # positions count real tokens only, so left and right padding see the same sequence
+                pos = (mask.cumsum(-1) - 1).clamp_min(0)
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+                losses, n_tok = per_sample_loss(logits, labels)
+                # Sum of per-sample means: ∂/∂(sample b's activations) is exactly ∂loss_b.
+                deltas = torch.autograd.grad(losses.sum(), [outputs[t.name] for t in self.targets])
+        finally:
+            for h in handles:
+                h.remove()
+        del logits
+        outputs.clear()
+        if not bool(torch.isfinite(losses).all()):
+            raise ResoFilterError(
+                f"non-finite loss for samples {batch.get('sample_ids')}: the model overflows on them "
+                "(gemma-2 in float64 with padding does: use score.batch_size=1 or float32)")
+        m = mask.unsqueeze(-1).bool()  # (B, T, 1): padded positions contribute nothing
+        zero = losses.new_zeros(())
+        # where, not multiply: a padded row may hold inf/nan that must not leak (nan·0 = nan)
+        acts = {t.name: (torch.where(m, d, zero.to(d.dtype)), torch.where(m, inputs[t.name], zero.to(d.dtype)))
+                for t, d in zip(self.targets, deltas, strict=True)}
+        return acts, losses.detach(), n_tok
+
+    def __call__(self, batch: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        acts, losses, n_tok = self._activations(batch)
+        stats = {t.name: self._statistics(t, *acts.pop(t.name)) for t in self.targets}
+        return stats, losses, n_tok
+
+    def per_sample_grads(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Full per-sample weight gradients ``{target: (B, d_out, d_in)}`` (tests and analysis)."""
+        acts, _, _ = self._activations(batch)
+        return {name: torch.cat([g for _, _, g in self._grad_blocks(d, x)], dim=1) for name, (d, x) in acts.items()}
+
+    def _grad_blocks(self, delta: torch.Tensor, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Per-sample gradient rows ``(r0, r1, G[:, r0:r1])`` with G_b = Σ_t δ_{b,t}ᵀ x_{b,t}."""
+        B, _, d_out = delta.shape
+        d_in = x.shape[-1]
+        work = torch.float64 if delta.dtype == torch.float64 else torch.float32
+        delta_t = delta.to(work).transpose(1, 2)  # (B, d_out, T)
+        x = x.to(work)  # (B, T, d_in)
+        rows = chunk_rows(d_out, d_in, B, self.chunk_elements)
+        for r0 in range(0, d_out, rows):
+            r1 = min(d_out, r0 + rows)
+            yield r0, r1, torch.bmm(delta_t[:, r0:r1], x)  # (B, r, d_in)
+
+    def _statistics(self, target: Target, delta: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stats of ΔW_b for every sample, built in row blocks of per-sample gradients."""
+        w = self.weights[target.name]  # (d_out, d_in) float64
+        acc = UpdateStatistics(delta.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above)
+        for r0, r1, g in self._grad_blocks(delta, x):
+            dw = one_step_update(g.to(torch.float64), w[r0:r1], self.step)  # (B, r, d_in)
+            acc.update(dw, w[r0:r1])
+        return acc.result()
+
+
+def chunk_rows(d_out: int, d_in: int, batch: int, chunk_elements: int) -> int:
+    """Rows per block so that batch × rows × d_in ≤ chunk_elements (at least one row)."""
+    return max(1, min(d_out, chunk_elements // max(1, batch * d_in)))
+
+
+def ppl(loss: torch.Tensor) -> torch.Tensor:
+    return torch.exp(loss.clamp(max=math.log(torch.finfo(torch.float64).max)))

@@ -1,0 +1,155 @@
+"""The score stage from a composed config: load, tokenize, extract, precision-check."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from resofilter._io import file_hash, write_json_atomic
+from resofilter.config_check import resolve_indices, statistic_names
+from resofilter.data.records import Record
+from resofilter.data.templates import Template
+from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_records
+from resofilter.features.closed_form import StepConfig
+from resofilter.features.extract import MANIFEST_FILE, column, extract_features
+from resofilter.features.fast import FastScorer
+from resofilter.features.targets import Target, decoder_layers, find_targets
+from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def response_alone(samples: list[TokenizedSample], tokenizer: Any) -> list[TokenizedSample]:
+    """The same responses without their prompts (BOS + response), for IFD's ppl(response)."""
+    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    for s in samples:
+        resp = [t for t in s.labels if t != IGNORE_INDEX]
+        out.append(TokenizedSample(s.sample_id, prefix + resp, [IGNORE_INDEX] * len(prefix) + resp, s.truncated))
+    return out
+
+
+def settings_from(cfg: DictConfig) -> dict[str, Any]:
+    s = cfg.score
+    return {
+        "mode": s.mode, "exact_dtype": resolve_dtype(s.exact_dtype, "score.exact_dtype"),
+        "statistics": list(s.statistics), "quantiles": list(s.quantiles), "count_above": list(s.count_above),
+        "chunk_elements": s.chunk_elements, "batch_size": s.batch_size,
+        "max_tokens_per_batch": s.max_tokens_per_batch, "shard_size": s.shard_size,
+        "progress_bar": s.progress_bar,
+    }
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {k: t[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in t}
+
+
+def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
+    """What determines the features (the resume / cache key), in plain values."""
+    build = Path(model_dir) / "build.json"
+    return {
+        "model": model_dir,
+        "model_build": file_hash(build) if build.exists() else None,
+        "model_dtype": cfg.model.dtype,
+        "score_dtype": cfg.score.dtype,
+        "mode": cfg.score.mode,
+        "exact_dtype": cfg.score.exact_dtype if cfg.score.mode == "exact" else None,
+        "step": OmegaConf.to_container(cfg.step, resolve=True),
+        "statistics": statistic_names(cfg),
+        "ifd": bool(cfg.score.ifd),
+        "max_length": cfg.tokenize.max_length,
+    }
+
+
+def score_records(cfg: DictConfig, records: list[Record], template: Template, model_dir: str,
+                  out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
+    """Tokenize ``records`` and write ``features.parquet`` + ``manifest.json`` into ``out_dir``."""
+    tok = load_tokenizer(model_dir)
+    samples, tstats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
+                                       cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.get("attn_implementation"))
+    if cfg.score.dtype is not None:
+        model = model.to(resolve_dtype(cfg.score.dtype, "score.dtype"))
+    model.eval()
+    n_layers = len(decoder_layers(model)[1])
+    if n_layers != cfg.model.num_hidden_layers:
+        log.warning("model has %d layers, config says %d", n_layers, cfg.model.num_hidden_layers)
+    cand = cfg.score.candidates
+    targets = find_targets(model, list(cand.modules), cand.indices)
+    step = StepConfig.from_cfg(cfg.step)
+    log.info("scoring %d samples (%s mode, %s) over %d matrices: %s … %s", len(samples), cfg.score.mode,
+             model.dtype, len(targets), targets[0].name, targets[-1].name)
+    alone = response_alone(samples, tok) if cfg.score.ifd else None
+    features, manifest = extract_features(
+        model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id,
+        trainer_kwargs(cfg), describe(cfg, model_dir), alone)
+    if manifest is None:
+        return None, None
+    manifest["tokenized"] = tstats.as_dict()
+    manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
+    n_check = cfg.score.precision_check.n_samples
+    if n_check and "precision_check" not in manifest:
+        manifest["precision_check"] = precision_check(
+            model, samples, targets, step, features, cfg, n_check, tok.pad_token_id)
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    return features, manifest
+
+
+def layer_score(features: pd.DataFrame, targets: list[str], statistic: str) -> np.ndarray:
+    return features[[column(t, statistic) for t in targets]].to_numpy().mean(axis=1)
+
+
+def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targets: list[Target],
+                    step: StepConfig, features: pd.DataFrame, cfg: DictConfig, n: int,
+                    pad_token_id: int) -> dict[str, Any]:
+    """Re-score a random subset in float64 and compare the layer-set score with the stored one.
+
+    Reports Spearman rank agreement and the worst error as a fraction of the across-sample
+    std: a ranking is signal where that fraction is ≪ 1, rounding where it is not.
+    """
+    from scipy.stats import spearmanr
+
+    from resofilter.data.tokenize import Collator
+
+    rng = random.Random(cfg.seed)
+    idx = sorted(rng.sample(range(len(samples)), min(n, len(samples))))
+    m64 = _float64_copy(model)
+    t64 = find_targets(m64, list(cfg.score.candidates.modules), cfg.score.candidates.indices)
+    layers = resolve_indices(cfg.layers.indices, len(decoder_layers(model)[1]), "layers.indices")
+    chosen = [t.name for t in t64 if t.layer in layers and any(t.name.endswith(m) for m in cfg.layers.modules)]
+    stat = cfg.statistic.name
+    scorer = FastScorer(m64, [t for t in t64 if t.name in chosen], step, [stat] if stat in
+                        ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight") else ["mean_abs"])
+    stat = stat if stat in scorer.statistics else "mean_abs"
+    collate = Collator(pad_token_id)
+    ref = []
+    for i in idx:  # one at a time: float64 models can overflow on padding (gemma-2)
+        stats, _, _ = scorer(collate([samples[i]]))
+        ref.append(np.mean([stats[t][stat].item() for t in chosen]))
+    ref = np.array(ref)
+    got = layer_score(features.iloc[idx], chosen, stat)
+    spread = float(np.std(ref))
+    err = float(np.max(np.abs(got - ref)))
+    rho = float(spearmanr(got, ref).statistic) if len(idx) > 2 else float("nan")
+    report = {"n_samples": len(idx), "statistic": stat, "targets": chosen, "spearman_vs_float64": rho,
+              "max_abs_error": err, "across_sample_std": spread,
+              "max_error_over_std": err / spread if spread > 0 else float("inf")}
+    log.info("precision check (%d samples, float64 reference): Spearman %.5f, max error = %.3g × std",
+             len(idx), rho, report["max_error_over_std"])
+    return report
+
+
+def _float64_copy(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    m = copy.deepcopy(model).to(torch.float64)
+    m.eval()
+    return m

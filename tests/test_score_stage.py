@@ -1,0 +1,118 @@
+"""The score stage end to end: Lightning predict, output layout, resume, config guard, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from resofilter.commands import score
+from resofilter.errors import ConfigError, ResoFilterError
+from tests.conftest import GSM8K_TRAIN, compose_cfg, shrink
+
+FAST = ["score.statistics=[mean_abs,l2,max_abs,std,don,cos_to_weight,quantiles,count_above]",
+        "tokenize.max_length=320", "score.shard_size=16", "score.batch_size=8", "score.progress_bar=false"]
+
+
+def score_overrides(model_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model.name_or_path={model_dir}", "model.embedded=null", "model.num_hidden_layers=4",
+            "data=gsm8k", f"data.path={GSM8K_TRAIN}", "template=plain", f"output_dir={out}", *FAST, *extra]
+
+
+def test_score_writes_features_and_manifest(tmp_path, tiny_model_dir):
+    cfg = compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o", "score.ifd=true",
+                                      "score.precision_check.n_samples=6"), "score")
+    manifest = score(cfg)
+    df = pd.read_parquet(tmp_path / "o" / "features.parquet")
+    assert list(df.columns[:5]) == ["sample_id", "loss", "ppl", "n_tokens", "truncated"]
+    assert len(df) == manifest["tokenized"]["n_out"] >= 60 and df["sample_id"].is_unique
+    for layer in range(4):
+        for stat in ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight", "q0.5", "count_above_5e-06"):
+            assert f"model.layers.{layer}.mlp.up_proj/{stat}" in df.columns
+    assert (df["ppl"] - df["loss"].map(lambda x: __import__("math").exp(x))).abs().max() < 1e-9
+    assert df["truncated"].any() and "ifd" in df.columns and (df["ifd"] > 0).all()
+    on_disk = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert on_disk["n_samples"] == len(df) and on_disk["versions"]["torch"]
+    assert on_disk["precision_check"]["n_samples"] == 6
+    assert manifest["config"]["step"]["name"] == "adamw"
+    assert not (tmp_path / "o" / "shards").exists()
+
+
+def test_changed_config_in_same_dir_is_an_error(tmp_path, tiny_model_dir):
+    score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o"), "score"))
+    again = score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o"), "score"))
+    assert again["key"]  # same config: reused
+    with pytest.raises(ResoFilterError, match="different config"):
+        score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o", "step=sgd"), "score"))
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "resofilter.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_killed_run_resumes_to_identical_features(tmp_path, tiny_model_dir):
+    common = ["score.mode=exact", "score.shard_size=4", "score.batch_size=4"]
+    ref_out, out = tmp_path / "ref", tmp_path / "killed"
+    p = _cli(["score", *score_overrides(tiny_model_dir, ref_out, *common)])
+    assert p.wait(timeout=600) == 0, p.stdout.read()
+    p = _cli(["score", *score_overrides(tiny_model_dir, out, *common)])
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "shards").glob("shard-*.parquet"))) < 3:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(list((out / "shards").glob("shard-*.parquet")))
+    assert 3 <= done < 16 and not (out / "features.parquet").exists(), "kill must land mid-run"
+    p = _cli(["score", *score_overrides(tiny_model_dir, out, *common)])
+    log = p.communicate(timeout=600)[0]
+    assert p.returncode == 0, log
+    assert "resuming" in log
+    ref = pd.read_parquet(ref_out / "features.parquet")
+    got = pd.read_parquet(out / "features.parquet")
+    pd.testing.assert_frame_equal(got, ref)
+    assert json.loads((out / "manifest.json").read_text())["resumed_shards"] == done
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["score.candidates.modules=[mlp.nonexistent]"], "matches no Linear module"),
+    (["score.candidates.indices=[9]"], "out of range"),
+])
+def test_bad_targets_are_config_errors(tmp_path, tiny_model_dir, extra, match):
+    with pytest.raises(ConfigError, match=match):
+        score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o", *extra), "score"))
+
+
+def test_cli_bad_inputs_exit_nonzero_without_outputs(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cases = [
+        (["score", *score_overrides(tiny_model_dir, tmp_path / "a", f"data.path={empty}")], "no records"),
+        (["score", *score_overrides(tmp_path / "missing", tmp_path / "b")], "not found"),
+        (["score", *score_overrides(tiny_model_dir, tmp_path / "c", "score.candidates.indices=[-7]")], "out of range"),
+        (["score", *score_overrides(tiny_model_dir, tmp_path / "d", "template=nonexistent")], "nonexistent"),
+    ]
+    for args, match in cases:
+        p = _cli(args)
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode != 0 and match in out, out
+    for d in "abcd":
+        assert not (tmp_path / d / "features.parquet").exists()
+
+
+def test_output_dir_required_outside_hydra(tmp_path):
+    from resofilter import context
+
+    cfg = compose_cfg([])
+    with pytest.raises(ConfigError, match="output_dir"):
+        context.output_dir(cfg)
+    shrink(cfg, tmp_path)
+    assert context.output_dir(cfg) == tmp_path / "out"
