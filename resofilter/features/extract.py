@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -231,6 +232,8 @@ def extract_features(
               enable_progress_bar=settings.get("progress_bar", True))
     kw.pop("log_every_n_steps", None)
     trainer = pl.Trainer(**kw)
+    # batches are lists of indices we build ourselves; Lightning cannot (and need not) infer them
+    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
     t0 = time.perf_counter()
     if len(done) < dm.n_shards():
         trainer.predict(module, datamodule=dm, return_predictions=False)

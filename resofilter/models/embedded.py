@@ -59,8 +59,15 @@ def _atomic_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
+# Settings that change how a build is shown or reported, never its weights.
+_NOT_IN_KEY = {"base_training": ("progress_bar",)}
+
+
 def base_model_key(embedded: Any, bench_dir: Path, template: Template) -> str:
-    return stable_hash({"embedded": _plain(embedded), "bench": bench_dir.name,
+    e = _plain(embedded)
+    e.pop("eval", None)
+    e["base_training"] = {k: v for k, v in e["base_training"].items() if k not in _NOT_IN_KEY["base_training"]}
+    return stable_hash({"embedded": e, "bench": bench_dir.name,
                         "template": template.render_prompt("{q}", None, None)})
 
 

@@ -1,0 +1,47 @@
+"""The embedded default: benchmark + tokenizer + tiny Llama built, cached and loaded like a hub model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from resofilter import context
+from resofilter.commands import prepare
+from tests.conftest import compose_cfg, shrink
+
+TINY = {
+    "data.synthetic.n_base_train": 200, "data.synthetic.n_base_test": 20, "data.synthetic.n_pool": 60,
+    "data.synthetic.n_test": 20, "model.embedded.base_training.steps": 4,
+    "model.embedded.base_training.batch_size": 8, "model.embedded.base_training.progress_bar": False,
+    "model.embedded.eval.max_samples": 8, "model.embedded.eval.max_new_tokens": 4,
+    "model.embedded.architecture.hidden_size": 32, "model.embedded.architecture.intermediate_size": 64,
+}
+
+
+def test_prepare_builds_caches_and_reports(tmp_path, caplog):
+    cfg = shrink(compose_cfg([], "prepare"), tmp_path, **TINY)
+    report = prepare(cfg)
+    model_dir = report["model"]
+    build = json.loads(open(f"{model_dir}/build.json").read())
+    assert build["n_parameters"] > 0 and set(build["accuracy"]) == {"base_test", "test"}
+    assert report["tokenized"]["n_out"] == 60 and report["benchmark"]["counts"]["pool"] == 60
+    # an ordinary HF directory, loaded by the Auto classes
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 4
+    ids = tok("Mia has 7 shells.", return_tensors="pt")["input_ids"]
+    assert ids[0, 0].item() == tok.bos_token_id
+    assert tok.convert_ids_to_tokens(tok("17", add_special_tokens=False)["input_ids"]) == ["1", "7"]
+    assert torch.isfinite(model(ids).logits).all()
+    # cached: a second resolution reuses the directory without training
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert context.model_dir(cfg) == model_dir
+    assert "cached" in caplog.text and "base training" not in caplog.text
+    # a display-only setting does not invalidate the cache; a training setting does
+    cfg.model.embedded.base_training.progress_bar = True
+    assert context.model_dir(cfg) == model_dir
+    cfg.model.embedded.base_training.steps = 5
+    assert context.model_dir(cfg) != model_dir
