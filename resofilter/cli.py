@@ -25,6 +25,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 COMMANDS = {
     "prepare": "build/reuse the embedded base model + data, tokenize, report counts",
     "score": "per-sample one-step weight-change features → features.parquet",
+    "select": "features → kept subset (subset.jsonl), selection.parquet, noise diagnostics + plots",
 }
 
 

@@ -11,8 +11,10 @@ from resofilter import context
 from resofilter._io import read_json, write_json_atomic
 from resofilter.config_check import validate
 from resofilter.data.tokenize import tokenize_records
+from resofilter.errors import ConfigError
 from resofilter.features.stage import score_records
 from resofilter.models.loading import load_tokenizer
+from resofilter.selection.stage import run_selection
 
 log = logging.getLogger(__name__)
 
@@ -56,3 +58,12 @@ def score(cfg: DictConfig) -> dict | None:
     write_json_atomic(out / "manifest.json", manifest)
     log.info("scored %d samples in %.1f s → %s", len(features), manifest["timing"]["score_s"], out)
     return manifest
+
+
+def select(cfg: DictConfig) -> dict:
+    """Features + records → ``subset.jsonl`` (input schema), ``selection.parquet``, diagnostics."""
+    validate(cfg)
+    if not cfg.get("features_dir"):
+        raise ConfigError("features_dir", "set it to a `resofilter score` output directory")
+    records, _ = context.load_data(cfg)
+    return run_selection(cfg, cfg.features_dir, records, context.output_dir(cfg))

@@ -1,0 +1,177 @@
+"""Scorers: one number per sample from the features file; each says which end is "bad".
+
+Every scorer satisfies :class:`Scorer`. ``scores()`` returns the raw score (its own units);
+``badness()`` orients it so that higher = worse, which is what selection drops first.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+
+from resofilter.config_check import resolve_indices
+from resofilter.errors import ConfigError
+
+_COLUMN = re.compile(r"^(?P<prefix>.*\.)(?P<layer>\d+)\.(?P<module>[^/]+(?:\.[^/]+)*)/(?P<stat>.+)$")
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: str
+    bad_end: str  # "high": large scores are bad (dropped first by drop_high)
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray: ...
+
+
+def badness(scorer: Scorer, features: pd.DataFrame) -> np.ndarray:
+    s = np.asarray(scorer.scores(features), dtype=np.float64)
+    return s if scorer.bad_end == "high" else -s
+
+
+def weight_columns(features: pd.DataFrame) -> list[tuple[str, int, str, str]]:
+    """Parse ``<prefix>.<layer>.<module>/<stat>`` columns → (column, layer, module, stat)."""
+    out = []
+    for c in features.columns:
+        m = _COLUMN.match(c)
+        if m and ".layers." in c:
+            out.append((c, int(m["layer"]), m["module"], m["stat"]))
+    return out
+
+
+def layer_columns(features: pd.DataFrame, modules: Sequence[str], indices: Any, statistic: str,
+                  n_layers: int) -> list[str]:
+    """The feature columns of ``statistic`` for ``modules`` in the chosen layers; error lists what exists."""
+    layers = resolve_indices(indices, n_layers, "layers.indices")
+    parsed = weight_columns(features)
+    cols = [c for c, layer, mod, stat in parsed if layer in layers and mod in modules and stat == statistic]
+    want = len(layers) * len(modules)
+    if len(cols) != want:
+        have_stats = sorted({s for *_, s in parsed})
+        have = sorted({(layer, mod) for _, layer, mod, _ in parsed})
+        raise ConfigError(
+            "layers/statistic",
+            f"features lack {statistic!r} for modules {list(modules)} in layers {layers} "
+            f"(found {len(cols)} of {want} columns); available statistics {have_stats}, "
+            f"layer/modules {have[:12]}{' …' if len(have) > 12 else ''}")
+    return cols
+
+
+@dataclass
+class ResoFilterScorer:
+    """The paper's score: ``statistic`` of ΔW aggregated (mean) over the layer set."""
+
+    modules: Sequence[str]
+    indices: Any
+    statistic: str
+    n_layers: int
+    aggregate: str = "mean"
+    bad_end: str = "high"
+    name: str = "resofilter"
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        cols = layer_columns(features, self.modules, self.indices, self.statistic, self.n_layers)
+        x = features[cols].to_numpy(dtype=np.float64)
+        return {"mean": x.mean, "sum": x.sum, "max": x.max}[self.aggregate](axis=1)
+
+
+@dataclass
+class ColumnScorer:
+    """A per-sample column of the features file: loss, ppl, n_tokens (length), ifd."""
+
+    name: str
+    column: str
+    bad_end: str = "high"
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        if self.column not in features.columns:
+            hint = " (score with score.ifd=true)" if self.column == "ifd" else ""
+            raise ConfigError("scorer", f"features have no column {self.column!r}{hint}")
+        return features[self.column].to_numpy(dtype=np.float64)
+
+
+@dataclass
+class RandomScorer:
+    seed: int = 0
+    name: str = "random"
+    bad_end: str = "high"
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        return np.random.default_rng(self.seed).random(len(features))
+
+
+def rank_percentiles(x: np.ndarray) -> np.ndarray:
+    """Average-rank percentiles in (0, 1]; ties share their mean rank."""
+    from scipy.stats import rankdata
+
+    return rankdata(x, method="average") / len(x)
+
+
+@dataclass
+class CombinedScorer:
+    """Several indicators, each oriented so high = bad, combined into one badness score.
+
+    ``rank_mean``: Σ wᵢ·percentile_rank(xᵢ) / Σ wᵢ.
+    ``topsis``: columns vector-normalised and weighted; the score is the relative closeness
+    to the worst point, d⁺/(d⁺ + d⁻) with d⁺ the distance to the best (lowest) point and d⁻
+    to the worst (highest) — 1 at the worst corner, 0 at the best.
+    """
+
+    indicators: Sequence[tuple[Scorer, float]]
+    method: str = "topsis"
+    name: str = "combined"
+    bad_end: str = "high"
+    parts: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        cols = np.stack([badness(s, features) for s, _ in self.indicators], axis=1)  # (N, k)
+        w = np.array([wt for _, wt in self.indicators], dtype=np.float64)
+        if (w < 0).any() or w.sum() <= 0:
+            raise ConfigError("scorer.indicators", "weights must be ≥ 0 with a positive sum")
+        w = w / w.sum()
+        if self.method == "rank_mean":
+            return np.stack([rank_percentiles(c) for c in cols.T], axis=1) @ w
+        if self.method == "topsis":
+            shifted = cols - cols.min(axis=0)  # badness may be negative (bad_end=low); TOPSIS wants ≥ 0
+            norm = np.linalg.norm(shifted, axis=0)
+            v = shifted / np.where(norm > 0, norm, 1.0) * w
+            best, worst = v.min(axis=0), v.max(axis=0)
+            d_best = np.linalg.norm(v - best, axis=1)
+            d_worst = np.linalg.norm(v - worst, axis=1)
+            denom = d_best + d_worst
+            return np.where(denom > 0, d_best / np.where(denom > 0, denom, 1.0), 0.5)
+        raise ConfigError("scorer.method", f"unknown method {self.method!r}; expected topsis|rank_mean")
+
+
+BASELINE_COLUMNS = {"loss": "loss", "ppl": "ppl", "length": "n_tokens", "ifd": "ifd"}
+
+
+def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int, seed: int = 0) -> Scorer:
+    """A scorer from the ``scorer=`` config (plus the ``layers``/``statistic`` groups)."""
+    name = scorer_cfg["name"]
+    bad_end = scorer_cfg.get("bad_end", "high")
+    if name == "resofilter":
+        return ResoFilterScorer(list(layers_cfg["modules"]), layers_cfg["indices"], statistic, n_layers,
+                                layers_cfg.get("aggregate", "mean"), bad_end)
+    if name in BASELINE_COLUMNS:
+        return ColumnScorer(name, BASELINE_COLUMNS[name], bad_end)
+    if name == "random":
+        return RandomScorer(int(scorer_cfg.get("seed", seed)))
+    if name == "combined":
+        parts: list[tuple[Scorer, float]] = []
+        for i, ind in enumerate(scorer_cfg["indicators"]):
+            if "statistic" in ind:
+                sub: Scorer = ResoFilterScorer(list(ind.get("modules", layers_cfg["modules"])), ind["indices"],
+                                               ind["statistic"], n_layers, "mean", ind.get("bad_end", "high"),
+                                               name=f"{ind['statistic']}@{list(ind['indices'])}")
+            elif ind.get("baseline") in BASELINE_COLUMNS:
+                sub = ColumnScorer(ind["baseline"], BASELINE_COLUMNS[ind["baseline"]], ind.get("bad_end", "high"))
+            else:
+                raise ConfigError(f"scorer.indicators[{i}]", "needs `statistic` + `indices` or `baseline`")
+            parts.append((sub, float(ind.get("weight", 1.0))))
+        return CombinedScorer(parts, scorer_cfg.get("method", "topsis"), bad_end=bad_end)
+    raise ConfigError("scorer.name", f"unknown scorer {name!r}")

@@ -1,0 +1,153 @@
+"""Selection against hand-computed expectations; scorers; diagnostics against brute force; the stage."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from resofilter.errors import ConfigError, ResoFilterError
+from resofilter.selection.diagnostics import auprc, auroc
+from resofilter.selection.scorers import ColumnScorer, CombinedScorer, ResoFilterScorer, badness
+from resofilter.selection.select import n_to_keep, select
+from tests.conftest import compose_cfg, write_jsonl
+
+SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3])  # positions 0..4
+
+
+@pytest.mark.parametrize("ratio,direction,expected", [
+    (1.0, "drop_high", [True] * 5),
+    (0.5, "drop_high", [True, False, True, False, True]),   # round(2.5)=3 kept: 0.1, 0.3, 0.5
+    (0.25, "drop_high", [False, False, True, False, False]),  # round(1.25)=1: 0.1
+    (0.5, "drop_low", [True, True, False, True, False]),    # the 3 highest: 0.9, 0.7, 0.5
+    (0.01, "drop_high", [False, False, True, False, False]),  # at least one
+])
+def test_keep_ratio_on_odd_n(ratio, direction, expected):
+    assert select(SCORES, ratio, direction).kept.tolist() == expected
+
+
+def test_even_n_and_rounding():
+    s = np.array([4.0, 3.0, 2.0, 1.0])
+    assert select(s, 0.5).kept.tolist() == [False, False, True, True]
+    assert select(s, 0.25).kept.tolist() == [False, False, False, True]
+    assert [n_to_keep(n, 0.5) for n in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]  # floor(x + 0.5)
+    assert select(s, 0.5).rank.tolist() == [3, 2, 1, 0]
+
+
+def test_ties_break_by_original_position():
+    s = np.array([1.0, 1.0, 1.0, 1.0])
+    assert select(s, 0.5, "drop_high").kept.tolist() == [True, True, False, False]
+    assert select(s, 0.5, "drop_low").kept.tolist() == [True, True, False, False]
+
+
+def test_dedup_after_cut_keeps_first_in_original_order():
+    s = np.array([0.1, 0.2, 0.3, 0.9])
+    queries = ["What is 2?", "what is 2", "What is 2?", "other"]
+    sel = select(s, 0.75, queries=queries, dedup="exact")
+    assert sel.kept.tolist() == [True, True, False, False] and sel.dedup_removed == 1
+    sel = select(s, 0.75, queries=queries, dedup="normalized")
+    assert sel.kept.tolist() == [True, False, False, False] and sel.dedup_removed == 2
+
+
+@pytest.mark.parametrize("ratio", [0, -0.5, 1.01, "half"])
+def test_bad_keep_ratio(ratio):
+    with pytest.raises(ConfigError, match="keep_ratio"):
+        select(SCORES, ratio)
+
+
+def test_auroc_equals_brute_force_pair_count():
+    rng = np.random.default_rng(0)
+    b = rng.integers(0, 5, size=40).astype(float)  # many ties
+    y = rng.random(40) < 0.4
+    pairs = [(1.0 if p > q else 0.5 if p == q else 0.0) for p, q in itertools.product(b[y], b[~y])]
+    assert auroc(b, y) == pytest.approx(np.mean(pairs), abs=1e-12)
+    assert auroc(np.array([3.0, 2, 1]), np.array([True, False, False])) == 1.0
+    # AUPRC: perfect ranking → 1; noisy first then clean: precision at hits 1/1, 2/3
+    assert auprc(np.array([3.0, 2, 1]), np.array([True, False, True])) == pytest.approx((1 + 2 / 3) / 2)
+
+
+FEATURES = pd.DataFrame({
+    "sample_id": ["a", "b", "c"],
+    "loss": [1.0, 3.0, 2.0],
+    **{f"model.layers.{i}.mlp.up_proj/mean_abs": [1.0 + i, 2.0, 0.5 * i] for i in range(4)},
+    **{f"model.layers.{i}.mlp.up_proj/l2": [3.0, 2.0, 1.0] for i in range(4)},
+})
+
+
+def test_resofilter_scorer_averages_the_layer_set():
+    s = ResoFilterScorer(["mlp.up_proj"], [-3, -2, -1], "mean_abs", 4)
+    np.testing.assert_allclose(s.scores(FEATURES), [(2 + 3 + 4) / 3, 2.0, (0.5 + 1 + 1.5) / 3])
+    with pytest.raises(ConfigError, match="available statistics"):
+        ResoFilterScorer(["mlp.up_proj"], "all", "max_abs", 4).scores(FEATURES)
+
+
+def test_combined_rank_mean_and_topsis():
+    loss = ColumnScorer("loss", "loss")
+    l2 = ResoFilterScorer(["mlp.up_proj"], "all", "l2", 4)
+    rm = CombinedScorer([(loss, 1.0), (l2, 1.0)], "rank_mean").scores(FEATURES)
+    # loss ranks a,b,c = 1,3,2; l2 ranks 3,2,1 → mean percentiles (1+3)/6, (3+2)/6, (2+1)/6
+    np.testing.assert_allclose(rm, [4 / 6, 5 / 6, 3 / 6])
+    t = CombinedScorer([(loss, 1.0), (l2, 0.0)], "topsis").scores(FEATURES)
+    assert np.argsort(t).tolist() == np.argsort(FEATURES["loss"].to_numpy()).tolist()  # one indicator = its order
+    low = ColumnScorer("loss", "loss", bad_end="low")
+    assert badness(low, FEATURES).tolist() == [-1.0, -3.0, -2.0]
+
+
+def _stage_cfg(tmp_path, *extra):
+    pool = [{"id": f"s{i}", "query": f"q{i % 5}", "response": f"r{i}", "meta": {"noisy": i % 3 == 0, "noise_kind":
+             "garbled" if i % 3 == 0 else "clean"}, "extra": i} for i in range(9)]
+    data = write_jsonl(tmp_path / "pool.jsonl", pool)
+    feats = pd.DataFrame({"sample_id": [f"s{i}" for i in range(9)], "loss": [float(i % 3 == 0) + i / 100
+                          for i in range(9)], "ppl": 1.0, "n_tokens": list(range(9)), "truncated": False,
+                          **{f"model.layers.{k}.mlp.up_proj/mean_abs": np.arange(9.0) for k in range(4)}})
+    (tmp_path / "feat").mkdir()
+    feats.to_parquet(tmp_path / "feat" / "features.parquet")
+    return compose_cfg([f"data.path={data}", f"features_dir={tmp_path / 'feat'}", f"output_dir={tmp_path / 'out'}",
+                        "data.synthetic=null", *extra], "select"), pool
+
+
+def test_select_stage_outputs(tmp_path):
+    from resofilter.commands import select as select_cmd
+
+    cfg, pool = _stage_cfg(tmp_path, "scorer=loss", "selection.keep_ratio=0.5", "selection.dedup=null")
+    manifest = select_cmd(cfg)
+    out = tmp_path / "out"
+    subset = [json.loads(line) for line in (out / "subset.jsonl").read_text().splitlines()]
+    # loss: noisy (i%3==0) are highest → dropped; keep 5 of 9 lowest: 1,2,4,5,7 in original order
+    assert [r["id"] for r in subset] == ["s1", "s2", "s4", "s5", "s7"]
+    assert subset[0] == pool[1]  # the input's own schema, untouched
+    table = pd.read_parquet(out / "selection.parquet")
+    assert list(table.columns) == ["sample_id", "score", "badness", "rank", "kept"]
+    diag = json.loads((out / "diagnostics.json").read_text())
+    assert diag["selected_scorer"]["auroc"] == 1.0 and diag["selected_scorer"]["recall"] == 1.0
+    assert diag["scorers"]["mean_abs/last3"]["auroc"] == pytest.approx(auroc(np.arange(9.0), np.arange(9) % 3 == 0))
+    assert (out / "roc.png").stat().st_size > 0 and (out / "score_hist.png").exists()
+    assert manifest["n_out"] == 5 and manifest["n_in"] == 9
+
+
+@pytest.mark.parametrize("extra,err,match", [
+    (["selection.keep_ratio=0"], ConfigError, "keep_ratio"),
+    (["statistic=l2"], ConfigError, "available statistics"),
+    (["selection.diagnostics=true", "data.label_field=meta.nope"], ConfigError, "meta.nope"),
+])
+def test_select_stage_bad_input_writes_nothing(tmp_path, extra, err, match):
+    from resofilter.commands import select as select_cmd
+
+    cfg, _ = _stage_cfg(tmp_path, *extra)
+    with pytest.raises(err, match=match):
+        select_cmd(cfg)
+    assert not (tmp_path / "out" / "subset.jsonl").exists()
+
+
+def test_mismatched_sample_ids(tmp_path):
+    from resofilter.commands import select as select_cmd
+
+    cfg, _ = _stage_cfg(tmp_path)
+    f = pd.read_parquet(tmp_path / "feat" / "features.parquet")
+    f.loc[0, "sample_id"] = "zzz"
+    f.to_parquet(tmp_path / "feat" / "features.parquet")
+    with pytest.raises(ResoFilterError, match="absent from the data"):
+        select_cmd(cfg)
