@@ -26,6 +26,8 @@ COMMANDS = {
     "prepare": "build/reuse the embedded base model + data, tokenize, report counts",
     "score": "per-sample one-step weight-change features → features.parquet",
     "select": "features → kept subset (subset.jsonl), selection.parquet, noise diagnostics + plots",
+    "finetune": "SFT (full or LoRA) on a records file → HF checkpoint",
+    "evaluate": "greedy generation + answer checking → predictions.jsonl, metrics.json",
 }
 
 

@@ -12,9 +12,11 @@ from resofilter._io import read_json, write_json_atomic
 from resofilter.config_check import validate
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError
+from resofilter.evaluation.stage import run_evaluation
 from resofilter.features.stage import score_records
 from resofilter.models.loading import load_tokenizer
 from resofilter.selection.stage import run_selection
+from resofilter.training.stage import load_checkpoint, run_finetune
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +69,21 @@ def select(cfg: DictConfig) -> dict:
         raise ConfigError("features_dir", "set it to a `resofilter score` output directory")
     records, _ = context.load_data(cfg)
     return run_selection(cfg, cfg.features_dir, records, context.output_dir(cfg))
+
+
+def finetune(cfg: DictConfig) -> dict:
+    """SFT on ``subset_path`` (or the data config's records) → ``<out>/checkpoint``."""
+    validate(cfg)
+    out = context.output_dir(cfg)
+    model_dir = context.model_dir(cfg)
+    records, _ = context.load_data(cfg, cfg.get("subset_path"))
+    return run_finetune(cfg, model_dir, records, context.template(cfg), out)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Greedy generation on the eval set → ``predictions.jsonl`` + ``metrics.json``."""
+    validate(cfg)
+    out = context.output_dir(cfg)
+    ckpt = cfg.get("checkpoint_dir") or context.model_dir(cfg)
+    model, tok = load_checkpoint(ckpt, cfg.model.dtype, cfg.model.get("attn_implementation"))
+    return run_evaluation(model, tok, cfg.eval, context.eval_path(cfg), context.template(cfg), out)

@@ -87,3 +87,12 @@ def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Rec
 
 def plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def eval_path(cfg: DictConfig) -> Path:
+    if cfg.eval.get("path"):
+        return Path(cfg.eval.path)
+    bench = benchmark_dir(cfg)
+    if bench is None:
+        raise ConfigError("eval.path", "is required (no synthetic benchmark in this config)")
+    return bench / "test.jsonl"

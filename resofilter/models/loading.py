@@ -34,15 +34,16 @@ def resolve_dtype(name: str | torch.dtype, key: str = "model.dtype") -> torch.dt
         raise ConfigError(key, f"unknown dtype {name!r}; expected one of {sorted(DTYPES)}") from None
 
 
-def _check_local(name_or_path: str) -> None:
+def _check_local(name_or_path: str, needs: str = "config.json") -> None:
+    """A path-like name must be an existing directory holding ``needs`` (hub names pass through)."""
     p = Path(name_or_path)
     looks_local = p.is_absolute() or name_or_path.startswith((".", "~")) or p.exists()
-    if looks_local and not (p / "config.json").exists():
-        raise ResoFilterError(f"model directory {name_or_path!r} not found or has no config.json")
+    if looks_local and not (p / needs).exists():
+        raise ResoFilterError(f"model directory {name_or_path!r} not found or has no {needs}")
 
 
 def load_tokenizer(name_or_path: str, padding_side: str = "right", **kwargs: Any) -> Any:
-    _check_local(name_or_path)
+    _check_local(name_or_path, "tokenizer_config.json")
     tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tok.pad_token_id is None:  # Llama-2 has none; padding positions are masked anyway
         tok.pad_token = tok.eos_token

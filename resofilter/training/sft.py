@@ -90,6 +90,9 @@ class SFTModule(pl.LightningModule):
         self._t_last: float | None = None
         self.tokens_seen = 0
 
+    def on_train_start(self) -> None:
+        self.model.train()  # from_pretrained returns eval mode; dropout must be on while training
+
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return causal_lm_loss(out.logits, batch["labels"])

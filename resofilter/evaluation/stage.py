@@ -1,0 +1,57 @@
+"""The evaluate stage: a checkpoint + an eval set → predictions.jsonl + metrics.json."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from resofilter._io import write_json_atomic, write_jsonl_atomic
+from resofilter.data.records import Record, get_field, load_records
+from resofilter.data.templates import Template
+from resofilter.errors import DataError, ResoFilterError
+from resofilter.evaluation.extract import EXTRACTORS
+from resofilter.evaluation.generate import evaluate_records
+
+log = logging.getLogger(__name__)
+
+
+def load_eval_set(ev: DictConfig, path: str | Path) -> tuple[list[Record], list[str], Any]:
+    """Eval records, their gold answers and the extractor for ``eval=`` config ``ev``."""
+    extractor = EXTRACTORS[ev.extractor]()
+    records = load_records(path, ev.query_field, ev.answer_field, id_field=ev.get("id_field"),
+                           max_samples=ev.get("max_samples"))
+    golds = []
+    for r in records:
+        try:
+            golds.append(extractor.gold(str(get_field(r.raw, ev.answer_field))))
+        except ValueError as e:
+            raise DataError(r.source, None, f"cannot read a gold answer: {e}") from None
+    return records, golds, extractor
+
+
+def few_shot_prefix(ev: DictConfig, template: Template, tokenizer: Any) -> str:
+    if not ev.get("few_shot"):
+        return ""
+    if not ev.get("few_shot_path"):
+        raise ResoFilterError("eval.few_shot > 0 needs eval.few_shot_path (solved examples)")
+    shots = load_records(ev.few_shot_path, ev.query_field, ev.answer_field, max_samples=ev.few_shot)
+    return "".join(template.render_prompt(s.query, s.input, tokenizer) + s.response + "\n\n" for s in shots)
+
+
+def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path, template: Template,
+                   out_dir: str | Path) -> dict[str, Any]:
+    out_dir = Path(out_dir)
+    records, golds, extractor = load_eval_set(ev, path)
+    preds, metrics = evaluate_records(
+        model, tokenizer, records, golds, template, extractor, batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens, stop_strings=list(ev.get("stop_strings") or []),
+        few_shot_prefix=few_shot_prefix(ev, template, tokenizer))
+    if metrics["empty_generations"] == len(preds):
+        raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
+    metrics = {"eval": ev.name, "path": str(path), **metrics}
+    write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,120 @@
+"""The finetune stage: records → SFT with Lightning → an HF ``save_pretrained`` checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from resofilter._io import write_json_atomic
+from resofilter.data.records import Record
+from resofilter.data.templates import Template
+from resofilter.data.tokenize import tokenize_records
+from resofilter.errors import ResoFilterError
+from resofilter.models.loading import load_causal_lm, load_tokenizer
+from resofilter.training.sft import SFTDataModule, SFTModule
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+
+
+def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info("LoRA r=%d: %d trainable parameters", lora["r"], trainable)
+    return model
+
+
+def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
+    if cfg.logger.name == "wandb":
+        from pytorch_lightning.loggers import WandbLogger
+
+        return WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"),
+                           offline=cfg.logger.offline, save_dir=str(out_dir))
+    from pytorch_lightning.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(out_dir), name="logs", version="")
+
+
+def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], template: Template,
+                 out_dir: str | Path) -> dict[str, Any]:
+    """Fine-tune ``model_dir`` on ``records``; the checkpoint lands in ``<out>/checkpoint``."""
+    out_dir = Path(out_dir)
+    ft = cfg.finetune
+    tok = load_tokenizer(model_dir)
+    samples, stats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
+                                      cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    pl.seed_everything(ft.seed, workers=True, verbose=False)
+    model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.get("attn_implementation"))
+    if ft.mode == "lora":
+        model = wrap_lora(model, ft.lora)
+    optimizer = instantiate(ft.optimizer)
+    scheduler = OmegaConf.to_container(ft.scheduler, resolve=True)
+    module = SFTModule(model, optimizer, scheduler)
+    t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer = pl.Trainer(
+        accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"], num_nodes=t["num_nodes"],
+        max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
+        gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, log_every_n_steps=t["log_every_n_steps"],
+        enable_progress_bar=t["enable_progress_bar"], enable_checkpointing=False, enable_model_summary=False,
+        logger=make_logger(cfg, out_dir), deterministic=True,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, ft.batch_size, seed=ft.seed))
+    train_s = time.perf_counter() - t0
+    if not trainer.is_global_zero:
+        return {}
+    final = out_dir / CHECKPOINT
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out_dir))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if ft.mode == "lora" and ft.merge_lora:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(tmp / "merged")
+            tok.save_pretrained(tmp / "merged")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result = {"checkpoint": str(final), "base_model": model_dir, "mode": ft.mode, "n_records": len(records),
+              "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
+              "tokens_per_s": module.tokens_seen / max(train_s, 1e-9), "final_metrics": metrics}
+    write_json_atomic(out_dir / "finetune.json", result)
+    log.info("fine-tuned %d steps in %.0f s (%.0f tokens/s) → %s", trainer.global_step, train_s,
+             result["tokens_per_s"], final)
+    return result
+
+
+def load_checkpoint(path: str | Path, dtype: str, attn: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) from a full checkpoint or a LoRA adapter directory."""
+    path = Path(path)
+    if (path / CHECKPOINT).is_dir():
+        path = path / CHECKPOINT
+    if not path.is_dir():
+        raise ResoFilterError(f"checkpoint {path} not found")
+    tok = load_tokenizer(str(path))
+    if (path / "adapter_config.json").exists():
+        from peft import PeftConfig, PeftModel
+
+        base = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        model = PeftModel.from_pretrained(load_causal_lm(base, dtype, attn), str(path))
+    else:
+        model = load_causal_lm(str(path), dtype, attn)
+    return model, tok

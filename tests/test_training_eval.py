@@ -1,0 +1,155 @@
+"""Fine-tuning (full and LoRA) and evaluation: behaviour, reloads, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from resofilter.commands import evaluate, finetune
+from resofilter.data.tokenize import IGNORE_INDEX
+from resofilter.errors import DataError, ResoFilterError
+from resofilter.evaluation.extract import GSM8KExtractor, MathExtractor, SyntheticExtractor
+from resofilter.training.sft import causal_lm_loss, lr_lambda
+from tests.conftest import FIXTURES, GSM8K_TRAIN, compose_cfg, write_jsonl
+
+
+def ft_overrides(model_dir, out, *extra):
+    return [f"model.name_or_path={model_dir}", "model.embedded=null", "model.num_hidden_layers=4",
+            "data=gsm8k", f"data.path={GSM8K_TRAIN}", "data.max_samples=16", "template=plain",
+            "tokenize.max_length=128", f"output_dir={out}", "finetune.max_steps=8", "finetune.batch_size=4",
+            "finetune.optimizer.lr=3e-3", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+            *extra]
+
+
+def test_causal_lm_loss_counts_response_tokens_only():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, 5], [IGNORE_INDEX, 1, 2, IGNORE_INDEX, IGNORE_INDEX]])
+    loss, n = causal_lm_loss(logits, labels)
+    logp = torch.log_softmax(logits, -1)
+    by_hand = -(logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 5] + logp[1, 0, 1] + logp[1, 1, 2]) / 5
+    assert n == 5 and torch.allclose(loss, by_hand)
+
+
+def test_lr_schedules():
+    f = lr_lambda("cosine", total_steps=10, warmup_steps=2)
+    # step 7: progress (7-2)/(10-2) = 0.625 → 0.5·(1 + cos(0.625π)) = 0.3087
+    assert [round(f(s), 4) for s in (0, 1, 2, 7, 10)] == [0.3333, 0.6667, 1.0, 0.3087, 0.0]
+    g = lr_lambda("linear", total_steps=10, warmup_steps=0)
+    assert [g(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+
+
+def _loss(model_dir_or_model, tokenizer_dir):
+    from resofilter.data.records import load_records
+    from resofilter.data.templates import FormatTemplate
+    from resofilter.data.tokenize import Collator, tokenize_records
+    from resofilter.models.loading import load_tokenizer
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    recs = load_records(GSM8K_TRAIN, "question", "answer", max_samples=16)
+    s, _ = tokenize_records(recs, FormatTemplate("plain", "Question: {query}\nAnswer: "), tok, 128)
+    b = Collator(tok.pad_token_id)(s)
+    with torch.no_grad():
+        return causal_lm_loss(model_dir_or_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                              b["labels"])[0].item(), b
+
+
+def test_full_finetune_lowers_loss_reloads_identically_and_is_seeded(tmp_path, tiny_model_dir):
+    r1 = finetune(compose_cfg(ft_overrides(tiny_model_dir, tmp_path / "a"), "finetune"))
+    r2 = finetune(compose_cfg(ft_overrides(tiny_model_dir, tmp_path / "b"), "finetune"))
+    before, batch = _loss(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tiny_model_dir)
+    m1 = AutoModelForCausalLM.from_pretrained(r1["checkpoint"])
+    after, _ = _loss(m1, tiny_model_dir)
+    assert after < before - 0.1
+    m2 = AutoModelForCausalLM.from_pretrained(r2["checkpoint"])
+    for (n, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
+        assert torch.equal(p1, p2), n
+    assert r1["steps"] == 8
+    log = (tmp_path / "a" / "logs" / "metrics.csv").read_text()
+    assert "train/loss" in log and "train/lr" in log and "train/tokens_per_s" in log
+
+
+def test_lora_trains_only_adapters_and_reloads(tmp_path, tiny_model_dir):
+    cfg = compose_cfg(ft_overrides(tiny_model_dir, tmp_path / "l", "finetune=lora",
+                                   "finetune.lora.target_modules=[q_proj,v_proj,up_proj]", "finetune.lora.r=4",
+                                   "finetune.optimizer.lr=1e-2"), "finetune")
+    res = finetune(cfg)
+    from peft import PeftModel
+
+    ckpt = res["checkpoint"]
+    assert (tmp_path / "l" / "checkpoint" / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt)
+    # base weights untouched by training; the adapter changes the output
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged = reloaded.merge_and_unload()
+    changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, fresh.state_dict()[n])]
+    assert changed and all(any(m in n for m in ("q_proj", "v_proj", "up_proj")) for n in changed)
+    from resofilter.training.stage import load_checkpoint
+
+    model, tok = load_checkpoint(tmp_path / "l", "float32")
+    x = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, merged(x).logits, atol=1e-5)
+        assert not torch.allclose(base(x).logits, merged(x).logits, atol=1e-5)
+
+
+def test_gsm8k_gold_as_prediction_scores_100_percent():
+    ex = GSM8KExtractor()
+    rows = [json.loads(line) for line in (FIXTURES / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    for r in rows:
+        gold = ex.gold(r["answer"])
+        assert ex.equal(ex.extract(r["answer"].replace("####", "The answer is:")), gold)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the total is 1,234 apples. The answer is: 1,234", "1234"),
+    ("She pays $18.00 in total.", "18"),
+    ("The answer is: 42.", "42"),
+    ("First 3 then 4 then 12", "12"),
+    ("I do not know", None),
+    ("The answer is: -7", "-7"),
+    ("0.50 dollars", "0.5"),
+])
+def test_gsm8k_extraction_tricky(text, expected):
+    assert GSM8KExtractor().extract(text) == expected
+
+
+def test_synthetic_extractor_needs_the_answer_line():
+    ex = SyntheticExtractor()
+    assert ex.extract("She buys 5 more: 7 + 5 = 12\nThe answer is: 12") == "12"
+    assert ex.extract("7 + 5 = 12") is None
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("0.5", r"\frac{1}{2}", True), (r"\dfrac{1}{2}", r"\frac{1}{2}", True), ("3", "4", False),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{2} \right)", True),
+])
+def test_math_equivalence(pred, gold, ok):
+    assert MathExtractor().equal(pred, gold) is ok
+    assert MathExtractor().extract(f"so \\boxed{{{pred}}}.") == pred
+
+
+def test_evaluate_writes_predictions_and_metrics(tmp_path, tiny_model_dir):
+    cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "model.num_hidden_layers=4",
+                       "eval=gsm8k", "eval.max_samples=4", "eval.max_new_tokens=4", f"output_dir={tmp_path}",
+                       "template=plain", "eval.stop_strings=[]"], "evaluate")
+    m = evaluate(cfg)
+    preds = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert m["n"] == 4 and len(preds) == 4 and set(preds[0]) >= {"sample_id", "prompt", "generation", "extracted",
+                                                                  "gold", "correct"}
+    assert 0 <= m["ci95_low"] <= m["accuracy"] <= m["ci95_high"] <= 1
+
+
+def test_evaluate_bad_input(tmp_path, tiny_model_dir):
+    base = [f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "model.num_hidden_layers=4",
+            "eval=gsm8k", "template=plain", f"output_dir={tmp_path}"]
+    with pytest.raises(ResoFilterError, match="not found"):
+        evaluate(compose_cfg([*base, f"checkpoint_dir={tmp_path / 'nope'}"], "evaluate"))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'answer'"):
+        evaluate(compose_cfg([*base, f"eval.path={bad}"], "evaluate"))
+    assert not (tmp_path / "metrics.json").exists()
