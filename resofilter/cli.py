@@ -28,6 +28,8 @@ COMMANDS = {
     "select": "features → kept subset (subset.jsonl), selection.parquet, noise diagnostics + plots",
     "finetune": "SFT (full or LoRA) on a records file → HF checkpoint",
     "evaluate": "greedy generation + answer checking → predictions.jsonl, metrics.json",
+    "run": "score → select → finetune → evaluate in one run dir → results.json (features cached)",
+    "table": "collect results.json of a (multi)run dir into table.md, table.csv, table.png",
 }
 
 

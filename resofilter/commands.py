@@ -15,6 +15,8 @@ from resofilter.errors import ConfigError
 from resofilter.evaluation.stage import run_evaluation
 from resofilter.features.stage import score_records
 from resofilter.models.loading import load_tokenizer
+from resofilter.pipeline import run_pipeline
+from resofilter.reporting.table import write_table
 from resofilter.selection.stage import run_selection
 from resofilter.training.stage import load_checkpoint, run_finetune
 
@@ -87,3 +89,20 @@ def evaluate(cfg: DictConfig) -> dict:
     ckpt = cfg.get("checkpoint_dir") or context.model_dir(cfg)
     model, tok = load_checkpoint(ckpt, cfg.model.dtype, cfg.model.get("attn_implementation"))
     return run_evaluation(model, tok, cfg.eval, context.eval_path(cfg), context.template(cfg), out)
+
+
+def run(cfg: DictConfig) -> dict:
+    """score → select → finetune → evaluate in one run dir → ``results.json``."""
+    validate(cfg)
+    return run_pipeline(cfg, context.output_dir(cfg))
+
+
+def table(argv: list[str]) -> dict:
+    """``resofilter table <multirun dir> [--out DIR]``: results.json files → table.md/csv + plot."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="resofilter table", description=table.__doc__)
+    p.add_argument("root", help="a multirun (or any) directory holding run dirs with results.json")
+    p.add_argument("--out", default=None, help="where to write table.md/csv/png (default: root)")
+    args = p.parse_args(argv)
+    return write_table(args.root, args.out)

@@ -116,3 +116,19 @@ def test_output_dir_required_outside_hydra(tmp_path):
         context.output_dir(cfg)
     shrink(cfg, tmp_path)
     assert context.output_dir(cfg) == tmp_path / "out"
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_match_one(tmp_path, tiny_model_dir):
+    """trainer=ddp with 2 gloo processes: each rank scores its shards, rank 0 merges; same features."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    p = _cli(["score", *score_overrides(tiny_model_dir, one, "score.shard_size=8")])
+    assert p.wait(timeout=600) == 0, p.stdout.read()
+    p = _cli(["score", *score_overrides(tiny_model_dir, two, "score.shard_size=8", "trainer=ddp",
+                                        "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp")],
+             cwd=tmp_path)
+    log = p.communicate(timeout=900)[0]
+    assert p.returncode == 0, log[-4000:]
+    got, ref = pd.read_parquet(two / "features.parquet"), pd.read_parquet(one / "features.parquet")
+    assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
+    pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-6)

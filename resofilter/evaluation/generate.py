@@ -38,6 +38,7 @@ def generate(
     max_new_tokens: int = 64,
     stop_strings: Sequence[str] = (),
     progress: bool = True,
+    min_new_tokens: int = 0,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (left padding, stop at EOS or a stop string)."""
     model.eval()
@@ -54,7 +55,7 @@ def generate(
             kwargs: dict[str, Any] = {}
             if stop_strings:
                 kwargs.update(stop_strings=list(stop_strings), tokenizer=tokenizer)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                  **kwargs)
             new = out[:, enc["input_ids"].shape[1]:]
@@ -80,13 +81,14 @@ def evaluate_records(
     stop_strings: Sequence[str] = (),
     few_shot_prefix: str = "",
     progress: bool = True,
+    min_new_tokens: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for every record and score against ``golds``: (predictions, metrics)."""
     if not records:
         raise ResoFilterError("evaluation set is empty")
     prompts = [few_shot_prefix + template.render_prompt(r.query, r.input, tokenizer) for r in records]
     gens = generate(model, tokenizer, prompts, template.add_special_tokens, batch_size,
-                    max_new_tokens, stop_strings, progress)
+                    max_new_tokens, stop_strings, progress, min_new_tokens)
     preds = []
     for r, prompt, gen, gold in zip(records, prompts, gens, golds, strict=True):
         extracted = extractor.extract(gen)

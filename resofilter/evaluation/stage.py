@@ -48,7 +48,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path,
     preds, metrics = evaluate_records(
         model, tokenizer, records, golds, template, extractor, batch_size=ev.batch_size,
         max_new_tokens=ev.max_new_tokens, stop_strings=list(ev.get("stop_strings") or []),
-        few_shot_prefix=few_shot_prefix(ev, template, tokenizer))
+        few_shot_prefix=few_shot_prefix(ev, template, tokenizer), min_new_tokens=ev.get("min_new_tokens", 0))
     if metrics["empty_generations"] == len(preds):
         raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
     metrics = {"eval": ev.name, "path": str(path), **metrics}

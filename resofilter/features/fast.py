@@ -62,7 +62,7 @@ class FastScorer:
 
     def __init__(self, model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
                  statistics: Sequence[str], quantiles: Sequence[float] = (),
-                 count_above: Sequence[float] = (), chunk_elements: int = 1 << 24) -> None:
+                 count_above: Sequence[float] = (), chunk_elements: int = 1 << 21) -> None:
         self.model = model
         self.targets = list(targets)
         self.step = step
@@ -73,8 +73,10 @@ class FastScorer:
         self.lowest = min(t.layer for t in self.targets)
         for p in model.parameters():
             p.requires_grad_(False)
-        # W in float64, once: the decay term and don/cos need it at full precision.
-        self.weights = {t.name: t.module.weight.detach().to(torch.float64) for t in self.targets}
+        # Per-sample gradients and updates are formed in fp32 (float64 for a float64 model),
+        # whatever dtype the model runs in; the statistics accumulate them in float64.
+        self.work = torch.float64 if self.targets[0].module.weight.dtype == torch.float64 else torch.float32
+        self.weights = {t.name: t.module.weight.detach().to(self.work) for t in self.targets}
 
     def _activations(
         self, batch: dict[str, Any]
@@ -134,9 +136,8 @@ class FastScorer:
         """Per-sample gradient rows ``(r0, r1, G[:, r0:r1])`` with G_b = Σ_t δ_{b,t}ᵀ x_{b,t}."""
         B, _, d_out = delta.shape
         d_in = x.shape[-1]
-        work = torch.float64 if delta.dtype == torch.float64 else torch.float32
-        delta_t = delta.to(work).transpose(1, 2)  # (B, d_out, T)
-        x = x.to(work)  # (B, T, d_in)
+        delta_t = delta.to(self.work).transpose(1, 2)  # (B, d_out, T)
+        x = x.to(self.work)  # (B, T, d_in)
         rows = chunk_rows(d_out, d_in, B, self.chunk_elements)
         for r0 in range(0, d_out, rows):
             r1 = min(d_out, r0 + rows)
@@ -144,10 +145,10 @@ class FastScorer:
 
     def _statistics(self, target: Target, delta: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stats of ΔW_b for every sample, built in row blocks of per-sample gradients."""
-        w = self.weights[target.name]  # (d_out, d_in) float64
+        w = self.weights[target.name]  # (d_out, d_in) in the work dtype
         acc = UpdateStatistics(delta.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above)
         for r0, r1, g in self._grad_blocks(delta, x):
-            dw = one_step_update(g.to(torch.float64), w[r0:r1], self.step)  # (B, r, d_in)
+            dw = one_step_update(g, w[r0:r1], self.step)  # (B, r, d_in)
             acc.update(dw, w[r0:r1])
         return acc.result()
 

@@ -93,10 +93,12 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
         trainer_kwargs(cfg), describe(cfg, model_dir), alone)
     if manifest is None:
         return None, None
+    if "config" in manifest:  # reused: the manifest describes the run that computed it
+        return features, manifest
     manifest["tokenized"] = tstats.as_dict()
     manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
     n_check = cfg.score.precision_check.n_samples
-    if n_check and "precision_check" not in manifest:
+    if n_check:
         manifest["precision_check"] = precision_check(
             model, samples, targets, step, features, cfg, n_check, tok.pad_token_id)
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)

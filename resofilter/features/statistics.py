@@ -2,7 +2,8 @@
 
 The across-sample spread of these statistics is tiny (~1e-5 relative for AdamW's
 saturated update), below float32 summation error over millions of elements, so every sum
-here runs in float64. ΔW arrives in row blocks ``(B, r, d_in)`` so a 9216×2304 matrix
+here accumulates in float64 (the elements themselves may be fp32: their rounding, ~6e-8
+relative and unbiased, averages out over the matrix). ΔW arrives in row blocks ``(B, r, d_in)`` so a 9216×2304 matrix
 never has to be materialised for a whole batch at once.
 
 Statistics (``n`` = number of elements of W, sums over all of them):
@@ -62,17 +63,17 @@ class UpdateStatistics:
         self.rows_seen = 0
 
     def update(self, dw: torch.Tensor, w: torch.Tensor) -> None:
-        dw = dw.to(torch.float64)  # (B, r, d_in)
-        w = w.to(torch.float64)  # (r, d_in)
+        """Add a row block: dw (B, r, d_in) and w (r, d_in), fp32 or float64; sums run in float64."""
+        f64 = torch.float64
         a = dw.abs()
-        self.abs_sum += a.sum(dim=(1, 2))
-        self.sum += dw.sum(dim=(1, 2))
-        self.sq_sum += (dw * dw).sum(dim=(1, 2))
-        self.max_abs = torch.maximum(self.max_abs, a.amax(dim=(1, 2)))
-        self.dot_w += (dw * w).sum(dim=(1, 2))
-        self.w_sq += (w * w).sum()
+        self.abs_sum += a.sum(dim=(1, 2), dtype=f64)
+        self.sum += dw.sum(dim=(1, 2), dtype=f64)
+        self.sq_sum += (dw * dw).sum(dim=(1, 2), dtype=f64)
+        self.max_abs = torch.maximum(self.max_abs, a.amax(dim=(1, 2)).to(f64))
+        self.dot_w += (dw * w).sum(dim=(1, 2), dtype=f64)
+        self.w_sq += (w * w).sum(dtype=f64)
         for j, b in enumerate(self.bounds):
-            self.counts[:, j] += (a > b).sum(dim=(1, 2)).to(torch.float64)
+            self.counts[:, j] += (a > b).sum(dim=(1, 2)).to(f64)
         if self.quantiles:
             self.abs_blocks.append(a.flatten(1))
         self.rows_seen += dw.shape[1]
@@ -99,7 +100,7 @@ class UpdateStatistics:
             elif s == "cos_to_weight":
                 out[s] = self.dot_w / (l2 * w_norm).clamp_min(torch.finfo(torch.float64).tiny)
             elif s == "quantiles":
-                flat = torch.cat(self.abs_blocks, dim=1)  # (B, n)
+                flat = torch.cat(self.abs_blocks, dim=1).to(torch.float64)  # (B, n)
                 for q in self.quantiles:
                     out[f"q{q:g}"] = quantile_linear(flat, q)
             elif s == "count_above":

@@ -77,6 +77,7 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
     if not fpath.exists():
         raise ResoFilterError(f"{fpath} not found (features_dir must be a `resofilter score` output dir)")
     features, recs, n_unscored = align(pd.read_parquet(fpath), records)
+    out_dir.mkdir(parents=True, exist_ok=True)
     sel_cfg = cfg.selection
     n_layers = cfg.model.num_hidden_layers
     scorer = build_scorer(OmegaConf.to_container(cfg.scorer, resolve=True),

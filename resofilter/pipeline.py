@@ -1,0 +1,96 @@
+"""``resofilter run``: score → select → finetune → evaluate in one run directory.
+
+Features are cached under ``<cache_dir>/features/<key>``, the key a hash of everything
+that determines them (model + build, data file, template, tokenization, step optimizer,
+dtype, scored layers and statistics), so every sweep member that shares them reuses one
+scoring pass; ``results.json`` records whether it did (``stages.score.cached``).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from resofilter import context
+from resofilter._io import file_hash, read_json, stable_hash, write_json_atomic
+from resofilter.evaluation.stage import run_evaluation
+from resofilter.features.stage import describe, score_records
+from resofilter.selection.stage import run_selection
+from resofilter.training.stage import load_checkpoint, run_finetune
+
+log = logging.getLogger(__name__)
+
+
+def features_key(cfg: DictConfig, model_dir: str, data_path: Path) -> str:
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    return stable_hash({
+        **describe(cfg, model_dir), "data": file_hash(data_path), "data_cfg": plain(cfg.data),
+        "template": plain(cfg.template), "tokenize": plain(cfg.tokenize),
+        "candidates": plain(cfg.score.candidates), "quantiles": plain(cfg.score.quantiles),
+        "count_above": plain(cfg.score.count_above), "batch_size": cfg.score.batch_size,
+    })
+
+
+def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    stages: dict[str, Any] = {}
+    model_dir = context.model_dir(cfg)
+    records, data_info = context.load_data(cfg)
+    template = context.template(cfg)
+
+    key = features_key(cfg, model_dir, Path(data_info["path"]))
+    feat_dir = Path(cfg.paths.cache_dir) / "features" / key
+    cached = (feat_dir / "features.parquet").exists()
+    t0 = time.perf_counter()
+    _, fman = score_records(cfg, records, template, model_dir, feat_dir)
+    if fman is None:  # not rank zero under DDP: the rest runs once, on rank 0
+        return {}
+    stages["score"] = {"cached": cached, "features_dir": str(feat_dir), "key": key,
+                       "time_s": time.perf_counter() - t0, "scoring_time_s": fman["timing"]["score_s"]}
+    log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,
+             stages["score"]["time_s"])
+
+    t0 = time.perf_counter()
+    sel = run_selection(cfg, feat_dir, records, out / "select")
+    stages["select"] = {"n_in": sel["n_in"], "n_out": sel["n_out"], "dedup_removed": sel["dedup_removed"],
+                        "time_s": time.perf_counter() - t0,
+                        **({"noise_auroc": sel["diagnostics"]["auroc"],
+                            "noise_rate_kept": sel["diagnostics"]["noise_rate_kept"]} if "diagnostics" in sel else {})}
+
+    t0 = time.perf_counter()
+    subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
+    ft = run_finetune(cfg, model_dir, subset, template, out / "finetune")
+    stages["finetune"] = {"steps": ft["steps"], "n_records": ft["n_records"], "time_s": time.perf_counter() - t0,
+                          "train_loss": ft["final_metrics"].get("train/loss"), "tokens_per_s": ft["tokens_per_s"]}
+
+    t0 = time.perf_counter()
+    model, tok = load_checkpoint(ft["checkpoint"], cfg.model.dtype, cfg.model.get("attn_implementation"))
+    metrics = run_evaluation(model, tok, cfg.eval, context.eval_path(cfg), template, out / "eval")
+    stages["evaluate"] = {**metrics, "time_s": time.perf_counter() - t0}
+    if not cfg.run.keep_checkpoint:
+        shutil.rmtree(ft["checkpoint"])
+
+    results = {
+        "variant": cfg.variant_name, "scorer": cfg.scorer.name, "keep_ratio": cfg.selection.keep_ratio,
+        "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
+        "statistic": cfg.statistic.name, "step": cfg.step.name, "seed": cfg.seed,
+        "model": model_dir, "data": data_info, "eval": {cfg.eval.name: metrics["accuracy"]},
+        "stages": stages, "total_time_s": time.perf_counter() - t_start,
+        "base_model": _base_accuracy(model_dir),
+    }
+    write_json_atomic(out / "resolved_config.json", OmegaConf.to_container(cfg, resolve=True))
+    write_json_atomic(out / "results.json", results)
+    log.info("%s keep %.2f seed %d: %s accuracy %.4f (%d/%d kept) in %.0f s", cfg.variant_name,
+             cfg.selection.keep_ratio, cfg.seed, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
+             results["total_time_s"])
+    return results
+
+
+def _base_accuracy(model_dir: str) -> dict[str, float] | None:
+    build = Path(model_dir) / "build.json"
+    return read_json(build)["accuracy"] if build.exists() else None

@@ -1,0 +1,101 @@
+"""`resofilter run` end to end on a tiny embedded setup, a 2-member multirun sharing features, `table`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from resofilter.cli import CONF_DIR
+from resofilter.commands import run
+from resofilter.errors import ResoFilterError
+from resofilter.reporting.table import write_table
+from tests.conftest import compose_cfg, shrink
+from tests.test_embedded import TINY
+
+TINY_RUN = {**TINY, "model.embedded.base_training.steps": 60, "finetune.max_steps": 3, "finetune.batch_size": 4,
+            "eval.max_samples": 6, "eval.max_new_tokens": 6, "eval.min_new_tokens": 2,
+            "trainer.enable_progress_bar": False, "score.progress_bar": False}
+
+
+def overrides(tmp: Path) -> list[str]:
+    return [f"{k}={v}" for k, v in TINY_RUN.items()] + [f"paths.cache_dir={tmp / 'cache'}"]
+
+
+def test_run_end_to_end(tmp_path):
+    cfg = shrink(compose_cfg(["variant=reso50", "score.ifd=true"], "run"), tmp_path, **TINY_RUN)
+    res = run(cfg)
+    out = tmp_path / "out"
+    assert res["variant"] == "resofilter" and res["keep_ratio"] == 0.5 and not res["stages"]["score"]["cached"]
+    assert res["stages"]["select"]["n_out"] == 30 and 0 <= res["eval"]["math_synth"] <= 1
+    for f in ("results.json", "select/subset.jsonl", "select/diagnostics.json", "eval/metrics.json",
+              "eval/predictions.jsonl", "finetune/checkpoint/config.json"):
+        assert (out / f).exists(), f
+    again = run(shrink(compose_cfg(["variant=random50"], "run"), tmp_path / "b", **TINY_RUN,
+                       **{"paths.cache_dir": str(tmp_path / "cache"), "score.ifd": True}))
+    assert again["stages"]["score"]["cached"] and again["stages"]["score"]["features_dir"] == \
+        res["stages"]["score"]["features_dir"]
+
+
+def test_multirun_shares_features_and_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "resofilter.cli", "run", "-m", "variant=reso50,random50", f"hydra.sweep.dir={sweep}",
+           *overrides(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    cached = [r["stages"]["score"]["cached"] for r in results]
+    assert cached == [False, True], "the second member must reuse the first member's features"
+    assert results[1]["stages"]["score"]["time_s"] < results[0]["stages"]["score"]["time_s"]
+    assert "cache hit, not rescored" in (p.stdout + p.stderr)
+    (sweep / "2" / ".hydra").mkdir(parents=True)  # a killed member: no results.json
+    t = write_table(sweep)
+    assert t["n_runs"] == 2 and t["incomplete"] == ["2"]
+    md = (sweep / "table.md").read_text()
+    assert "resofilter" in md and "random" in md and "Incomplete runs" in md
+    assert (sweep / "table.csv").exists() and (sweep / "table.png").stat().st_size > 0
+    p = subprocess.run([sys.executable, "-m", "resofilter.cli", "table", str(sweep)], capture_output=True, text=True)
+    assert p.returncode == 0
+    # the analysis notebook runs on these outputs
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(Path(CONF_DIR).parent / "notebooks" / "analysis.ipynb", as_version=4)
+    os.environ["RESOFILTER_RUN_DIR"] = str(sweep)
+    try:
+        client = NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+        client.execute()
+    finally:
+        del os.environ["RESOFILTER_RUN_DIR"]
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "AUROC of this score" in outputs and "resofilter" in outputs
+
+
+def test_table_on_empty_dir_is_an_error(tmp_path):
+    with pytest.raises(ResoFilterError, match="no run directories"):
+        write_table(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")))
+def test_every_experiment_composes_and_validates(name):
+    from omegaconf import OmegaConf
+
+    from resofilter.config_check import validate
+
+    extra = ["data.path=/data/MetaMathQA-395K.json"] if "metamathqa" in name else []
+    cfg = compose_cfg([f"experiment={name}", *extra], "run")
+    OmegaConf.resolve(cfg)
+    validate(cfg)
+    # every sweep value composes too
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        hcfg = compose("run", overrides=[f"experiment={name}", *extra], return_hydra_config=True)
+    for key, values in hcfg.hydra.sweeper.params.items():
+        for v in str(values).split(","):
+            validate(compose_cfg([f"experiment={name}", *extra, f"{key}={v}"], "run"))
