@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from resofilter.data.records import Record, dedup_records, load_records
 from resofilter.data.templates import Template
@@ -64,13 +64,22 @@ def model_dir(cfg: DictConfig) -> str:
     return str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))
 
 
-def data_path(cfg: DictConfig) -> Path:
-    if cfg.data.get("path"):
-        return Path(cfg.data.path)
+def _path_or_benchmark(cfg: DictConfig, group: str, split: str) -> Path:
+    """``cfg.<group>.path``, else the synthetic benchmark's ``<split>.jsonl``."""
+    if cfg[group].get("path"):
+        return Path(cfg[group].path)
     bench = benchmark_dir(cfg)
     if bench is None:
-        raise ConfigError("data.path", "is required (the data config has no synthetic generator)")
-    return bench / f"{cfg.data.split}.jsonl"
+        raise ConfigError(f"{group}.path", "is required (no synthetic benchmark in this config)")
+    return bench / f"{split}.jsonl"
+
+
+def data_path(cfg: DictConfig) -> Path:
+    return _path_or_benchmark(cfg, "data", cfg.data.get("split") or "pool")
+
+
+def eval_path(cfg: DictConfig) -> Path:
+    return _path_or_benchmark(cfg, "eval", "test")
 
 
 def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Record], dict[str, Any]]:
@@ -83,16 +92,3 @@ def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Rec
     if removed:
         log.info("dedup=%s removed %d records with repeated queries", d.dedup, removed)
     return records, {"path": str(src), "n_records": len(records) + removed, "dedup_removed": removed}
-
-
-def plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def eval_path(cfg: DictConfig) -> Path:
-    if cfg.eval.get("path"):
-        return Path(cfg.eval.path)
-    bench = benchmark_dir(cfg)
-    if bench is None:
-        raise ConfigError("eval.path", "is required (no synthetic benchmark in this config)")
-    return bench / "test.jsonl"
