@@ -69,9 +69,14 @@ def main(argv: list[str] | None = None) -> None:
         _guard(_function(name), rest)
         return
 
+    full_argv = [sys.argv[0], name, *rest]
+
     # conf/<command>.yaml composes config.yaml and sets `command`.
     @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
     def _app(cfg: DictConfig) -> object:
+        # Hydra has parsed its arguments; restore the real command line, which Lightning's
+        # DDP launcher re-runs for ranks > 0.
+        sys.argv = full_argv
         return _guard(_function(name), cfg)
 
     sys.argv = [f"resofilter {name}", *rest]
