@@ -20,6 +20,7 @@ from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_rec
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.extract import MANIFEST_FILE, column, extract_features
 from resofilter.features.fast import FastScorer
+from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
 from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 
@@ -127,10 +128,8 @@ def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targ
     t64 = find_targets(m64, list(cfg.score.candidates.modules), cfg.score.candidates.indices)
     layers = resolve_indices(cfg.layers.indices, len(decoder_layers(model)[1]), "layers.indices")
     chosen = [t.name for t in t64 if t.layer in layers and any(t.name.endswith(m) for m in cfg.layers.modules)]
-    stat = cfg.statistic.name
-    scorer = FastScorer(m64, [t for t in t64 if t.name in chosen], step, [stat] if stat in
-                        ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight") else ["mean_abs"])
-    stat = stat if stat in scorer.statistics else "mean_abs"
+    stat = cfg.statistic.name if cfg.statistic.name in BASIC else "mean_abs"  # quantiles/counts: check mean_abs
+    scorer = FastScorer(m64, [t for t in t64 if t.name in chosen], step, [stat])
     collate = Collator(pad_token_id)
     ref = []
     for i in idx:  # one at a time: float64 models can overflow on padding (gemma-2)

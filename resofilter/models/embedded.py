@@ -59,14 +59,14 @@ def _atomic_dir(final: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
-# Settings that change how a build is shown or reported, never its weights.
-_NOT_IN_KEY = {"base_training": ("progress_bar",)}
+# base_training settings that change how a build is shown, never its weights.
+_DISPLAY_ONLY = ("progress_bar",)
 
 
 def base_model_key(embedded: Any, bench_dir: Path, template: Template) -> str:
     e = _plain(embedded)
     e.pop("eval", None)
-    e["base_training"] = {k: v for k, v in e["base_training"].items() if k not in _NOT_IN_KEY["base_training"]}
+    e["base_training"] = {k: v for k, v in e["base_training"].items() if k not in _DISPLAY_ONLY}
     return stable_hash({"embedded": e, "bench": bench_dir.name,
                         "template": template.render_prompt("{q}", None, None)})
 
