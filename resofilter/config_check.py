@@ -94,6 +94,9 @@ def validate(cfg: DictConfig) -> None:
         v = cfg.score[k]
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"score.{k}", f"must be a positive integer, got {v!r}")
+    v = cfg.score.logits_chunk_elements
+    if not isinstance(v, int) or v < 0:
+        raise ConfigError("score.logits_chunk_elements", f"must be an integer ≥ 0 (0 = whole logits), got {v!r}")
     _one_of(cfg.step.name, STEP_OPTIMIZERS, "step.name")
     if not cfg.step.lr or cfg.step.lr <= 0:
         raise ConfigError("step.lr", "must be > 0")

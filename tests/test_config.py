@@ -64,6 +64,7 @@ def test_data_configs_map_the_paper_fields():
     ("model.dtype", "float8", "model.dtype"),
     ("scorer.name", "oracle", "scorer.name"),
     ("score.batch_size", 0, "score.batch_size"),
+    ("score.logits_chunk_elements", -1, "score.logits_chunk_elements"),
 ])
 def test_invalid_values_name_their_key(key, value, match):
     cfg = compose_cfg()

@@ -8,6 +8,7 @@ import torch
 
 from resofilter.data.templates import FormatTemplate
 from resofilter.data.tokenize import IGNORE_INDEX, Collator, tokenize_records
+from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig, one_step_update
 from resofilter.features.exact import ExactScorer
 from resofilter.features.fast import FastScorer
@@ -141,6 +142,39 @@ def test_prompt_tokens_carry_no_gradient(tokenizer, gsm8k_records):
     changed = fast(unmasked)[0][targets[0].name]["l2"]
     assert not torch.allclose(base, changed)
     assert fast(dict(batch))[0][targets[0].name]["l2"].equal(base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("positions", [1, 3])
+def test_chunked_output_head_equals_whole_logits(arch, positions, tokenizer, gsm8k_records):
+    """Loss and per-sample gradients from slices of positions = the model's own (B, T, V) logits."""
+    dtype = torch.float64 if arch == "llama" else torch.float32  # gemma-2's mask overflows in float64
+    model = tiny(arch, tokenizer, seed=4).to(dtype)
+    targets = find_targets(model, ["mlp.up_proj"], [-2, -1])
+    batch, _ = _batch(tokenizer, gsm8k_records, n=5)
+    whole = FastScorer(model, targets, STEPS["sgd"], ["l2"], logits_chunk_elements=0)
+    sliced = FastScorer(model, targets, STEPS["sgd"], ["l2"],
+                        logits_chunk_elements=positions * 5 * model.config.vocab_size)
+    assert sliced.head_loss.cap == getattr(model.config, "final_logit_softcapping", None)
+    span = sliced.head_loss.chunk_elements // (5 * sliced.head_loss.vocab)
+    assert span == positions < batch["input_ids"].shape[1] // 4  # really many slices
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    (_, loss_w, n_w), (_, loss_s, n_s) = whole(batch), sliced(batch)
+    torch.testing.assert_close(loss_s, loss_w, rtol=rtol, atol=0)
+    assert n_s.equal(n_w)
+    gw, gs = whole.per_sample_grads(batch), sliced.per_sample_grads(batch)
+    for name in gw:
+        torch.testing.assert_close(gs[name], gw[name], rtol=rtol, atol=rtol * gw[name].abs().max().item())
+
+
+def test_a_head_the_chunked_loss_does_not_know_is_refused(tokenizer, gsm8k_records):
+    model = tiny("llama", tokenizer, seed=4)
+    targets = find_targets(model, ["mlp.up_proj"], [-1])
+    scorer = FastScorer(model, targets, STEPS["sgd"], ["l2"])
+    scorer.head_loss.cap = 0.5  # as if the model soft-capped logits in a way the model itself does not
+    batch, _ = _batch(tokenizer, gsm8k_records, n=2)
+    with pytest.raises(ResoFilterError, match="logits_chunk_elements=0"):
+        scorer(batch)
 
 
 def test_bf16_model_statistics_come_from_fp32_gradients(tokenizer, gsm8k_records):

@@ -181,7 +181,8 @@ def build_scorer(model: torch.nn.Module, targets: Sequence[Target], step: Any,
                   count_above=settings["count_above"])
     if settings["mode"] == "exact":
         return ExactScorer(model, targets, step, dtype=settings["exact_dtype"], **common)
-    return FastScorer(model, targets, step, chunk_elements=settings["chunk_elements"], **common)
+    return FastScorer(model, targets, step, chunk_elements=settings["chunk_elements"],
+                      logits_chunk_elements=settings["logits_chunk_elements"], **common)
 
 
 def extract_features(
@@ -199,7 +200,7 @@ def extract_features(
     """Score every sample; returns (features, manifest) on rank 0, (None, None) elsewhere.
 
     ``settings``: mode, exact_dtype (torch.dtype), statistics, quantiles, count_above,
-    chunk_elements, batch_size, max_tokens_per_batch, shard_size, progress_bar.
+    chunk_elements, logits_chunk_elements, batch_size, max_tokens_per_batch, shard_size, progress_bar.
     ``description``: what identifies this run (config, model, data hash) → the resume key.
     """
     if not samples:

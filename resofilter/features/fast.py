@@ -7,6 +7,12 @@ tokens, so padding and batch composition cannot leak between samples. Hooks capt
 and the outputs; ``torch.autograd.grad`` returns δ; the backward stops at the input of
 the lowest scored decoder layer (everything below runs without a graph), and no weight
 gradient is ever formed for the whole batch — only per-sample blocks of rows.
+
+The (B, T, V) logits are never built whole either (``logits_chunk_elements``): the decoder
+returns the final hidden states h, the output head and the loss run on slices of positions
+whose gradient w.r.t. h is taken at once, and that ∂loss/∂h is pushed back through the
+decoder in one call. With gemma-2's 256k vocabulary the whole fp32 logits, their
+log-softmax and its gradient would be ~40 GB for a batch of 16 × 768 tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +44,56 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return tok.sum(dim=1) / n.clamp_min(1), n
 
 
+class ChunkedHeadLoss:
+    """Per-sample mean losses and ∂(Σ losses)/∂h from the final hidden states, a slice of positions at a time.
+
+    The head is the model's output embedding plus gemma-2's final logit soft-capping, as
+    in ``Gemma2ForCausalLM.forward``; :meth:`FastScorer.check_head` compares it once
+    against the model's own logits, so an architecture with another head fails loudly.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk_elements: int) -> None:
+        self.head = model.get_output_embeddings()
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        self.vocab = self.head.weight.shape[0]
+        self.chunk_elements = chunk_elements
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.head(h)
+        if self.cap:
+            logits = torch.tanh(logits / self.cap) * self.cap
+        return logits
+
+    def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(losses (B,), token counts (B,), ∂Σlosses/∂h (B, T, d)) for hidden states ``h`` (B, T, d)."""
+        B, T, _ = h.shape
+        shift_labels = labels[:, 1:]
+        n = (shift_labels != IGNORE_INDEX).sum(dim=1)
+        loss_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+        weight = 1.0 / n.clamp_min(1).to(loss_dtype)  # d(mean over sample b)/d(token loss)
+        dh = torch.zeros_like(h)
+        losses: torch.Tensor | None = None
+        span = max(1, self.chunk_elements // max(1, B * self.vocab))
+        for t0 in range(0, T - 1, span):
+            t1 = min(T - 1, t0 + span)
+            lab = shift_labels[:, t0:t1]
+            if not bool((lab != IGNORE_INDEX).any()):
+                continue  # prompt or padding only: no loss, no gradient
+            hc = h[:, t0:t1].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.logits(hc)
+                if logits.dtype not in (torch.float32, torch.float64):
+                    logits = logits.float()
+                part = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab, ignore_index=IGNORE_INDEX,
+                                                         reduction="none").sum(dim=1)  # (B,)
+                (g,) = torch.autograd.grad((part * weight).sum(), hc)
+            dh[:, t0:t1] = g
+            losses = part.detach() if losses is None else losses + part.detach()
+        if losses is None:
+            losses = h.new_zeros(B, dtype=loss_dtype)
+        return losses * weight, n, dh
+
+
 @contextlib.contextmanager
 def _truncate_below(model: torch.nn.Module, lowest_layer: int) -> Iterator[None]:
     """Make the hidden state entering ``lowest_layer`` a fresh leaf that requires grad."""
@@ -62,7 +118,8 @@ class FastScorer:
 
     def __init__(self, model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
                  statistics: Sequence[str], quantiles: Sequence[float] = (),
-                 count_above: Sequence[float] = (), chunk_elements: int = 1 << 21) -> None:
+                 count_above: Sequence[float] = (), chunk_elements: int = 1 << 21,
+                 logits_chunk_elements: int = 1 << 24) -> None:
         self.model = model
         self.targets = list(targets)
         self.step = step
@@ -77,6 +134,24 @@ class FastScorer:
         # whatever dtype the model runs in; the statistics accumulate them in float64.
         self.work = torch.float64 if self.targets[0].module.weight.dtype == torch.float64 else torch.float32
         self.weights = {t.name: t.module.weight.detach().to(self.work) for t in self.targets}
+        # 0: the model's own forward and whole logits; >0: the head runs on slices of positions
+        self.head_loss = ChunkedHeadLoss(model, logits_chunk_elements) if logits_chunk_elements > 0 else None
+        self._head_checked = False
+
+    def check_head(self, batch: dict[str, Any], positions: int = 8) -> None:
+        """Once: the chunked head's logits of the first sample's last positions equal the model's own."""
+        mask = batch["attention_mask"][:1].bool()[0]
+        ids = batch["input_ids"][:1, mask].to(self.weights[self.targets[0].name].device)
+        with torch.no_grad():
+            ref = self.model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits
+            h = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
+            got = self.head_loss.logits(h[:, -ref.shape[1]:])
+        tol = 1e-4 if h.dtype in (torch.float32, torch.float64) else 2e-2
+        if got.shape != ref.shape or not torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())):
+            raise ResoFilterError(
+                f"{type(self.model).__name__}'s logits are not output_embeddings(hidden) (+ gemma-2 soft-capping), "
+                "so the loss cannot be computed a slice at a time; set score.logits_chunk_elements=0")
+        self._head_checked = True
 
     def _activations(
         self, batch: dict[str, Any]
@@ -102,27 +177,36 @@ class FastScorer:
             with torch.enable_grad(), _truncate_below(model, self.lowest):
                 # positions count real tokens only, so left and right padding see the same sequence
                 pos = (mask.cumsum(-1) - 1).clamp_min(0)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-                losses, n_tok = per_sample_loss(logits, labels)
-                # Sum of per-sample means: ∂/∂(sample b's activations) is exactly ∂loss_b.
-                deltas = torch.autograd.grad(losses.sum(), [outputs[t.name] for t in self.targets])
+                kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+                if self.head_loss is None:
+                    logits = model(**kw).logits
+                    losses, n_tok = per_sample_loss(logits, labels)
+                    del logits
+                    # Sum of per-sample means: ∂/∂(sample b's activations) is exactly ∂loss_b.
+                    deltas = torch.autograd.grad(losses.sum(), [outputs[t.name] for t in self.targets])
+                else:
+                    h = model.get_decoder()(**kw).last_hidden_state
+                    losses, n_tok, dh = self.head_loss(h, labels)
+                    deltas = torch.autograd.grad(h, [outputs[t.name] for t in self.targets], grad_outputs=dh)
+                    del h, dh
         finally:
-            for h in handles:
-                h.remove()
-        del logits
+            for hd in handles:
+                hd.remove()
         outputs.clear()
         if not bool(torch.isfinite(losses).all()):
             raise ResoFilterError(
                 f"non-finite loss for samples {batch.get('sample_ids')}: the model overflows on them "
                 "(gemma-2 in float64 with padding does: use score.batch_size=1 or float32)")
-        m = mask.unsqueeze(-1).bool()  # (B, T, 1): padded positions contribute nothing
-        zero = losses.new_zeros(())
-        # where, not multiply: a padded row may hold inf/nan that must not leak (nan·0 = nan)
-        acts = {t.name: (torch.where(m, d, zero.to(d.dtype)), torch.where(m, inputs[t.name], zero.to(d.dtype)))
+        pad = ~mask.unsqueeze(-1).bool()  # (B, T, 1): padded positions contribute nothing
+        # fill, not multiply: a padded row may hold inf/nan that must not leak (nan·0 = nan). In place:
+        # the graph is freed, so these buffers (fresh gradients, hooked inputs) belong to us alone.
+        acts = {t.name: (d.masked_fill_(pad, 0), inputs.pop(t.name).masked_fill_(pad, 0))
                 for t, d in zip(self.targets, deltas, strict=True)}
         return acts, losses.detach(), n_tok
 
     def __call__(self, batch: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        if self.head_loss is not None and not self._head_checked:
+            self.check_head(batch)
         acts, losses, n_tok = self._activations(batch)
         stats = {t.name: self._statistics(t, *acts.pop(t.name)) for t in self.targets}
         return stats, losses, n_tok

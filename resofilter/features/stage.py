@@ -42,7 +42,8 @@ def settings_from(cfg: DictConfig) -> dict[str, Any]:
     return {
         "mode": s.mode, "exact_dtype": resolve_dtype(s.exact_dtype, "score.exact_dtype"),
         "statistics": list(s.statistics), "quantiles": list(s.quantiles), "count_above": list(s.count_above),
-        "chunk_elements": s.chunk_elements, "batch_size": s.batch_size,
+        "chunk_elements": s.chunk_elements, "logits_chunk_elements": s.logits_chunk_elements,
+        "batch_size": s.batch_size,
         "max_tokens_per_batch": s.max_tokens_per_batch, "shard_size": s.shard_size,
         "progress_bar": s.progress_bar,
     }
