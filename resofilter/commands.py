@@ -12,7 +12,7 @@ from resofilter._io import read_json, write_json_atomic
 from resofilter.config_check import validate
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError
-from resofilter.evaluation.stage import run_evaluation
+from resofilter.evaluation.stage import run_evaluations
 from resofilter.features.stage import score_records
 from resofilter.models.loading import load_tokenizer
 from resofilter.pipeline import run_pipeline
@@ -83,12 +83,13 @@ def finetune(cfg: DictConfig) -> dict:
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Greedy generation on the eval set → ``predictions.jsonl`` + ``metrics.json``."""
+    """Greedy generation on ``eval`` (and every ``evals`` set) → ``predictions.jsonl`` + ``metrics.json``."""
     validate(cfg)
     out = context.output_dir(cfg)
     ckpt = cfg.get("checkpoint_dir") or context.model_dir(cfg)
     model, tok = load_checkpoint(ckpt, cfg.model.dtype, cfg.model.get("attn_implementation"))
-    return run_evaluation(model, tok, cfg.eval, context.eval_path(cfg), context.template(cfg), out)
+    results = run_evaluations(cfg, model, tok, context.template(cfg), out)
+    return results[cfg.eval.name] if len(results) == 1 else results
 
 
 def run(cfg: DictConfig) -> dict:

@@ -13,6 +13,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
+from resofilter import context
 from resofilter.errors import ConfigError
 from resofilter.models.loading import resolve_dtype
 
@@ -113,6 +114,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.finetune.mode == "lora" and not cfg.finetune.get("lora"):
         raise ConfigError("finetune.lora", "finetune.mode=lora needs a `lora` section")
     _one_of(cfg.finetune.scheduler.name, ("cosine", "linear", "constant"), "finetune.scheduler.name")
-    _one_of(cfg.eval.extractor, ("synthetic", "gsm8k", "math"), "eval.extractor")
+    for _, (ev, key) in context.eval_sets(cfg).items():
+        _one_of(ev.extractor, ("synthetic", "gsm8k", "math"), f"{key}.extractor")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")
     _one_of(cfg.logger.name, ("csv", "wandb"), "logger.name")

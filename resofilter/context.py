@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from resofilter.data.records import Record, dedup_records, load_records
 from resofilter.data.templates import Template
@@ -64,13 +64,14 @@ def model_dir(cfg: DictConfig) -> str:
     return str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))
 
 
-def _path_or_benchmark(cfg: DictConfig, group: str, split: str) -> Path:
-    """``cfg.<group>.path``, else the synthetic benchmark's ``<split>.jsonl``."""
-    if cfg[group].get("path"):
-        return Path(cfg[group].path)
+def _path_or_benchmark(cfg: DictConfig, key: str, split: str) -> Path:
+    """``cfg.<key>.path``, else the synthetic benchmark's ``<split>.jsonl``."""
+    node = OmegaConf.select(cfg, key)
+    if node.get("path"):
+        return Path(node.path)
     bench = benchmark_dir(cfg)
     if bench is None:
-        raise ConfigError(f"{group}.path", "is required (no synthetic benchmark in this config)")
+        raise ConfigError(f"{key}.path", "is required (no synthetic benchmark in this config)")
     return bench / f"{split}.jsonl"
 
 
@@ -78,8 +79,22 @@ def data_path(cfg: DictConfig) -> Path:
     return _path_or_benchmark(cfg, "data", cfg.data.get("split") or "pool")
 
 
-def eval_path(cfg: DictConfig) -> Path:
-    return _path_or_benchmark(cfg, "eval", "test")
+def eval_sets(cfg: DictConfig) -> dict[str, tuple[DictConfig, str]]:
+    """Every eval set a command evaluates, by name: ``eval`` first, then each entry of ``evals``.
+
+    Values are (eval config, its config key). Names must be unique: they name the output
+    directories and the table's columns.
+    """
+    sets = {cfg.eval.name: (cfg.eval, "eval")}
+    for k, ev in (cfg.get("evals") or {}).items():
+        if ev.name in sets:
+            raise ConfigError(f"evals.{k}.name", f"eval set name {ev.name!r} is used twice")
+        sets[ev.name] = (ev, f"evals.{k}")
+    return sets
+
+
+def eval_path(cfg: DictConfig, key: str = "eval") -> Path:
+    return _path_or_benchmark(cfg, key, "test")
 
 
 def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Record], dict[str, Any]]:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resofilter import context
 from resofilter._io import file_hash, read_json, stable_hash, write_json_atomic
-from resofilter.evaluation.stage import run_evaluation
+from resofilter.evaluation.stage import run_evaluations
 from resofilter.features.stage import describe, score_records
 from resofilter.selection.stage import run_selection
 from resofilter.training.stage import load_checkpoint, run_finetune
@@ -70,8 +70,11 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     model, tok = load_checkpoint(ft["checkpoint"], cfg.model.dtype, cfg.model.get("attn_implementation"))
-    metrics = run_evaluation(model, tok, cfg.eval, context.eval_path(cfg), template, out / "eval")
+    evals = run_evaluations(cfg, model, tok, template, out / "eval")
+    metrics = evals[cfg.eval.name]
     stages["evaluate"] = {**metrics, "time_s": time.perf_counter() - t0}
+    if len(evals) > 1:
+        stages["evaluate"]["more"] = {k: v for k, v in evals.items() if k != cfg.eval.name}
     if not cfg.run.keep_checkpoint:
         shutil.rmtree(ft["checkpoint"])
 
@@ -79,7 +82,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "variant": cfg.variant_name, "scorer": cfg.scorer.name, "keep_ratio": cfg.selection.keep_ratio,
         "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
         "statistic": cfg.statistic.name, "step": cfg.step.name, "seed": cfg.seed,
-        "model": model_dir, "data": data_info, "eval": {cfg.eval.name: metrics["accuracy"]},
+        "model": model_dir, "data": data_info, "eval": {k: v["accuracy"] for k, v in evals.items()},
         "stages": stages, "total_time_s": time.perf_counter() - t_start,
         "base_model": _base_accuracy(model_dir),
     }

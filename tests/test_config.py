@@ -9,6 +9,7 @@ from omegaconf import OmegaConf, open_dict
 
 from resofilter.cli import CONF_DIR
 from resofilter.config_check import resolve_indices, validate
+from resofilter.context import eval_sets
 from resofilter.errors import ConfigError
 from tests.conftest import compose_cfg
 
@@ -42,6 +43,19 @@ def test_gemma2_2b_paper_config_states_what_matters():
     assert cfg.model.attn_implementation == "eager"
     assert cfg.model.dtype == "bfloat16"
     assert resolve_indices(cfg.layers.indices, cfg.model.num_hidden_layers, "k") == [23, 24, 25]
+
+
+def test_paper_experiment_evaluates_gsm8k_and_math():
+    cfg = compose_cfg(["experiment=paper_gemma2_2b_metamathqa", "data.path=/d.json"])
+    validate(cfg)
+    sets = eval_sets(cfg)
+    assert list(sets) == ["gsm8k", "math"] and sets["math"][0].extractor == "math" and sets["math"][1] == "evals.math"
+
+
+def test_two_eval_sets_with_one_name_are_refused():
+    cfg = compose_cfg(["+eval@evals.again=math_synth"])
+    with pytest.raises(ConfigError, match=r"evals\.again\.name"):
+        validate(cfg)
 
 
 def test_data_configs_map_the_paper_fields():

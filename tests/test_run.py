@@ -35,10 +35,16 @@ def test_run_end_to_end(tmp_path):
     for f in ("results.json", "select/subset.jsonl", "select/diagnostics.json", "eval/metrics.json",
               "eval/predictions.jsonl", "finetune/checkpoint/config.json"):
         assert (out / f).exists(), f
-    again = run(shrink(compose_cfg(["variant=random50"], "run"), tmp_path / "b", **TINY_RUN,
-                       **{"paths.cache_dir": str(tmp_path / "cache"), "score.ifd": True}))
+    # a second member with a second eval set (GSM8K fixture) besides `eval`
+    again = run(shrink(compose_cfg(["variant=random50", "+eval@evals.gsm8k=gsm8k"], "run"), tmp_path / "b",
+                       **TINY_RUN, **{"paths.cache_dir": str(tmp_path / "cache"), "score.ifd": True,
+                                      "evals.gsm8k.max_samples": 4, "evals.gsm8k.max_new_tokens": 6}))
     assert again["stages"]["score"]["cached"] and again["stages"]["score"]["features_dir"] == \
         res["stages"]["score"]["features_dir"]
+    assert set(again["eval"]) == {"math_synth", "gsm8k"}
+    gsm = json.loads((tmp_path / "b" / "out" / "eval" / "gsm8k" / "metrics.json").read_text())
+    assert gsm["eval"] == "gsm8k" and gsm["n"] == 4 and again["eval"]["gsm8k"] == gsm["accuracy"]
+    assert again["stages"]["evaluate"]["more"]["gsm8k"]["n"] == 4
 
 
 def test_multirun_shares_features_and_table(tmp_path):

@@ -55,3 +55,17 @@ def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path,
     write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def run_evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template,
+                    out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Evaluate on ``eval`` (into ``<out>/``) and on every ``evals`` entry (into ``<out>/<name>/``)."""
+    from resofilter import context
+
+    out_dir = Path(out_dir)
+    results = {}
+    for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):
+        results[name] = run_evaluation(model, tokenizer, ev, context.eval_path(cfg, key), template,
+                                       out_dir if i == 0 else out_dir / name)
+        log.info("%s: accuracy %.4f (n=%d)", name, results[name]["accuracy"], results[name]["n"])
+    return results
