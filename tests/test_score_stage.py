@@ -45,10 +45,16 @@ def test_score_writes_features_and_manifest(tmp_path, tiny_model_dir):
     assert not (tmp_path / "o" / "shards").exists()
 
 
-def test_changed_config_in_same_dir_is_an_error(tmp_path, tiny_model_dir):
-    score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o"), "score"))
-    again = score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o"), "score"))
-    assert again["key"]  # same config: reused
+def test_changed_config_in_same_dir_is_an_error(tmp_path, tiny_model_dir, monkeypatch):
+    first = score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o"), "score"))
+
+    def no_weights(*a, **k):
+        raise AssertionError("finished features must be reused without loading the model's weights")
+
+    with monkeypatch.context() as m:
+        m.setattr("resofilter.features.stage.load_causal_lm", no_weights)
+        again = score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o"), "score"))
+    assert again["key"] == first["key"]  # same config: reused
     with pytest.raises(ResoFilterError, match="different config"):
         score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o", "step=sgd"), "score"))
 

@@ -175,6 +175,29 @@ def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample]) -> pd.Data
     return df[cols].reset_index(drop=True)
 
 
+def full_description(description: dict[str, Any], samples: Sequence[TokenizedSample],
+                     target_names: Sequence[str]) -> dict[str, Any]:
+    """What identifies a features file: the run's description + the exact samples + the scored matrices."""
+    return {**description, "samples": samples_hash(samples), "targets": list(target_names)}
+
+
+def completed_features(out_dir: str | Path, description: dict[str, Any]) -> tuple[pd.DataFrame, dict] | None:
+    """(features, manifest) when ``out_dir`` already holds the finished features of ``description``.
+
+    ``None`` when it holds none; an error when it holds another config's.
+    """
+    out_dir = Path(out_dir)
+    final = out_dir / FEATURES_FILE
+    if not (final.exists() and (out_dir / MANIFEST_FILE).exists()):
+        return None
+    manifest = read_json(out_dir / MANIFEST_FILE)
+    key = stable_hash(description)
+    if manifest.get("key") != key:
+        raise ResoFilterError(f"{out_dir} holds features of a different config; use a new output_dir")
+    log.info("features already complete in %s (key %s): reusing", out_dir, key)
+    return pd.read_parquet(final), manifest
+
+
 def build_scorer(model: torch.nn.Module, targets: Sequence[Target], step: Any,
                  settings: dict[str, Any]) -> FastScorer | ExactScorer:
     common = dict(statistics=settings["statistics"], quantiles=settings["quantiles"],
@@ -207,16 +230,12 @@ def extract_features(
         raise ResoFilterError("no samples to score (empty data after tokenization)")
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
-    description = {**(description or {}), "samples": samples_hash(samples),
-                   "targets": [t.name for t in targets]}
+    description = full_description(description or {}, samples, [t.name for t in targets])
     key = stable_hash(description)
     final = out_dir / FEATURES_FILE
-    if final.exists() and (out_dir / MANIFEST_FILE).exists():
-        manifest = read_json(out_dir / MANIFEST_FILE)
-        if manifest.get("key") == key:
-            log.info("features already complete in %s (key %s): reusing", out_dir, key)
-            return pd.read_parquet(final), manifest
-        raise ResoFilterError(f"{out_dir} holds features of a different config; use a new output_dir")
+    done_before = completed_features(out_dir, description)
+    if done_before is not None:
+        return done_before
     check_or_claim(shard_dir, key, description)
     done = finished_shards(shard_dir)
     dm = FeatureDataModule(samples, pad_token_id, settings["shard_size"], settings["batch_size"],

@@ -18,11 +18,17 @@ from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_records
 from resofilter.features.closed_form import StepConfig
-from resofilter.features.extract import MANIFEST_FILE, column, extract_features
+from resofilter.features.extract import (
+    MANIFEST_FILE,
+    column,
+    completed_features,
+    extract_features,
+    full_description,
+)
 from resofilter.features.fast import FastScorer
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
-from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,11 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
     tok = load_tokenizer(model_dir)
     samples, tstats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
                                        cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    cand = cfg.score.candidates
+    # finished features are found from the model's structure alone: no weights are loaded
+    names = [t.name for t in find_targets(model_skeleton(model_dir), list(cand.modules), cand.indices)]
+    if samples and (done := completed_features(out_dir, full_description(describe(cfg, model_dir), samples, names))):
+        return done
     model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.get("attn_implementation"))
     if cfg.score.dtype is not None:
         model = model.to(resolve_dtype(cfg.score.dtype, "score.dtype"))
@@ -84,7 +95,6 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
     n_layers = len(decoder_layers(model)[1])
     if n_layers != cfg.model.num_hidden_layers:
         log.warning("model has %d layers, config says %d", n_layers, cfg.model.num_hidden_layers)
-    cand = cfg.score.candidates
     targets = find_targets(model, list(cand.modules), cand.indices)
     step = StepConfig.from_cfg(cfg.step)
     log.info("scoring %d samples (%s mode, %s) over %d matrices: %s … %s", len(samples), cfg.score.mode,

@@ -66,6 +66,15 @@ def load_causal_lm(
     return model
 
 
+def model_skeleton(name_or_path: str) -> PreTrainedModel:
+    """The model's module structure on the meta device: names and shapes, no weights read or allocated."""
+    from transformers import AutoConfig
+
+    _check_local(name_or_path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name_or_path))
+
+
 def tiny_model_config(arch: str, vocab_size: int, **sizes: Any) -> Any:
     """A transformers config for a tiny ``llama``, ``gemma`` or ``gemma2`` model."""
     from transformers import Gemma2Config, GemmaConfig, LlamaConfig
