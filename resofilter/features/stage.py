@@ -13,14 +13,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter._io import file_hash, write_json_atomic
-from resofilter.config_check import resolve_indices, statistic_names
+from resofilter.config_check import statistic_names
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_records
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.extract import (
     MANIFEST_FILE,
-    column,
     completed_features,
     extract_features,
     full_description,
@@ -29,6 +28,7 @@ from resofilter.features.fast import FastScorer
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
 from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
+from resofilter.selection.scorers import layer_columns
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +117,6 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
     return features, manifest
 
 
-def layer_score(features: pd.DataFrame, targets: list[str], statistic: str) -> np.ndarray:
-    return features[[column(t, statistic) for t in targets]].to_numpy().mean(axis=1)
-
-
 def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targets: list[Target],
                     step: StepConfig, features: pd.DataFrame, cfg: DictConfig, n: int,
                     pad_token_id: int) -> dict[str, Any]:
@@ -137,9 +133,9 @@ def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targ
     idx = sorted(rng.sample(range(len(samples)), min(n, len(samples))))
     m64 = _float64_copy(model)
     t64 = find_targets(m64, list(cfg.score.candidates.modules), cfg.score.candidates.indices)
-    layers = resolve_indices(cfg.layers.indices, len(decoder_layers(model)[1]), "layers.indices")
-    chosen = [t.name for t in t64 if t.layer in layers and any(t.name.endswith(m) for m in cfg.layers.modules)]
     stat = cfg.statistic.name if cfg.statistic.name in BASIC else "mean_abs"  # quantiles/counts: check mean_abs
+    cols = layer_columns(features, list(cfg.layers.modules), cfg.layers.indices, stat, len(decoder_layers(model)[1]))
+    chosen = [c.rsplit("/", 1)[0] for c in cols]
     scorer = FastScorer(m64, [t for t in t64 if t.name in chosen], step, [stat])
     collate = Collator(pad_token_id)
     ref = []
@@ -147,7 +143,7 @@ def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targ
         stats, _, _ = scorer(collate([samples[i]]))
         ref.append(np.mean([stats[t][stat].item() for t in chosen]))
     ref = np.array(ref)
-    got = layer_score(features.iloc[idx], chosen, stat)
+    got = features.iloc[idx][cols].to_numpy().mean(axis=1)
     spread = float(np.std(ref))
     err = float(np.max(np.abs(got - ref)))
     rho = float(spearmanr(got, ref).statistic) if len(idx) > 2 else float("nan")
