@@ -104,7 +104,11 @@ def run_plain(cfg: Any, model_dir: str) -> dict[str, Any]:
                                                              ft.scheduler.min_lr_ratio))
     step, tokens, loss = 0, 0, torch.tensor(float("nan"))
     while step < total:
-        for batch in loader:
+        # len(loader) batches per epoch, like Lightning: running the sampler to exhaustion would
+        # draw one more (empty) permutation from its generator and shift every later epoch's order
+        batches = iter(loader)
+        for _ in range(len(loader)):
+            batch = next(batches)
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
             loss, _ = causal_lm_loss(out.logits, batch["labels"])
             loss.backward()
