@@ -82,6 +82,31 @@ def test_multirun_shares_features_and_table(tmp_path):
     assert "AUROC of this score" in outputs and "resofilter" in outputs
 
 
+def _fake_result(d: Path, variant: str, seed: int, accs: dict, auroc: float | None = 0.6) -> None:
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({
+        "variant": variant, "keep_ratio": 0.5, "direction": "drop_high", "layers": {"indices": [-1]},
+        "statistic": "mean_abs", "step": "adamw", "seed": seed, "eval": accs, "total_time_s": 10.0 + seed,
+        "stages": {"select": {"n_out": 50, "noise_rate_kept": 0.3, "noise_auroc": auroc}, "score": {"cached": True}},
+    }))
+
+
+def test_table_numbers_by_hand(tmp_path):
+    """Two seeds → mean ± sample std; a rerun of one seed in another sweep is not a third sample."""
+    _fake_result(tmp_path / "a" / "0", "resofilter", 0, {"gsm8k": 0.2, "math": 0.1})
+    _fake_result(tmp_path / "a" / "1", "resofilter", 1, {"gsm8k": 0.4, "math": 0.3})
+    _fake_result(tmp_path / "b" / "0", "resofilter", 0, {"gsm8k": 0.2, "math": 0.1})  # the same run again
+    _fake_result(tmp_path / "b" / "1", "random", 0, {"gsm8k": 0.1, "math": 0.0}, auroc=None)
+    t = write_table(tmp_path)
+    assert t["n_runs"] == 4
+    md = (tmp_path / "table.md").read_text().splitlines()
+    assert md[0].startswith("| variant | keep_ratio | gsm8k (%) | math (%) | seeds |")
+    rows = {line.split(" | ")[0].strip("| "): line for line in md[2:]}
+    # std of (20, 40) with ddof 1 = 14.14…; of (10, 30) the same
+    assert "| 30.0 ± 14.1 | 20.0 ± 14.1 | 2 | 50 | 30.0 | 0.600 | 10 |" in rows["resofilter"]
+    assert "| 10.0 ± 0.0 | 0.0 ± 0.0 | 1 | 50 | 30.0 | – | 10 |" in rows["random"]
+
+
 def test_table_on_empty_dir_is_an_error(tmp_path):
     with pytest.raises(ResoFilterError, match="no run directories"):
         write_table(tmp_path)

@@ -1,7 +1,8 @@
 """Collect ``results.json`` files of a (multi)run directory into the paper's table.
 
 Rows: method × keep ratio (× direction/layers/statistic/step when those vary); columns:
-accuracy mean ± std over seeds per eval set, seeds, samples kept, noise left, time. A run
+accuracy mean ± std over seeds per eval set, seeds, samples kept, noise left and the
+score's noise AUROC (labeled data only), time. A run
 directory without ``results.json`` (killed, failed) is listed as incomplete, never dropped.
 """
 
@@ -54,7 +55,11 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     varying = [k for k in GROUP_KEYS if k in ("variant", "keep_ratio") or runs[k].nunique() > 1]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
-    agg: dict[str, Any] = {"seed": "nunique", "n_kept": "mean", "noise_rate_kept": "mean", "time_s": "mean"}
+    # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
+    numeric = ["n_kept", "noise_rate_kept", "noise_auroc", "time_s", *acc_cols]
+    runs = runs.groupby([*varying, "seed"], dropna=False)[numeric].mean().reset_index()
+    agg: dict[str, Any] = {"seed": "nunique", "n_kept": "mean", "noise_rate_kept": "mean", "noise_auroc": "mean",
+                           "time_s": "mean"}
     out = runs.groupby(varying, dropna=False).agg(agg).rename(columns={"seed": "seeds"})
     for c in acc_cols:
         g = runs.groupby(varying, dropna=False)[c]
@@ -66,14 +71,15 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     acc_cols = sorted({c.rsplit(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
     keys = [c for c in summary.columns if c in GROUP_KEYS]
-    header = keys + [f"{c[4:]} (%)" for c in acc_cols] + ["seeds", "kept", "noise kept (%)", "time/run (s)"]
+    header = keys + [f"{c[4:]} (%)" for c in acc_cols] + ["seeds", "kept", "noise kept (%)", "noise AUROC",
+                                                          "time/run (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in summary.iterrows():
         cells = [f"{r[k]:g}" if k == "keep_ratio" else str(r[k]) for k in keys]
         cells += [f"{100 * r[f'{c} mean']:.1f} ± {100 * r[f'{c} std']:.1f}" for c in acc_cols]
-        nr = r["noise_rate_kept"]
+        nr, auc = r["noise_rate_kept"], r["noise_auroc"]
         cells += [str(int(r["seeds"])), f"{r['n_kept']:.0f}", "–" if pd.isna(nr) else f"{100 * nr:.1f}",
-                  f"{r['time_s']:.0f}"]
+                  "–" if pd.isna(auc) else f"{auc:.3f}", f"{r['time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     if incomplete:
         lines += ["", f"Incomplete runs (no results.json): {', '.join(incomplete)}"]
