@@ -78,6 +78,8 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
         cells = [f"{r[k]:g}" if k == "keep_ratio" else str(r[k]) for k in keys]
         cells += [f"{100 * r[f'{c} mean']:.1f} ± {100 * r[f'{c} std']:.1f}" for c in acc_cols]
         nr, auc = r["noise_rate_kept"], r["noise_auroc"]
+        if r["keep_ratio"] >= 1:
+            auc = float("nan")  # nothing is dropped: the (placeholder) scorer's AUROC says nothing
         cells += [str(int(r["seeds"])), f"{r['n_kept']:.0f}", "–" if pd.isna(nr) else f"{100 * nr:.1f}",
                   "–" if pd.isna(auc) else f"{auc:.3f}", f"{r['time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
