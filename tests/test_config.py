@@ -21,7 +21,7 @@ def options(group: str) -> list[str]:
 
 
 GROUPS = ["model", "data", "template", "layers", "statistic", "step", "scorer", "selection",
-          "finetune", "eval", "trainer", "logger"]
+          "finetune", "eval", "trainer", "logger", "variant"]
 NEEDS_PATH = {"data": {"metamathqa": ["data.path=/x.jsonl"], "jsonl": ["data.path=/x.jsonl"]}}
 
 
