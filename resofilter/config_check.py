@@ -114,7 +114,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.finetune.mode == "lora" and not cfg.finetune.get("lora"):
         raise ConfigError("finetune.lora", "finetune.mode=lora needs a `lora` section")
     _one_of(cfg.finetune.scheduler.name, ("cosine", "linear", "constant"), "finetune.scheduler.name")
-    for _, (ev, key) in context.eval_sets(cfg).items():
+    for ev, key in context.eval_sets(cfg).values():
         _one_of(ev.extractor, ("synthetic", "gsm8k", "math"), f"{key}.extractor")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")
     _one_of(cfg.logger.name, ("csv", "wandb"), "logger.name")

@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from resofilter import context
 from resofilter._io import write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
 from resofilter.data.templates import Template
@@ -60,8 +61,6 @@ def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path,
 def run_evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template,
                     out_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Evaluate on ``eval`` (into ``<out>/``) and on every ``evals`` entry (into ``<out>/<name>/``)."""
-    from resofilter import context
-
     out_dir = Path(out_dir)
     results = {}
     for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):

@@ -72,7 +72,7 @@ class ChunkedHeadLoss:
         loss_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         weight = 1.0 / n.clamp_min(1).to(loss_dtype)  # d(mean over sample b)/d(token loss)
         dh = torch.zeros_like(h)
-        losses: torch.Tensor | None = None
+        losses = h.new_zeros(B, dtype=loss_dtype)  # the logits below are cast to this dtype too
         span = max(1, self.chunk_elements // max(1, B * self.vocab))
         for t0 in range(0, T - 1, span):
             t1 = min(T - 1, t0 + span)
@@ -88,9 +88,7 @@ class ChunkedHeadLoss:
                                                          reduction="none").sum(dim=1)  # (B,)
                 (g,) = torch.autograd.grad((part * weight).sum(), hc)
             dh[:, t0:t1] = g
-            losses = part.detach() if losses is None else losses + part.detach()
-        if losses is None:
-            losses = h.new_zeros(B, dtype=loss_dtype)
+            losses += part.detach()
         return losses * weight, n, dh
 
 
