@@ -216,21 +216,24 @@ def extract_features(
     settings: dict[str, Any],
     out_dir: str | Path,
     pad_token_id: int,
+    description: dict[str, Any],
     trainer_kwargs: dict[str, Any] | None = None,
-    description: dict[str, Any] | None = None,
     alone: Sequence[TokenizedSample] | None = None,
 ) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
     """Score every sample; returns (features, manifest) on rank 0, (None, None) elsewhere.
 
     ``settings``: mode, exact_dtype (torch.dtype), statistics, quantiles, count_above,
     chunk_elements, logits_chunk_elements, batch_size, max_tokens_per_batch, shard_size, progress_bar.
-    ``description``: what identifies this run (config, model, data hash) → the resume key.
+    ``description``: what identifies this run, from :func:`full_description` (config, model,
+    data, samples, scored matrices) → the resume key.
     """
     if not samples:
         raise ResoFilterError("no samples to score (empty data after tokenization)")
+    if description.get("targets") != [t.name for t in targets]:
+        raise ResoFilterError(f"the description names targets {description.get('targets')}, the model has "
+                              f"{[t.name for t in targets]} (a bug: build it with full_description)")
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
-    description = full_description(description or {}, samples, [t.name for t in targets])
     key = stable_hash(description)
     final = out_dir / FEATURES_FILE
     done_before = completed_features(out_dir, description)

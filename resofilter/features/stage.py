@@ -86,7 +86,8 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
     cand = cfg.score.candidates
     # finished features are found from the model's structure alone: no weights are loaded
     names = [t.name for t in find_targets(model_skeleton(model_dir), list(cand.modules), cand.indices)]
-    if samples and (done := completed_features(out_dir, full_description(describe(cfg, model_dir), samples, names))):
+    description = full_description(describe(cfg, model_dir), samples, names)
+    if samples and (done := completed_features(out_dir, description)):
         return done
     model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.get("attn_implementation"))
     if cfg.score.dtype is not None:
@@ -101,8 +102,8 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
              model.dtype, len(targets), targets[0].name, targets[-1].name)
     alone = response_alone(samples, tok) if cfg.score.ifd else None
     features, manifest = extract_features(
-        model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id,
-        trainer_kwargs(cfg), describe(cfg, model_dir), alone)
+        model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id, description,
+        trainer_kwargs(cfg), alone)
     if manifest is None:
         return None, None
     if "config" in manifest:  # reused: the manifest describes the run that computed it
