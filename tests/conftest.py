@@ -70,3 +70,24 @@ def shrink(cfg: DictConfig, tmp_path: Path, **extra) -> DictConfig:
                 node = node[p]
             node[leaf] = v
     return cfg
+
+
+def write_features_dir(d: Path, features, records, n_layers: int = 4) -> Path:
+    """A features dir as `score` writes it (features + a manifest naming structure and records), from a frame."""
+    import pandas as pd
+
+    from resofilter._io import write_json_atomic
+    from resofilter.features.stage import record_hashes, records_summary
+
+    hashes = record_hashes(records)
+    features = features.copy()
+    if "record_hash" not in features.columns:
+        features.insert(5, "record_hash", [hashes[s] for s in features["sample_id"]])
+    d.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(features).to_parquet(d / "features.parquet")
+    scored = [r for r in records if r.sample_id in set(features["sample_id"])]
+    samples = [type("S", (), {"sample_id": r.sample_id})() for r in scored]
+    write_json_atomic(d / "manifest.json", {
+        "description": {"model": "test"}, "records": records_summary(records, samples, hashes),
+        "structure": {"num_hidden_layers": n_layers, "layers_prefix": "model.layers", "targets": []}})
+    return d

@@ -48,7 +48,8 @@ def test_statistics_in_row_blocks_equal_numpy_brute_force():
     acc = UpdateStatistics(B, (R, C), ALL_STATS, quantiles=[0.0, 0.5, 0.9, 1.0], count_above=[5e-6, 1e-5])
     for r0 in range(0, R, 4):  # uneven blocks: 4, 4, 3 rows
         acc.update(torch.from_numpy(dw[:, r0:r0 + 4]), torch.from_numpy(w[r0:r0 + 4]))
-    got = {k: v.numpy() for k, v in acc.result().items()}
+    blocks = lambda: (torch.from_numpy(dw[:, r0:r0 + 4]) for r0 in range(0, R, 4))  # noqa: E731
+    got = {k: v.numpy() for k, v in acc.result(blocks=blocks).items()}
     for b in range(B):
         d = dw[b]
         exp = {
@@ -191,3 +192,25 @@ def test_bf16_model_statistics_come_from_fp32_gradients(tokenizer, gsm8k_records
 
     assert spearmanr(out["fp32"], out["bf16"]).statistic > 0.9
     assert np.abs(out["bf16"] / out["fp32"] - 1).max() < 0.1
+
+
+@pytest.mark.parametrize("bins,gather", [(16, 1), (64, 7), (4096, 1 << 22)])
+def test_block_quantiles_exact_with_ties_and_refinement(bins, gather):
+    """Issue 11 finding 7: quantiles without holding ΔW whole, equal to numpy.quantile (ties, tiny bins)."""
+    from resofilter.features.statistics import block_quantiles
+
+    rng = np.random.default_rng(1)
+    B, R, C = 3, 37, 11
+    dw = rng.normal(size=(B, R, C)).astype(np.float32) * 1e-5
+    dw[0, :20] = 1e-5  # a large block of ties (AdamW's saturated update)
+    dw[1] = np.round(dw[1] * 1e6) / 1e6  # few distinct values
+    dw[2, 0, 0] = 0.0
+    qs = [0.0, 0.1, 0.5, 0.9, 0.99, 1.0]
+    blocks = lambda: (torch.from_numpy(dw[:, r0:r0 + 5]) for r0 in range(0, R, 5))  # noqa: E731
+    a = torch.from_numpy(np.abs(dw)).flatten(1).double()
+    got = block_quantiles(blocks, qs, R * C, a.min(1).values, a.max(1).values, bins=bins, gather_elements=gather)
+    for b in range(B):
+        flat = np.abs(dw[b].astype(np.float64)).ravel()
+        for q in qs:
+            np.testing.assert_allclose(got[f"q{q:g}"][b].item(), np.quantile(flat, q), rtol=1e-12, atol=0,
+                                       err_msg=f"sample {b} q{q}")

@@ -13,7 +13,8 @@ from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.selection.diagnostics import auprc, auroc
 from resofilter.selection.scorers import ColumnScorer, CombinedScorer, ResoFilterScorer, badness
 from resofilter.selection.select import n_to_keep, select
-from tests.conftest import compose_cfg, write_jsonl
+from resofilter import context
+from tests.conftest import compose_cfg, write_features_dir, write_jsonl
 
 SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3])  # positions 0..4
 
@@ -103,10 +104,10 @@ def _stage_cfg(tmp_path, *extra):
     feats = pd.DataFrame({"sample_id": [f"s{i}" for i in range(9)], "loss": [float(i % 3 == 0) + i / 100
                           for i in range(9)], "ppl": 1.0, "n_tokens": list(range(9)), "truncated": False,
                           **{f"model.layers.{k}.mlp.up_proj/mean_abs": np.arange(9.0) for k in range(4)}})
-    (tmp_path / "feat").mkdir()
-    feats.to_parquet(tmp_path / "feat" / "features.parquet")
-    return compose_cfg([f"data.path={data}", f"features_dir={tmp_path / 'feat'}", f"output_dir={tmp_path / 'out'}",
-                        "data.synthetic=null", *extra], "select"), pool
+    cfg = compose_cfg([f"data.path={data}", f"features_dir={tmp_path / 'feat'}", f"output_dir={tmp_path / 'out'}",
+                       "data.synthetic=null", *extra], "select")
+    write_features_dir(tmp_path / "feat", feats, context.load_data(cfg)[0])
+    return cfg, pool
 
 
 def test_select_stage_outputs(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.fast import per_sample_loss
 from resofilter.features.statistics import UpdateStatistics
@@ -64,12 +65,15 @@ class ExactScorer:
                 logits = self.model(input_ids=ids, use_cache=False).logits
                 loss, n = per_sample_loss(logits, labels)
                 loss.sum().backward()
+            if not bool(torch.isfinite(loss).all()):
+                raise ResoFilterError(f"non-finite loss for sample {batch['sample_ids'][b]!r}: "
+                                      "the model overflows on it; nothing was written for its shard")
             opt.step()
             for name, w in self.weights.items():
                 dw = (w.detach() - before[name]).unsqueeze(0)  # (1, d_out, d_in)
                 acc = UpdateStatistics(1, tuple(w.shape), self.statistics, self.quantiles, self.count_above)
                 acc.update(dw, before[name])
-                per_target[name].append(acc.result())
+                per_target[name].append(acc.result(blocks=lambda dw=dw: [dw]))
             losses.append(loss.detach().to(torch.float64))
             counts.append(n)
         self._restore()

@@ -14,7 +14,7 @@ import logging
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from resofilter._io import environment_info, read_json, stable_hash, write_json_
 from resofilter.data.tokenize import Collator, TokenizedSample, length_buckets
 from resofilter.errors import ResoFilterError
 from resofilter.features.exact import ExactScorer
-from resofilter.features.fast import FastScorer, per_sample_loss, ppl
+from resofilter.features.fast import FastScorer, ppl, response_losses
 from resofilter.features.targets import Target
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,25 @@ class FeatureDataModule(pl.LightningDataModule):
     def shard_range(self, k: int) -> range:
         return range(k * self.shard_size, min(len(self.samples), (k + 1) * self.shard_size))
 
+    def todo(self) -> list[int]:
+        return [k for k in range(self.n_shards()) if k not in self.done]
+
     def batches(self, rank: int, world: int) -> list[list[int]]:
+        """The batches of the unfinished shards this rank owns (round robin over unfinished shards).
+
+        A rank that owns none gets one empty batch: every rank must take part in the predict
+        loop's collectives, and an empty DataLoader is an error there.
+        """
         out = []
-        for k in range(self.n_shards()):
-            if k % world != rank or k in self.done:
-                continue
+        for k in self.todo()[rank::world]:
             idx = self.shard_range(k)
             lengths = [len(self.samples[i]) for i in idx]
             out += [[idx[j] for j in b] for b in length_buckets(lengths, self.batch_size, self.max_tokens)]
-        return out
+        return out or [[]]
 
     def _collate(self, indices: list[int]) -> dict[str, Any]:
+        if not indices:  # an idle rank's placeholder batch
+            return {"index": torch.zeros(0, dtype=torch.long)}
         batch = self.collate([self.samples[i] for i in indices])
         batch["index"] = torch.tensor(indices)
         if self.alone is not None:
@@ -99,18 +107,16 @@ class FeatureModule(pl.LightningModule):
         self.ifd = ifd
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        if not len(batch["index"]):
+            return []
         stats, losses, n_tok = self.scorer(batch)
         losses = losses.to(torch.float64).cpu()
         rows = [{"index": int(i), "sample_id": sid, "loss": float(loss), "ppl": float(ppl(loss)),
                  "n_tokens": int(n), "truncated": bool(tr)}
                 for i, sid, loss, n, tr in zip(batch["index"], batch["sample_ids"], losses, n_tok,
                                                batch["truncated"], strict=True)]
-        if self.ifd:
-            alone = batch["alone"]
-            with torch.no_grad():
-                logits = self.model(input_ids=alone["input_ids"].to(self.device),
-                                    attention_mask=alone["attention_mask"].to(self.device), use_cache=False).logits
-                loss_alone, _ = per_sample_loss(logits, alone["labels"].to(self.device))
+        if self.ifd:  # through the same sliced head as scoring: the whole logits never exist
+            loss_alone, _ = response_losses(self.model, batch["alone"], getattr(self.scorer, "head_loss", None))
             for row, la in zip(rows, loss_alone.to(torch.float64).cpu(), strict=True):
                 row["loss_alone"] = float(la)
                 row["ifd"] = float(np.exp(row["loss"] - float(la)))  # ppl(r|q) / ppl(r)
@@ -149,8 +155,12 @@ def finished_shards(shard_dir: Path) -> set[int]:
     return {int(p.stem.split("-")[1]) for p in shard_dir.glob("shard-*.parquet")}
 
 
-def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any]) -> None:
-    """Record the config key of this output dir, or fail if it holds another config's shards."""
+def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any], shard_size: int) -> int:
+    """Record the config key of this output dir, or fail if it holds another config's shards.
+
+    Returns the shard size to use: the one the existing shards were written with (a changed
+    ``score.shard_size`` resumes with the recorded one, so finished shards stay valid).
+    """
     key_file = shard_dir / "key.json"
     if key_file.exists():
         old = read_json(key_file)
@@ -160,9 +170,14 @@ def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any]) -> No
             raise ResoFilterError(
                 f"{shard_dir.parent} holds features of a different config (changed: {changed}); "
                 "use a new output_dir or delete it")
-        return
+        recorded = int(old.get("shard_size", shard_size))
+        if recorded != shard_size:
+            log.info("resuming with shard_size %d recorded in %s (score.shard_size is %d)", recorded, key_file,
+                     shard_size)
+        return recorded
     shard_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(key_file, {"key": key, "description": description})
+    write_json_atomic(key_file, {"key": key, "description": description, "shard_size": shard_size})
+    return shard_size
 
 
 def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample]) -> pd.DataFrame:
@@ -219,8 +234,13 @@ def extract_features(
     description: dict[str, Any],
     trainer_kwargs: dict[str, Any] | None = None,
     alone: Sequence[TokenizedSample] | None = None,
+    finalize: Callable[[pd.DataFrame], tuple[pd.DataFrame, dict[str, Any]]] | None = None,
 ) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
     """Score every sample; returns (features, manifest) on rank 0, (None, None) elsewhere.
+
+    ``finalize(features) → (features, manifest fields)`` runs on rank 0 once the shards are
+    merged, before anything final is written; if it raises (a failed precision check),
+    neither ``features.parquet`` nor ``manifest.json`` appears and the shards stay for a rerun.
 
     ``settings``: mode, exact_dtype (torch.dtype), statistics, quantiles, count_above,
     chunk_elements, logits_chunk_elements, batch_size, max_tokens_per_batch, shard_size, progress_bar.
@@ -239,14 +259,14 @@ def extract_features(
     done_before = completed_features(out_dir, description)
     if done_before is not None:
         return done_before
-    check_or_claim(shard_dir, key, description)
+    shard_size = check_or_claim(shard_dir, key, description, settings["shard_size"])
     done = finished_shards(shard_dir)
-    dm = FeatureDataModule(samples, pad_token_id, settings["shard_size"], settings["batch_size"],
+    dm = FeatureDataModule(samples, pad_token_id, shard_size, settings["batch_size"],
                            settings.get("max_tokens_per_batch"), done, alone)
     if done:
         log.info("resuming: %d of %d shards already done in %s", len(done), dm.n_shards(), shard_dir)
     module = FeatureModule(model, build_scorer(model, targets, step, settings), ifd=alone is not None)
-    writer = ShardWriter(shard_dir, settings["shard_size"], len(samples))
+    writer = ShardWriter(shard_dir, shard_size, len(samples))
     kw = dict(accelerator="cpu", devices=1)
     kw.update(trainer_kwargs or {})
     # inference_mode=False: predict runs under no_grad, which the scorer lifts for its truncated backward
@@ -268,6 +288,7 @@ def extract_features(
         raise ResoFilterError(f"incomplete shards {sorted(writer.pending)} after scoring (a bug)")
     features = merge_shards(shard_dir, samples)
     n_scored = len(samples) - sum(len(dm.shard_range(k)) for k in done)
+    features, extra = finalize(features) if finalize is not None else (features, {})
     manifest = {
         "key": key,
         "description": description,
@@ -277,10 +298,11 @@ def extract_features(
         "columns": list(features.columns),
         "timing": {"score_s": elapsed, "samples_scored": n_scored, "samples_per_s": n_scored / max(elapsed, 1e-9)},
         "world_size": trainer.world_size,
+        **extra,
         **environment_info(),
     }
     write_parquet_atomic(final, features)
-    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)  # the last write: the stage is complete
     shutil.rmtree(shard_dir)
     log.info("features: %d samples × %d columns in %.1f s → %s", len(features), features.shape[1], elapsed, final)
     return features, manifest

@@ -64,14 +64,18 @@ class ChunkedHeadLoss:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits
 
-    def __call__(self, h: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(losses (B,), token counts (B,), ∂Σlosses/∂h (B, T, d)) for hidden states ``h`` (B, T, d)."""
+    def __call__(self, h: torch.Tensor, labels: torch.Tensor,
+                 grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(losses (B,), token counts (B,), ∂Σlosses/∂h (B, T, d)) for hidden states ``h`` (B, T, d).
+
+        ``grad=False``: the losses alone (no gradient; the third item is ``None``).
+        """
         B, T, _ = h.shape
         shift_labels = labels[:, 1:]
         n = (shift_labels != IGNORE_INDEX).sum(dim=1)
         loss_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         weight = 1.0 / n.clamp_min(1).to(loss_dtype)  # d(mean over sample b)/d(token loss)
-        dh = torch.zeros_like(h)
+        dh = torch.zeros_like(h) if grad else None
         losses = h.new_zeros(B, dtype=loss_dtype)  # the logits below are cast to this dtype too
         span = max(1, self.chunk_elements // max(1, B * self.vocab))
         for t0 in range(0, T - 1, span):
@@ -79,17 +83,35 @@ class ChunkedHeadLoss:
             lab = shift_labels[:, t0:t1]
             if not bool((lab != IGNORE_INDEX).any()):
                 continue  # prompt or padding only: no loss, no gradient
-            hc = h[:, t0:t1].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = self.logits(hc)
+            hc = h[:, t0:t1].detach().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                logits = self.logits(hc)  # (B, span, V): the only logits that exist at any time
                 if logits.dtype not in (torch.float32, torch.float64):
                     logits = logits.float()
                 part = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab, ignore_index=IGNORE_INDEX,
                                                          reduction="none").sum(dim=1)  # (B,)
-                (g,) = torch.autograd.grad((part * weight).sum(), hc)
-            dh[:, t0:t1] = g
+                if dh is not None:
+                    (dh[:, t0:t1],) = torch.autograd.grad((part * weight).sum(), hc)
             losses += part.detach()
         return losses * weight, n, dh
+
+
+@torch.no_grad()
+def response_losses(model: torch.nn.Module, batch: dict[str, Any],
+                    head_loss: ChunkedHeadLoss | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample mean response-token losses (B,) and token counts, no gradient.
+
+    With ``head_loss`` the logits exist a slice of positions at a time (as in scoring);
+    without, the model's own forward builds them whole.
+    """
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    if head_loss is None:
+        return per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
+    h = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    losses, n, _ = head_loss(h, labels, grad=False)
+    return losses, n
 
 
 @contextlib.contextmanager
@@ -229,10 +251,15 @@ class FastScorer:
         """Stats of ΔW_b for every sample, built in row blocks of per-sample gradients."""
         w = self.weights[target.name]  # (d_out, d_in) in the work dtype
         acc = UpdateStatistics(delta.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above)
-        for r0, r1, g in self._grad_blocks(delta, x):
-            dw = one_step_update(g, w[r0:r1], self.step)  # (B, r, d_in)
+
+        def updates() -> Iterator[tuple[int, int, torch.Tensor]]:
+            for r0, r1, g in self._grad_blocks(delta, x):
+                yield r0, r1, one_step_update(g, w[r0:r1], self.step)  # (B, r, d_in)
+
+        for r0, r1, dw in updates():
             acc.update(dw, w[r0:r1])
-        return acc.result()
+        # quantiles take more passes over the same blocks, recomputed: ΔW is never held whole
+        return acc.result(blocks=lambda: (dw for *_, dw in updates()), gather_elements=self.chunk_elements)
 
 
 def chunk_rows(d_out: int, d_in: int, batch: int, chunk_elements: int) -> int:

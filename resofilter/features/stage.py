@@ -12,14 +12,15 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter._io import file_hash, write_json_atomic
+from resofilter._io import file_hash, stable_hash
 from resofilter.config_check import statistic_names
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_records
 from resofilter.features.closed_form import StepConfig
+from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features.extract import (
-    MANIFEST_FILE,
+    META_COLUMNS,
     completed_features,
     extract_features,
     full_description,
@@ -60,14 +61,45 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: t[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in t}
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def scoring_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype the model scores in: ``score.dtype`` (float32 when null), whatever ``model.dtype`` says.
+
+    The per-sample statistics differ by ~1e-5 relative; in bf16 a 1e-5 step is below the
+    weights' resolution and the ranking scrambles (Spearman 0.38 against float64 on a tiny
+    Llama, 0.9995 in fp32). bf16/fp16 need ``score.allow_low_precision=true`` and are then
+    always precision-checked (:func:`precision_check_samples`).
+    """
+    dtype = resolve_dtype(cfg.score.dtype or "float32", "score.dtype")
+    if cfg.score.mode == "exact":
+        dtype_key, dtype = "score.exact_dtype", resolve_dtype(cfg.score.exact_dtype, "score.exact_dtype")
+    else:
+        dtype_key = "score.dtype"
+    if dtype in LOW_PRECISION and not cfg.score.get("allow_low_precision", False):
+        raise ConfigError(dtype_key, f"{dtype} scrambles the ranking (a 1e-5 step is below its resolution); "
+                          "score in float32/float64, or opt in with score.allow_low_precision=true "
+                          "(the precision check then runs and is enforced)")
+    return dtype
+
+
+def precision_check_samples(cfg: DictConfig, dtype: torch.dtype) -> int:
+    """How many samples the float64 precision check re-scores (0: none)."""
+    pc = cfg.score.precision_check
+    n = int(pc.n_samples)
+    if dtype in LOW_PRECISION:
+        n = max(n, int(pc.low_precision_n_samples))
+    return n
+
+
 def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
     """What determines the features (the resume / cache key), in plain values."""
     build = Path(model_dir) / "build.json"
     return {
         "model": model_dir,
         "model_build": file_hash(build) if build.exists() else None,
-        "model_dtype": cfg.model.dtype,
-        "score_dtype": cfg.score.dtype,
+        "score_dtype": str(scoring_dtype(cfg)).removeprefix("torch."),
         "mode": cfg.score.mode,
         "exact_dtype": cfg.score.exact_dtype if cfg.score.mode == "exact" else None,
         "step": OmegaConf.to_container(cfg.step, resolve=True),
@@ -77,9 +109,35 @@ def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
     }
 
 
+def record_hashes(records: list[Record]) -> dict[str, str]:
+    """sample_id → a hash of the record's text: what `select` checks the features against."""
+    return {r.sample_id: stable_hash([r.sample_id, r.query, r.input, r.response]) for r in records}
+
+
+def records_summary(records: list[Record], samples: list[TokenizedSample], hashes: dict[str, str]) -> dict[str, Any]:
+    """The records a features file covers: their count and hash, and those tokenization skipped."""
+    scored = {s.sample_id for s in samples}
+    return {"n": len(records), "hash": stable_hash(sorted(hashes.items())), "n_scored": len(samples),
+            "skipped_ids": [r.sample_id for r in records if r.sample_id not in scored]}
+
+
+def structure_of(model: torch.nn.Module, targets: list[Target], dtype: torch.dtype) -> dict[str, Any]:
+    """What the features know about the model they came from, recorded in the manifest."""
+    prefix, layers = decoder_layers(model)
+    return {"num_hidden_layers": len(layers), "layers_prefix": prefix,
+            "targets": [{"name": t.name, "layer": t.layer, "shape": list(t.module.weight.shape)} for t in targets],
+            "dtype": str(dtype).removeprefix("torch."), "model_type": getattr(model.config, "model_type", None)}
+
+
 def score_records(cfg: DictConfig, records: list[Record], template: Template, model_dir: str,
-                  out_dir: Path) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
-    """Tokenize ``records`` and write ``features.parquet`` + ``manifest.json`` into ``out_dir``."""
+                  out_dir: Path, data_info: dict[str, Any] | None = None
+                  ) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
+    """Tokenize ``records`` and write ``features.parquet`` + ``manifest.json`` into ``out_dir``.
+
+    The manifest is the last write and holds everything (config, tokenization, structure,
+    records, precision check): a directory without it is unfinished.
+    """
+    dtype = scoring_dtype(cfg)
     tok = load_tokenizer(model_dir)
     samples, tstats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
                                        cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
@@ -89,33 +147,60 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
     description = full_description(describe(cfg, model_dir), samples, names)
     if samples and (done := completed_features(out_dir, description)):
         return done
-    model = load_causal_lm(model_dir, cfg.model.dtype, cfg.model.get("attn_implementation"))
-    if cfg.score.dtype is not None:
-        model = model.to(resolve_dtype(cfg.score.dtype, "score.dtype"))
+    model = load_causal_lm(model_dir, dtype, cfg.model.get("attn_implementation"))
+    check_finite(model, model_dir)  # before anything is written
     model.eval()
     n_layers = len(decoder_layers(model)[1])
-    if n_layers != cfg.model.num_hidden_layers:
-        log.warning("model has %d layers, config says %d", n_layers, cfg.model.num_hidden_layers)
+    declared = cfg.model.get("num_hidden_layers")
+    if declared is not None and declared != n_layers:
+        raise ConfigError("model.num_hidden_layers", f"says {declared}; {model_dir} has {n_layers} decoder layers")
     targets = find_targets(model, list(cand.modules), cand.indices)
     step = StepConfig.from_cfg(cfg.step)
     log.info("scoring %d samples (%s mode, %s) over %d matrices: %s … %s", len(samples), cfg.score.mode,
              model.dtype, len(targets), targets[0].name, targets[-1].name)
     alone = response_alone(samples, tok) if cfg.score.ifd else None
-    features, manifest = extract_features(
-        model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id, description,
-        trainer_kwargs(cfg), alone)
-    if manifest is None:
-        return None, None
-    if "config" in manifest:  # reused: the manifest describes the run that computed it
-        return features, manifest
-    manifest["tokenized"] = tstats.as_dict()
-    manifest["config"] = OmegaConf.to_container(cfg, resolve=True)
-    n_check = cfg.score.precision_check.n_samples
-    if n_check:
-        manifest["precision_check"] = precision_check(
-            model, samples, targets, step, features, cfg, n_check, tok.pad_token_id)
-    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
-    return features, manifest
+    hashes = record_hashes(records)
+    n_check = precision_check_samples(cfg, dtype)
+
+    def finalize(features: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+        features = features.copy()
+        features.insert(len(META_COLUMNS), "record_hash", [hashes[s] for s in features["sample_id"]])
+        extra: dict[str, Any] = {
+            "structure": structure_of(model, targets, dtype),
+            "records": records_summary(records, samples, hashes),
+            "data": data_info, "tokenized": tstats.as_dict(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        if n_check:
+            extra["precision_check"] = report = precision_check(
+                model, samples, targets, step, features, cfg, n_check, tok.pad_token_id)
+            enforce_precision(report, cfg.score.precision_check)
+        return features, extra
+
+    return extract_features(model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id,
+                            description, trainer_kwargs(cfg), alone, finalize)
+
+
+def check_finite(model: torch.nn.Module, where: str) -> None:
+    """A NaN/Inf weight is a named error: every score and fine-tune from it would be garbage."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise ResoFilterError(f"{where}: parameter {name} has {bad} non-finite value(s) (NaN/Inf); "
+                                  "the model is broken, nothing was scored")
+
+
+def enforce_precision(report: dict[str, Any], bounds: DictConfig) -> None:
+    """Fail the stage when the float64 check says the stored ranking is not the signal."""
+    rho, ratio = report["spearman_vs_float64"], report["max_error_over_std"]
+    ok = rho == rho and rho >= bounds.min_spearman and ratio <= bounds.max_error_over_std  # rho == rho: not NaN
+    if not ok:
+        raise ResoFilterError(
+            f"precision check failed: Spearman vs float64 {rho:.4f} (bound ≥ {bounds.min_spearman}), worst error "
+            f"{ratio:.3g} × the across-sample std (bound ≤ {bounds.max_error_over_std}) on {report['n_samples']} "
+            "samples; no features written. Score in float32/float64 (score.dtype), or loosen "
+            "score.precision_check.min_spearman / max_error_over_std")
+    report["passed"] = True
 
 
 def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targets: list[Target],
@@ -150,7 +235,8 @@ def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targ
     rho = float(spearmanr(got, ref).statistic) if len(idx) > 2 else float("nan")
     report = {"n_samples": len(idx), "statistic": stat, "targets": chosen, "spearman_vs_float64": rho,
               "max_abs_error": err, "across_sample_std": spread,
-              "max_error_over_std": err / spread if spread > 0 else float("inf")}
+              "max_error_over_std": err / spread if spread > 0 else float("inf"),
+              "dtype": str(targets[0].module.weight.dtype).removeprefix("torch.")}
     log.info("precision check (%d samples, float64 reference): Spearman %.5f, max error = %.3g × std",
              len(idx), rho, report["max_error_over_std"])
     return report

@@ -10,7 +10,14 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter._io import file_hash, write_json_atomic, write_jsonl_atomic, write_parquet_atomic
+from resofilter._io import (
+    file_hash,
+    read_json,
+    stable_hash,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_parquet_atomic,
+)
 from resofilter.data.records import Record, get_field
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.selection.diagnostics import auprc, auroc, drop_report, plot_histogram, plot_roc, roc_curve
@@ -22,6 +29,7 @@ from resofilter.selection.scorers import (
     Scorer,
     badness,
     build_scorer,
+    layer_columns,
     weight_columns,
 )
 from resofilter.selection.select import select
@@ -29,6 +37,63 @@ from resofilter.selection.select import select
 log = logging.getLogger(__name__)
 
 LAYER_SETS = {"last3": [-3, -2, -1], "first3": [0, 1, 2], "all": "all", "last": [-1]}
+
+
+def features_manifest(features_dir: Path) -> dict[str, Any]:
+    """The features' manifest: what they know about the model and records they came from."""
+    mpath = features_dir / "manifest.json"
+    if not (features_dir / "features.parquet").exists() or not mpath.exists():
+        raise ResoFilterError(f"{features_dir} holds no finished features (features.parquet + manifest.json, "
+                              "the manifest written last): features_dir must be a finished `resofilter score` dir")
+    manifest = read_json(mpath)
+    if "structure" not in manifest or "records" not in manifest:
+        raise ResoFilterError(f"{mpath} does not record the model structure and records it covers "
+                              "(written by an older resofilter): score again")
+    return manifest
+
+
+def verify_records(features: pd.DataFrame, records: list[Record], manifest: dict[str, Any], where: Path,
+                   allow_unscored: bool = False) -> None:
+    """The features were computed on exactly these records (by content), or a named error.
+
+    Records tokenization skipped (prompt overflow, listed in the manifest) are allowed to be
+    unscored; any other unscored record is an error unless ``allow_unscored``.
+    """
+    from resofilter.features.stage import record_hashes
+
+    hashes = record_hashes(records)
+    if stable_hash(sorted(hashes.items())) == manifest["records"]["hash"]:
+        return  # the very records that were scored
+    ids = features["sample_id"].tolist()
+    unknown = [s for s in ids if s not in hashes]
+    if unknown:
+        raise ResoFilterError(
+            f"the features in {where} hold {len(unknown)} of their {len(ids)} sample_ids absent from the data "
+            f"({len(records)} records; e.g. {unknown[:3]}): they were scored on another data file or config")
+    changed = [s for s, h in zip(ids, features["record_hash"], strict=True) if hashes[s] != h]
+    if changed:
+        raise ResoFilterError(
+            f"{len(changed)} of the {len(ids)} records scored in {where} differ in content from the data's records "
+            f"with the same sample_id (e.g. {changed[:3]}): the features belong to other data (data.path, data.id_field)")
+    scored, skipped = set(ids), set(manifest["records"]["skipped_ids"])
+    unscored = [r.sample_id for r in records if r.sample_id not in scored and r.sample_id not in skipped]
+    if unscored:
+        msg = (f"the data has {len(records)} records; the features in {where} cover {len(ids)} "
+               f"(+{len(skipped)} skipped by tokenization): {len(unscored)} were never scored (e.g. {unscored[:3]})")
+        if not allow_unscored:
+            raise ResoFilterError(f"{msg}. Score this data, or set selection.allow_unscored=true to select among "
+                                  "the scored records only (the unscored ones are then dropped)")
+        log.warning("%s; selection.allow_unscored=true: they are dropped", msg)
+
+
+def layer_count(manifest: dict[str, Any], cfg: DictConfig, where: Path) -> int:
+    """The scored model's depth, from the features' manifest; a config that restates it must agree."""
+    depth = int(manifest["structure"]["num_hidden_layers"])
+    declared = cfg.model.get("num_hidden_layers")
+    if declared is not None and declared != depth:
+        raise ConfigError("model.num_hidden_layers",
+                          f"says {declared}, but the features in {where} were scored on a {depth}-layer model")
+    return depth
 
 
 def align(features: pd.DataFrame, records: list[Record]) -> tuple[pd.DataFrame, list[Record], int]:
@@ -74,16 +139,21 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
                   out_dir: str | Path) -> dict[str, Any]:
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     fpath = features_dir / "features.parquet"
-    if not fpath.exists():
-        raise ResoFilterError(f"{fpath} not found (features_dir must be a `resofilter score` output dir)")
-    features, recs, n_unscored = align(pd.read_parquet(fpath), records)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fman = features_manifest(features_dir)
+    n_layers = layer_count(fman, cfg, features_dir)  # from the artifact, never from the config
+    features = pd.read_parquet(fpath)
     sel_cfg = cfg.selection
-    n_layers = cfg.model.num_hidden_layers
+    verify_records(features, records, fman, features_dir, bool(sel_cfg.get("allow_unscored", False)))
+    features, recs, n_unscored = align(features, records)
     scorer = build_scorer(OmegaConf.to_container(cfg.scorer, resolve=True),
                           OmegaConf.to_container(cfg.layers, resolve=True), cfg.statistic.name, n_layers, cfg.seed)
     bad = badness(scorer, features)
     raw_scores = np.asarray(scorer.scores(features), dtype=np.float64)
+    if not np.isfinite(bad).all():
+        nonfinite = features["sample_id"][~np.isfinite(bad)].tolist()
+        raise ResoFilterError(f"{scorer.name} gives {len(nonfinite)} non-finite scores (e.g. {nonfinite[:3]}) "
+                              f"from {fpath}: the features are broken; nothing selected")
+    out_dir.mkdir(parents=True, exist_ok=True)
     sel = select(bad, sel_cfg.keep_ratio, sel_cfg.direction, [r.query for r in recs], sel_cfg.get("dedup"))
 
     diag = None
@@ -128,7 +198,10 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
         "scorer": OmegaConf.to_container(cfg.scorer, resolve=True),
         "layers": OmegaConf.to_container(cfg.layers, resolve=True), "statistic": cfg.statistic.name,
         "selection": OmegaConf.to_container(sel_cfg, resolve=True),
-        "features": str(fpath), "features_hash": file_hash(fpath),
+        "features": str(fpath), "features_hash": file_hash(fpath), "features_model": fman["description"]["model"],
+        "num_hidden_layers": n_layers,
+        "columns": (layer_columns(features, list(cfg.layers.modules), cfg.layers.indices, cfg.statistic.name, n_layers)
+                    if isinstance(scorer, ResoFilterScorer) else None),
         "n_in": len(records), "n_unscored": n_unscored, "n_ranked": len(recs),
         "n_keep_before_dedup": sel.n_keep_before_dedup, "dedup_removed": sel.dedup_removed,
         "n_out": sel.n_kept,
