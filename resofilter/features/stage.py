@@ -17,8 +17,8 @@ from resofilter.config_check import statistic_names
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_records
-from resofilter.features.closed_form import StepConfig
 from resofilter.errors import ConfigError, ResoFilterError
+from resofilter.features.closed_form import StepConfig
 from resofilter.features.extract import (
     META_COLUMNS,
     completed_features,

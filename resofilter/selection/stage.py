@@ -74,7 +74,8 @@ def verify_records(features: pd.DataFrame, records: list[Record], manifest: dict
     if changed:
         raise ResoFilterError(
             f"{len(changed)} of the {len(ids)} records scored in {where} differ in content from the data's records "
-            f"with the same sample_id (e.g. {changed[:3]}): the features belong to other data (data.path, data.id_field)")
+            f"with the same sample_id (e.g. {changed[:3]}): the features belong to other data "
+            "(data.path, data.id_field)")
     scored, skipped = set(ids), set(manifest["records"]["skipped_ids"])
     unscored = [r.sample_id for r in records if r.sample_id not in scored and r.sample_id not in skipped]
     if unscored:

@@ -44,8 +44,8 @@ def main() -> None:
     out = scorer._statistics(scorer.targets[0], delta, x)
     elapsed = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"growth_mb": max(peak, peak_before) - before, "peak_before_mb": peak_before, "rss_before_mb": before,
-                      "seconds": elapsed, "keys": sorted(out)}))
+    print(json.dumps({"growth_mb": max(peak, peak_before) - before, "peak_before_mb": peak_before,
+                      "rss_before_mb": before, "seconds": elapsed, "keys": sorted(out)}))
 
 
 if __name__ == "__main__":
