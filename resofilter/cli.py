@@ -76,11 +76,26 @@ def main(argv: list[str] | None = None) -> None:
     def _app(cfg: DictConfig) -> object:
         # Hydra has parsed its arguments; restore the real command line, which Lightning's
         # DDP launcher re-runs for ranks > 0.
-        sys.argv = full_argv
+        sys.argv = _rank_argv(full_argv)
         return _guard(_function(name), cfg)
 
     sys.argv = [f"resofilter {name}", *rest]
     _app()
+
+
+def _rank_argv(argv: list[str]) -> list[str]:
+    """The command line the other DDP ranks run (Lightning re-runs ``sys.argv`` for them).
+
+    In a multirun every rank runs the whole sweep in lockstep, job by job, so it must write
+    into the same sweep directory: its ``${now:…}`` would name another one.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return argv
+    return [a for a in argv if not a.startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir={hc.sweep.dir}"]
 
 
 def _guard(fn: Callable[[object], object], arg: object) -> object:

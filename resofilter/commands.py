@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from resofilter import context
 from resofilter._io import read_json, write_json_atomic
 from resofilter.config_check import validate
+from resofilter.distributed import local_device
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError
 from resofilter.evaluation.stage import run_evaluations
@@ -86,6 +87,7 @@ def evaluate(cfg: DictConfig) -> dict:
     out = context.output_dir(cfg)
     ckpt = cfg.get("checkpoint_dir") or context.model_dir(cfg)
     model, tok = load_checkpoint(ckpt, cfg.model.dtype, cfg.model.get("attn_implementation"))
+    model.to(local_device(cfg.trainer.accelerator))
     results = run_evaluations(cfg, model, tok, context.template(cfg), out)
     return results[cfg.eval.name] if len(results) == 1 else results
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter import context
+from resofilter import context, distributed
 from resofilter._io import file_hash, read_json, stable_hash, write_json_atomic
 from resofilter.evaluation.stage import run_evaluations
 from resofilter.features.stage import describe, score_records
@@ -47,30 +47,36 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     feat_dir = Path(cfg.paths.cache_dir) / "features" / key
     cached = (feat_dir / "features.parquet").exists()
     t0 = time.perf_counter()
-    _, fman = score_records(cfg, records, template, model_dir, feat_dir)
-    if fman is None:  # not rank zero under DDP: the rest runs once, on rank 0
-        return {}
-    stages["score"] = {"cached": cached, "features_dir": str(feat_dir), "key": key,
-                       "time_s": time.perf_counter() - t0, "scoring_time_s": fman["timing"]["score_s"]}
-    log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,
-             stages["score"]["time_s"])
-
-    t0 = time.perf_counter()
-    sel = run_selection(cfg, feat_dir, records, out / "select")
-    stages["select"] = {"n_in": sel["n_in"], "n_out": sel["n_out"], "dedup_removed": sel["dedup_removed"],
-                        "time_s": time.perf_counter() - t0,
-                        **({"noise_auroc": sel["diagnostics"]["auroc"],
-                            "noise_rate_kept": sel["diagnostics"]["noise_rate_kept"]} if "diagnostics" in sel else {})}
+    # Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
+    # rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
+    _, fman = score_records(cfg, records, template, model_dir, feat_dir, data_info)
+    if distributed.is_rank_zero():
+        stages["score"] = {"cached": cached, "features_dir": str(feat_dir), "key": key,
+                           "time_s": time.perf_counter() - t0, "scoring_time_s": fman["timing"]["score_s"]}
+        log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,
+                 stages["score"]["time_s"])
+        t0 = time.perf_counter()
+        sel = run_selection(cfg, feat_dir, records, out / "select")
+        stages["select"] = {
+            "n_in": sel["n_in"], "n_out": sel["n_out"], "dedup_removed": sel["dedup_removed"],
+            "time_s": time.perf_counter() - t0,
+            **({"noise_auroc": sel["diagnostics"]["auroc"],
+                "noise_rate_kept": sel["diagnostics"]["noise_rate_kept"]} if "diagnostics" in sel else {})}
+    distributed.barrier()  # the subset exists
 
     t0 = time.perf_counter()
     subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
     ft = run_finetune(cfg, model_dir, subset, template, out / "finetune")
     stages["finetune"] = {"steps": ft["steps"], "n_records": ft["n_records"], "time_s": time.perf_counter() - t0,
-                          "train_loss": ft["final_metrics"].get("train/loss"), "tokens_per_s": ft["tokens_per_s"]}
+                          "train_loss": ft.get("final_metrics", {}).get("train/loss"),
+                          "tokens_per_s": ft.get("tokens_per_s"), "world_size": distributed.world_size()}
 
     t0 = time.perf_counter()
     model, tok = load_checkpoint(ft["checkpoint"], cfg.model.dtype, cfg.model.get("attn_implementation"))
+    model.to(distributed.local_device(cfg.trainer.accelerator))
     evals = run_evaluations(cfg, model, tok, template, out / "eval")
+    if not distributed.is_rank_zero():
+        return {}
     metrics = evals[cfg.eval.name]
     stages["evaluate"] = {**metrics, "time_s": time.perf_counter() - t0}
     if len(evals) > 1:
@@ -85,6 +91,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "model": model_dir, "data": data_info, "eval": {k: v["accuracy"] for k, v in evals.items()},
         "stages": stages, "total_time_s": time.perf_counter() - t_start,
         "base_model": _base_accuracy(model_dir),
+        "setting": run_setting(cfg), "choices": _hydra_choices(),
     }
     write_json_atomic(out / "resolved_config.json", OmegaConf.to_container(cfg, resolve=True))
     write_json_atomic(out / "results.json", results)
@@ -92,6 +99,41 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
              cfg.selection.keep_ratio, cfg.seed, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
              results["total_time_s"])
     return results
+
+
+# Keys that never distinguish one setting from another: seeds (a row's samples), where outputs go.
+_NOT_SETTING = {"output_dir", "paths", "features_dir", "subset_path", "checkpoint_dir", "hydra", "command"}
+
+
+def run_setting(cfg: DictConfig) -> dict[str, Any]:
+    """The run's resolved config, flattened (``a.b.c: value``), minus seeds and output locations.
+
+    ``resofilter table`` groups runs by it: two runs are one row exactly when their settings
+    are equal, whatever keys differ.
+    """
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if (not prefix and k in _NOT_SETTING) or k == "seed":
+                    continue
+                walk(v, f"{prefix}{k}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def _hydra_choices() -> dict[str, Any] | None:
+    """The config group options this run was composed from (``layers: last3_mlp``), when under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return {k: v for k, v in OmegaConf.to_container(HydraConfig.get().runtime.choices).items()
+            if not k.startswith("hydra")}
 
 
 def _base_accuracy(model_dir: str) -> dict[str, float] | None:

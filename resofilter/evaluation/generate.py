@@ -86,14 +86,39 @@ def evaluate_records(
     """Generate for every record and score against ``golds``: (predictions, metrics)."""
     if not records:
         raise ResoFilterError("evaluation set is empty")
+    preds = predict_records(model, tokenizer, records, golds, template, extractor, batch_size, max_new_tokens,
+                            stop_strings, few_shot_prefix, progress, min_new_tokens)
+    return preds, accuracy_metrics(preds)
+
+
+def predict_records(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Record],
+    golds: Sequence[str],
+    template: Template,
+    extractor: Any,
+    batch_size: int = 32,
+    max_new_tokens: int = 64,
+    stop_strings: Sequence[str] = (),
+    few_shot_prefix: str = "",
+    progress: bool = True,
+    min_new_tokens: int = 0,
+) -> list[dict[str, Any]]:
+    """One prediction row per record: prompt, generation, extracted answer, gold, correct."""
     prompts = [few_shot_prefix + template.render_prompt(r.query, r.input, tokenizer) for r in records]
     gens = generate(model, tokenizer, prompts, template.add_special_tokens, batch_size,
-                    max_new_tokens, stop_strings, progress, min_new_tokens)
+                    max_new_tokens, stop_strings, progress, min_new_tokens) if prompts else []
     preds = []
     for r, prompt, gen, gold in zip(records, prompts, gens, golds, strict=True):
         extracted = extractor.extract(gen)
         preds.append({"sample_id": r.sample_id, "prompt": prompt, "generation": gen,
                       "extracted": extracted, "gold": gold, "correct": extractor.equal(extracted, gold)})
+    return preds
+
+
+def accuracy_metrics(preds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy with its Wilson 95 % interval, extraction failures and empty generations."""
     n = len(preds)
     k = sum(p["correct"] for p in preds)
     lo, hi = wilson_interval(k, n)
@@ -104,4 +129,4 @@ def evaluate_records(
     }
     log.info("accuracy %.4f (%d/%d, 95%% CI %.3f–%.3f), %d extraction failures",
              metrics["accuracy"], k, n, lo, hi, metrics["extraction_failures"])
-    return preds, metrics
+    return metrics

@@ -8,13 +8,13 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from resofilter import context
-from resofilter._io import write_json_atomic, write_jsonl_atomic
+from resofilter import context, distributed
+from resofilter._io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
 from resofilter.data.templates import Template
 from resofilter.errors import DataError, ResoFilterError
 from resofilter.evaluation.extract import EXTRACTORS
-from resofilter.evaluation.generate import evaluate_records
+from resofilter.evaluation.generate import accuracy_metrics, predict_records
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,38 @@ def few_shot_prefix(ev: DictConfig, template: Template, tokenizer: Any) -> str:
 
 
 def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path, template: Template,
-                   out_dir: str | Path) -> dict[str, Any]:
+                   out_dir: str | Path) -> dict[str, Any] | None:
+    """Predictions and metrics of one eval set; under DDP each rank generates every world-th problem.
+
+    Rank 0 merges the ranks' predictions (original order), writes ``predictions.jsonl`` and
+    ``metrics.json`` and returns the metrics; the other ranks return ``None``.
+    """
     out_dir = Path(out_dir)
     records, golds, extractor = load_eval_set(ev, path)
-    preds, metrics = evaluate_records(
-        model, tokenizer, records, golds, template, extractor, batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens, stop_strings=list(ev.get("stop_strings") or []),
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = list(range(rank, len(records), world))
+    preds = predict_records(
+        model, tokenizer, [records[i] for i in mine], [golds[i] for i in mine], template, extractor,
+        batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, stop_strings=list(ev.get("stop_strings") or []),
         few_shot_prefix=few_shot_prefix(ev, template, tokenizer), min_new_tokens=ev.get("min_new_tokens", 0))
-    if metrics["empty_generations"] == len(preds):
+    if world > 1:
+        part = out_dir / f".predictions.rank{rank}.jsonl"
+        write_jsonl_atomic(part, preds)
+        distributed.barrier()
+        if rank != 0:
+            distributed.barrier()  # rank 0 has merged
+            return None
+        parts = [read_jsonl(out_dir / f".predictions.rank{r}.jsonl") for r in range(world)]
+        preds = [parts[i % world][i // world] for i in range(len(records))]  # record i came from rank i % world
+    if sum(not p["generation"].strip() for p in preds) == len(preds):
         raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
-    metrics = {"eval": ev.name, "path": str(path), **metrics}
+    metrics = {"eval": ev.name, "path": str(path), "world_size": world, **accuracy_metrics(preds)}
     write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
     write_json_atomic(out_dir / "metrics.json", metrics)
+    if world > 1:
+        for r in range(world):
+            (out_dir / f".predictions.rank{r}.jsonl").unlink()
+        distributed.barrier()
     return metrics
 
 
@@ -64,7 +84,9 @@ def run_evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Templ
     out_dir = Path(out_dir)
     results = {}
     for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):
-        results[name] = run_evaluation(model, tokenizer, ev, context.eval_path(cfg, key), template,
-                                       out_dir if i == 0 else out_dir / name)
-        log.info("%s: accuracy %.4f (n=%d)", name, results[name]["accuracy"], results[name]["n"])
+        metrics = run_evaluation(model, tokenizer, ev, context.eval_path(cfg, key), template,
+                                 out_dir if i == 0 else out_dir / name)
+        if metrics is not None:  # rank 0
+            results[name] = metrics
+            log.info("%s: accuracy %.4f (n=%d)", name, metrics["accuracy"], metrics["n"])
     return results

@@ -1,6 +1,9 @@
 """Collect ``results.json`` files of a (multi)run directory into the paper's table.
 
-Rows: method × keep ratio (× direction/layers/statistic/step when those vary); columns:
+Rows: one per distinct setting — runs are grouped by their resolved config minus the seed
+(``results.json`` → ``setting``), so two settings are never merged; a row is labelled by its
+variant, keep ratio and whatever else differs between rows (group choices such as
+``layers=last3_mlp`` where Hydra recorded them). Columns:
 accuracy mean ± std over seeds per eval set, seeds, samples kept, noise left and the
 score's noise AUROC (labeled data only), time. A run
 directory without ``results.json`` (killed, failed) is listed as incomplete, never dropped.
@@ -15,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from resofilter._io import write_text_atomic
+from resofilter._io import stable_hash, write_text_atomic
 from resofilter.errors import ResoFilterError
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,13 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "noise_auroc": r["stages"]["select"].get("noise_auroc"),
             "score_cached": r["stages"]["score"]["cached"], "time_s": r["total_time_s"],
         }
+        if r.get("setting") is not None:
+            row["setting_key"] = stable_hash(r["setting"])
+            row["_setting"], row["_choices"] = r["setting"], r.get("choices") or {}
+        else:  # results.json from before settings were recorded: the fields it has, layers in full
+            row["layers"] = json.dumps(r["layers"], sort_keys=True)
+            row["setting_key"] = stable_hash([row[k] for k in GROUP_KEYS])
+            row["_setting"], row["_choices"] = {k: row[k] for k in GROUP_KEYS}, {}
         for name, acc in r["eval"].items():
             row[f"acc/{name}"] = acc
         rows.append(row)
@@ -52,8 +62,43 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     return pd.DataFrame(rows), incomplete
 
 
+def setting_labels(runs: pd.DataFrame) -> pd.Series:
+    """What distinguishes each run's setting beyond variant and keep ratio, as ``key=value`` text.
+
+    Keys that vary between settings but are fixed within each (variant, keep ratio) pair are
+    what the variant means and are not repeated; a config group whose option differs is shown
+    by its option name (``layers=last3_mlp``) rather than its keys.
+    """
+    settings = runs.drop_duplicates("setting_key")
+    keys = sorted({k for s in settings["_setting"] for k in s})
+    varying = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings["_setting"]}) > 1]
+    pair = settings["variant"].astype(str) + "|" + settings["keep_ratio"].astype(str)
+    shown = []
+    for k in varying:
+        per_pair = {}
+        for p, s in zip(pair, settings["_setting"], strict=True):
+            per_pair.setdefault(p, set()).add(json.dumps(s.get(k), sort_keys=True))
+        if any(len(v) > 1 for v in per_pair.values()):
+            shown.append(k)
+    labels = {}
+    for key, s, choices in zip(settings["setting_key"], settings["_setting"], settings["_choices"], strict=True):
+        parts, groups = [], set()
+        for k in shown:
+            group = k.split(".")[0]
+            if group in choices:
+                if group not in groups:
+                    groups.add(group)
+                    parts.append(f"{group}={choices[group]}")
+            else:
+                v = s.get(k)
+                parts.append(f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}")
+        labels[key] = ", ".join(parts)
+    return runs["setting_key"].map(labels)
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    varying = [k for k in GROUP_KEYS if k in ("variant", "keep_ratio") or runs[k].nunique() > 1]
+    runs = runs.assign(setting=setting_labels(runs))
+    varying = ["variant", "keep_ratio", "setting", "setting_key"]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
     # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
     numeric = ["n_kept", "noise_rate_kept", "noise_auroc", "time_s", *acc_cols]
@@ -65,12 +110,14 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         g = runs.groupby(varying, dropna=False)[c]
         out[f"{c} mean"] = g.mean()
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
-    return out.reset_index().sort_values(["keep_ratio", "variant"], ascending=[False, True])
+    out = out.reset_index().sort_values(["keep_ratio", "variant", "setting"], ascending=[False, True, True])
+    out = out.drop(columns="setting_key")
+    return out if out["setting"].astype(bool).any() else out.drop(columns="setting")
 
 
 def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     acc_cols = sorted({c.rsplit(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
-    keys = [c for c in summary.columns if c in GROUP_KEYS]
+    keys = [c for c in summary.columns if c in ("variant", "keep_ratio", "setting")]
     header = keys + [f"{c[4:]} (%)" for c in acc_cols] + ["seeds", "kept", "noise kept (%)", "noise AUROC",
                                                           "time/run (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -123,7 +170,7 @@ def write_table(root: str | Path, out: str | Path | None = None) -> dict[str, An
     md = to_markdown(summary, incomplete)
     write_text_atomic(out / "table.md", md)
     write_text_atomic(out / "table.csv", summary.to_csv(index=False))
-    write_text_atomic(out / "runs.csv", runs.to_csv(index=False))
+    write_text_atomic(out / "runs.csv", runs.drop(columns=["_setting", "_choices"]).to_csv(index=False))
     plot(summary, out / "table.png")
     log.info("table of %d runs (%d rows) → %s\n%s", len(runs), len(summary), out / "table.md", md)
     return {"n_runs": len(runs), "incomplete": incomplete, "rows": summary.to_dict("records"), "markdown": md}
