@@ -231,7 +231,8 @@ def test_f6_table_keeps_settings_apart_and_labels_them(tmp_path):
 
 
 def _peak(stats: str, chunk: int) -> dict:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS then follows live tensors, not glibc's cache
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",  # RSS then follows live tensors, not glibc's cache
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}  # this checkout's package
     p = subprocess.run([sys.executable, str(Path(__file__).parent / "helpers" / "peak_memory_quantiles.py"),
                         stats, str(chunk), "0.5", "1"], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -248,26 +249,25 @@ def test_f7_quantiles_of_a_gemma2_up_proj_stay_within_the_chunk_budget():
 
 
 def test_f7_ifd_runs_through_the_sliced_head(tmp_path, tiny_model_dir, monkeypatch):
-    from resofilter.features.fast import ChunkedHeadLoss
+    from resofilter.features import stage
 
     sizes = []
-    real_logits = ChunkedHeadLoss.logits
+    real_load = stage.load_causal_lm
 
-    def logits(self, h):
-        out = real_logits(self, h)
-        sizes.append(out.numel())
-        return out
+    def load_and_watch_the_head(*a, **k):
+        model = real_load(*a, **k)
+        model.get_output_embeddings().register_forward_hook(lambda m, i, o: sizes.append(o.numel()))
+        return model
 
-    monkeypatch.setattr(ChunkedHeadLoss, "logits", logits)
-    chunk = 4096
+    monkeypatch.setattr(stage, "load_causal_lm", load_and_watch_the_head)
+    chunk = 4096  # elements of logits at a time; a whole batch here is ~8 × 150 × 400 = 480 k
     out = tmp_path / "o"
     score(compose_cfg(score_args(tiny_model_dir, out, "score.ifd=true", "data.max_samples=12",
                                  f"score.logits_chunk_elements={chunk}"), "score"))
     df = pd.read_parquet(out / "features.parquet")
-    assert sizes and max(sizes) <= chunk
+    assert sizes and max(sizes) <= chunk, f"logits of {max(sizes)} elements built at once"
     # the sliced IFD pass equals the model's whole-logits loss
     ref = tmp_path / "ref"
-    monkeypatch.setattr(ChunkedHeadLoss, "logits", real_logits)
     score(compose_cfg(score_args(tiny_model_dir, ref, "score.ifd=true", "data.max_samples=12",
                                  "score.logits_chunk_elements=0"), "score"))
     np.testing.assert_allclose(df["loss_alone"], pd.read_parquet(ref / "features.parquet")["loss_alone"], rtol=1e-5)

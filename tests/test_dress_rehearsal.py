@@ -1,0 +1,129 @@
+"""Issue 11: a CPU dress rehearsal of the paper experiment, and DDP scoring's corner cases.
+
+`experiment=paper_gemma2_2b_metamathqa` is run as a user runs it (`resofilter run -m`, then
+`resofilter table`) with the model swapped for a tiny random Gemma-2 (weights stored in
+bf16, `model.dtype=bfloat16` kept, eager attention, the `gemma_turns` template), 2-process
+DDP on CPU (gloo), the MetaMathQA-shaped fixture and the GSM8K / MATH-500 fixture eval
+sets. Only what a CPU needs changes besides: the trainer's accelerator, and 32 new tokens
+per answer instead of 512/1024 (a random model never stops on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import FIXTURES, GSM8K_TRAIN, tiny
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ["full", "reso75", "reso50", "reso25", "random50"]
+
+
+def _cli(args: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "resofilter.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2_dir(tmp_path_factory, tokenizer) -> Path:
+    d = tmp_path_factory.mktemp("tiny_gemma2")
+    model = tiny("gemma2", tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=4)
+    model.to(torch.bfloat16).save_pretrained(d)  # stored like a released bf16 checkpoint
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.mark.slow
+def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
+    sweep = tmp_path / "sweep"
+    t0 = time.perf_counter()
+    p = _cli(["run", "-m", "experiment=paper_gemma2_2b_metamathqa", f"model.name_or_path={tiny_gemma2_dir}",
+              "model.num_hidden_layers=4", f"data.path={FIXTURES / 'metamathqa' / 'train.jsonl'}",
+              "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_progress_bar=false",
+              "score.progress_bar=false", "eval.max_new_tokens=32", "evals.math.max_new_tokens=32",
+              f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"])
+    wall = time.perf_counter() - t0
+    assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
+    print(f"dress rehearsal: 5 runs, 2-process DDP, {wall:.0f} s wall")  # noqa: T201
+
+    results = [json.loads(f.read_text()) for f in sorted(sweep.glob("*/results.json"))]
+    assert sorted(r["choices"]["variant"] for r in results) == sorted(VARIANTS)
+    feat_dir = Path(results[0]["stages"]["score"]["features_dir"])
+    assert all(Path(r["stages"]["score"]["features_dir"]) == feat_dir for r in results)
+    fman = json.loads((feat_dir / "manifest.json").read_text())
+    # the precision policy held: fp32 scoring of a bf16 model, checked against float64
+    assert fman["description"]["score_dtype"] == "float32" and fman["world_size"] == 2
+    pc = fman["precision_check"]
+    assert pc["passed"] and pc["n_samples"] == 64 and pc["spearman_vs_float64"] >= 0.999, pc
+    assert fman["structure"]["num_hidden_layers"] == 4 and fman["structure"]["model_type"] == "gemma2"
+    assert fman["records"]["n"] == 64 and fman["config"]["template"]["name"] == "gemma_turns"
+
+    base = load_file(str(tiny_gemma2_dir / "model.safetensors"))
+    for r, run_dir in ((json.loads(f.read_text()), f.parent) for f in sorted(sweep.glob("*/results.json"))):
+        for f in ("select/subset.jsonl", "select/manifest.json", "select/selection.parquet",
+                  "finetune/finetune.json", "finetune/checkpoint/config.json", "eval/predictions.jsonl",
+                  "eval/metrics.json", "eval/math/metrics.json", "eval/math/predictions.jsonl"):
+            assert (run_dir / f).exists(), f"{run_dir.name}: {f}"
+        assert r["stages"]["finetune"]["world_size"] == 2 and set(r["eval"]) == {"gsm8k", "math"}
+        for name in ("", "math/"):
+            m = json.loads((run_dir / f"eval/{name}metrics.json").read_text())
+            assert m["world_size"] == 2 and m["n"] == 32  # sharded over both ranks, merged once
+        new = load_file(str(run_dir / "finetune" / "checkpoint" / "model.safetensors"))
+        keys = [k for k in base if "up_proj" in k]
+        assert new[keys[0]].dtype == torch.float32  # fp32 master weights, saved as trained
+        moved = torch.cat([(new[k].double() - base[k].double()).ne(0).flatten() for k in keys]).double().mean()
+        assert moved >= 0.99, f"{r['variant']}: fine-tuning moved {moved:.1%} of up_proj weights"
+        preds = [json.loads(x) for x in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
+        gold = [json.loads(x) for x in (REPO / "tests/fixtures/gsm8k/test.jsonl").read_text().splitlines()]
+        assert len(preds) == len(gold) and len({p["sample_id"] for p in preds}) == 32
+
+    t = _cli(["table", str(sweep)])
+    assert t.returncode == 0, t.stderr[-3000:]
+    table = pd.read_csv(sweep / "table.csv")
+    assert len(table) == len(VARIANTS) and set(table["variant"]) == {"full", "resofilter", "random"}
+    assert {"acc/gsm8k mean", "acc/math mean"} <= set(table.columns)
+
+
+@pytest.mark.slow
+def test_ddp_scoring_with_an_idle_rank_and_resume_after_one_rank_finished(tmp_path, tiny_model_dir):
+    """60 samples in one 256-sample shard on 2 ranks: rank 1 idles; then a resume where only one shard is left."""
+    common = [f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "data=gsm8k", f"data.path={GSM8K_TRAIN}",
+              "template=plain", "tokenize.max_length=192", "score.batch_size=8", "score.progress_bar=false",
+              "score.statistics=[mean_abs]"]
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    one = tmp_path / "one"
+    p = _cli(["score", *common, f"output_dir={one}", "score.shard_size=256", *ddp])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    ref = tmp_path / "ref"
+    assert _cli(["score", *common, f"output_dir={ref}", "score.shard_size=16"]).returncode == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(one / "features.parquet"), pd.read_parquet(ref / "features.parquet"),
+                                  check_exact=False, rtol=1e-6)
+    # a DDP run killed after shards 0-2 of 4 were written: the resume leaves rank 1 nothing to do
+    part = tmp_path / "part"
+    assert _cli(["score", *common, f"output_dir={part}", "score.shard_size=16", *ddp]).returncode == 0
+    manifest = json.loads((part / "manifest.json").read_text())
+    full = pd.read_parquet(part / "features.parquet").drop(columns="record_hash")
+    (part / "features.parquet").unlink()
+    (part / "manifest.json").unlink()
+    (part / "shards").mkdir()
+    (part / "shards" / "key.json").write_text(json.dumps({"key": manifest["key"], "description":
+                                                          manifest["description"], "shard_size": 16}))
+    for k in range(3):
+        full.iloc[16 * k:16 * (k + 1)].assign(index=range(16 * k, 16 * (k + 1))).to_parquet(
+            part / "shards" / f"shard-{k:05d}.parquet", index=False)
+    p = _cli(["score", *common, f"output_dir={part}", "score.shard_size=16", *ddp])
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    resumed = json.loads((part / "manifest.json").read_text())
+    assert resumed["resumed_shards"] == 3 and resumed["world_size"] == 2
+    pd.testing.assert_frame_equal(pd.read_parquet(part / "features.parquet"), pd.read_parquet(ref / "features.parquet"),
+                                  check_exact=False, rtol=1e-6)
