@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 from resofilter import context
 from resofilter._io import read_json, write_json_atomic
 from resofilter.config_check import validate
-from resofilter.distributed import local_device
 from resofilter.data.tokenize import tokenize_records
+from resofilter.distributed import local_device
 from resofilter.errors import ConfigError
 from resofilter.evaluation.stage import run_evaluations
 from resofilter.features.stage import score_records
