@@ -145,8 +145,13 @@ def validate(cfg: DictConfig) -> None:
     # bf16/fp16 "-true" precision trains the weights themselves in half precision: a 1e-5 step
     # vanishes below their resolution (16 % of up_proj weights moved in 10 steps, issue 11)
     _one_of(str(cfg.finetune.precision), FINETUNE_PRECISIONS, "finetune.precision")
-    if cfg.finetune.mode == "lora" and not cfg.finetune.get("lora"):
-        raise ConfigError("finetune.lora", "finetune.mode=lora needs a `lora` section")
+    from resofilter.training.stage import check_optimizer, lora_config
+
+    check_optimizer(cfg.finetune.optimizer)
+    if cfg.finetune.mode == "lora":
+        if not cfg.finetune.get("lora"):
+            raise ConfigError("finetune.lora", "finetune.mode=lora needs a `lora` section")
+        lora_config(cfg.finetune.lora)
     _one_of(cfg.finetune.scheduler.name, ("cosine", "linear", "constant"), "finetune.scheduler.name")
     for ev, key in context.eval_sets(cfg).values():
         _one_of(ev.extractor, ("synthetic", "gsm8k", "math"), f"{key}.extractor")

@@ -98,3 +98,16 @@ def test_resolve_indices():
     assert resolve_indices([0, -4], 4, "k") == [0]
     with pytest.raises(ConfigError, match="out of range"):
         resolve_indices([4], 4, "k")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("+finetune.optimizer.weight_decya=0.1", "finetune.optimizer"),
+    ("finetune.optimizer._target_=torch.optim.NoSuchOptimizer", "finetune.optimizer._target_"),
+    ("+finetune.lora.rank=8", "finetune.lora"),
+])
+def test_finetune_kwargs_are_bound_before_anything_runs(override, key):
+    """Issue 12: a typo in the optimizer or LoRA section fails validation, not after scoring."""
+    extra = ["finetune=lora"] if "lora" in override else []
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose_cfg([*extra, override]))
+    validate(compose_cfg(extra))

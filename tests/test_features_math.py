@@ -40,12 +40,15 @@ def test_closed_form_equals_the_literal_torch_step(name):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=4 * torch.finfo(torch.float64).eps)
 
 
-def test_statistics_in_row_blocks_equal_numpy_brute_force():
+@pytest.mark.parametrize("hold", [1 << 21, 0], ids=["quantiles-held", "quantiles-multipass"])
+def test_statistics_in_row_blocks_equal_numpy_brute_force(hold):
     rng = np.random.default_rng(0)
     B, R, C = 3, 11, 6
     dw = rng.normal(size=(B, R, C)) * 1e-5
     w = rng.normal(size=(R, C)) * 0.02
-    acc = UpdateStatistics(B, (R, C), ALL_STATS, quantiles=[0.0, 0.5, 0.9, 1.0], count_above=[5e-6, 1e-5])
+    acc = UpdateStatistics(B, (R, C), ALL_STATS, quantiles=[0.0, 0.5, 0.9, 1.0], count_above=[5e-6, 1e-5],
+                           hold_elements=hold)
+    assert acc.hold == bool(hold)
     for r0 in range(0, R, 4):  # uneven blocks: 4, 4, 3 rows
         acc.update(torch.from_numpy(dw[:, r0:r0 + 4]), torch.from_numpy(w[r0:r0 + 4]))
     blocks = lambda: (torch.from_numpy(dw[:, r0:r0 + 4]) for r0 in range(0, R, 4))  # noqa: E731

@@ -69,28 +69,6 @@ def generate(
     return outputs
 
 
-def evaluate_records(
-    model: Any,
-    tokenizer: Any,
-    records: Sequence[Record],
-    golds: Sequence[str],
-    template: Template,
-    extractor: Any,
-    batch_size: int = 32,
-    max_new_tokens: int = 64,
-    stop_strings: Sequence[str] = (),
-    few_shot_prefix: str = "",
-    progress: bool = True,
-    min_new_tokens: int = 0,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Generate for every record and score against ``golds``: (predictions, metrics)."""
-    if not records:
-        raise ResoFilterError("evaluation set is empty")
-    preds = predict_records(model, tokenizer, records, golds, template, extractor, batch_size, max_new_tokens,
-                            stop_strings, few_shot_prefix, progress, min_new_tokens)
-    return preds, accuracy_metrics(preds)
-
-
 def predict_records(
     model: Any,
     tokenizer: Any,
@@ -105,7 +83,11 @@ def predict_records(
     progress: bool = True,
     min_new_tokens: int = 0,
 ) -> list[dict[str, Any]]:
-    """One prediction row per record: prompt, generation, extracted answer, gold, correct."""
+    """One prediction row per record: prompt, generation, extracted answer, gold, correct.
+
+    Metrics over the rows: :func:`accuracy_metrics` (kept apart so that ranks can each
+    predict a share and one process can score the merged rows).
+    """
     prompts = [few_shot_prefix + template.render_prompt(r.query, r.input, tokenizer) for r in records]
     gens = generate(model, tokenizer, prompts, template.add_special_tokens, batch_size,
                     max_new_tokens, stop_strings, progress, min_new_tokens) if prompts else []

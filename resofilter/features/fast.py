@@ -250,7 +250,8 @@ class FastScorer:
     def _statistics(self, target: Target, delta: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stats of ΔW_b for every sample, built in row blocks of per-sample gradients."""
         w = self.weights[target.name]  # (d_out, d_in) in the work dtype
-        acc = UpdateStatistics(delta.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above)
+        acc = UpdateStatistics(delta.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above,
+                               hold_elements=self.chunk_elements)
 
         def updates() -> Iterator[tuple[int, int, torch.Tensor]]:
             for r0, r1, g in self._grad_blocks(delta, x):

@@ -30,6 +30,16 @@ import torch
 BASIC = ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight")
 
 
+def quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``numpy.quantile(x, q, axis=-1)`` (linear) via ``kthvalue``: no size limit. x: (B, n)."""
+    n = x.shape[-1]
+    pos = q * (n - 1)
+    lo, hi = int(pos // 1), min(int(pos // 1) + 1, n - 1)
+    v_lo = torch.kthvalue(x, lo + 1, dim=-1).values
+    v_hi = torch.kthvalue(x, hi + 1, dim=-1).values if hi != lo else v_lo
+    return v_lo + (v_hi - v_lo) * (pos - lo)
+
+
 class UpdateStatistics:
     """Accumulates the statistics of B samples' updates ΔW of one weight matrix W.
 
@@ -38,9 +48,14 @@ class UpdateStatistics:
     """
 
     def __init__(self, batch: int, shape: tuple[int, int], statistics: Sequence[str],
-                 quantiles: Sequence[float] = (), count_above: Sequence[float] = ()) -> None:
+                 quantiles: Sequence[float] = (), count_above: Sequence[float] = (),
+                 hold_elements: int = 1 << 21) -> None:
         self.stats = list(statistics)
-        self.quantiles = list(quantiles) if "quantiles" in self.stats else []  # computed by block_quantiles
+        self.quantiles = list(quantiles) if "quantiles" in self.stats else []
+        # quantiles: when the batch's |ΔW| fits in ``hold_elements`` it is kept and selected in one
+        # go (one pass); otherwise block_quantiles finds them in more passes over the blocks
+        self.hold = bool(self.quantiles) and batch * shape[0] * shape[1] <= hold_elements
+        self.abs_blocks: list[torch.Tensor] = []
         self.bounds = list(count_above) if "count_above" in self.stats else []
         self.n = shape[0] * shape[1]
         f64 = dict(dtype=torch.float64)
@@ -67,6 +82,8 @@ class UpdateStatistics:
         self.w_sq += (w * w).sum(dtype=f64)
         for j, b in enumerate(self.bounds):
             self.counts[:, j] += (a > b).sum(dim=(1, 2)).to(f64)
+        if self.hold:
+            self.abs_blocks.append(a.flatten(1))
         self.rows_seen += dw.shape[1]
 
     def result(self, blocks: Callable[[], Iterable[torch.Tensor]] | None = None,
@@ -93,6 +110,10 @@ class UpdateStatistics:
                 out[s] = num / (new_norm + w_norm).clamp_min(torch.finfo(torch.float64).tiny)
             elif s == "cos_to_weight":
                 out[s] = self.dot_w / (l2 * w_norm).clamp_min(torch.finfo(torch.float64).tiny)
+            elif s == "quantiles" and self.hold:
+                flat = torch.cat(self.abs_blocks, dim=1).to(torch.float64)  # (B, n), within hold_elements
+                for q in self.quantiles:
+                    out[f"q{q:g}"] = quantile_linear(flat, q)
             elif s == "quantiles":
                 if blocks is None:
                     raise ValueError("statistic `quantiles` needs the row blocks again: result(blocks=…)")

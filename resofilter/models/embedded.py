@@ -26,7 +26,7 @@ from resofilter.data.synthetic import SyntheticConfig, write_benchmark
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.evaluation.extract import SyntheticExtractor
-from resofilter.evaluation.generate import evaluate_records
+from resofilter.evaluation.generate import accuracy_metrics, predict_records
 from resofilter.models.loading import build_tiny_model
 from resofilter.models.tokenizer import train_tokenizer
 from resofilter.training.sft import SFTDataModule, SFTModule
@@ -119,9 +119,9 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
         recs = load_records(bench_dir / f"{split}.jsonl", id_field="id", max_samples=ev["max_samples"])
         ex = SyntheticExtractor()
         golds = [ex.gold(r.raw["answer"]) for r in recs]
-        _, m = evaluate_records(model, tokenizer, recs, golds, template, ex, batch_size=ev["batch_size"],
+        preds = predict_records(model, tokenizer, recs, golds, template, ex, batch_size=ev["batch_size"],
                                 max_new_tokens=ev["max_new_tokens"], progress=False)
-        metrics[split] = m
+        metrics[split] = accuracy_metrics(preds)
     tmp = _atomic_dir(final)
     try:
         model.save_pretrained(tmp)

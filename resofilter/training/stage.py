@@ -18,7 +18,7 @@ from resofilter._io import write_json_atomic
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
-from resofilter.errors import ResoFilterError
+from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from resofilter.training.sft import SFTDataModule, SFTModule
 
@@ -27,12 +27,46 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint"
 
 
-def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
-    from peft import LoraConfig, get_peft_model
+# our short names for peft.LoraConfig's fields; any other LoraConfig field passes through as is
+_LORA_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
+
+def lora_config(lora: Any) -> Any:
+    """``peft.LoraConfig`` from the ``finetune.lora`` section; a key LoraConfig lacks is a ConfigError."""
+    from peft import LoraConfig
+
+    kwargs = {_LORA_NAMES.get(k, k): (list(v) if k == "target_modules" else v)
+              for k, v in (OmegaConf.to_container(lora, resolve=True) if isinstance(lora, DictConfig)
+                           else dict(lora)).items()}
+    try:
+        return LoraConfig(task_type="CAUSAL_LM", **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("finetune.lora", f"{e} (keys: {sorted(lora)}; alpha/dropout stand for lora_alpha/"
+                          "lora_dropout, every other peft.LoraConfig field passes through)") from None
+
+
+def check_optimizer(optimizer: Any, key: str = "finetune.optimizer") -> None:
+    """Bind the optimizer config's kwargs to its constructor's signature: a typo fails before any weights load."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    node = OmegaConf.to_container(optimizer, resolve=True)
+    try:
+        cls = get_class(node["_target_"])
+    except Exception as e:  # noqa: BLE001 - hydra raises several kinds
+        raise ConfigError(f"{key}._target_", f"cannot import {node.get('_target_')!r}: {e}") from None
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    try:
+        inspect.signature(cls).bind(params=[], **kwargs)
+    except TypeError as e:
+        raise ConfigError(key, f"{cls.__name__}: {e}") from None
+
+
+def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    model = get_peft_model(model, lora_config(lora))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA r=%d: %d trainable parameters", lora["r"], trainable)
     return model

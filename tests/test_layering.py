@@ -1,0 +1,78 @@
+"""The package's import graph: acyclic, and the library never imports a stage or the CLI (issue 12)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import resofilter
+
+PACKAGE = Path(resofilter.__file__).resolve().parent
+LIBRARY = {"data", "models", "features", "selection", "training", "evaluation", "reporting"}
+ABOVE_THE_LIBRARY = {"stages", "commands", "cli"}
+
+
+def module_name(path: Path) -> str:
+    parts = ["resofilter", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports() -> dict[str, set[str]]:
+    """module → the resofilter modules it imports anywhere in its body (function-level imports too)."""
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("resofilter"):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:  # `from a.b import c`: c is a module or a name in a.b
+                target = name if name in modules else name.rsplit(".", 1)[0]
+                if target in modules and target != mod and target != "resofilter":
+                    graph[mod].add(target)
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (cycle := visit(m)):
+                return cycle
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (cycle := visit(n)):
+            return cycle
+    return None
+
+
+def test_import_graph_is_acyclic():
+    graph = imports()
+    assert len(graph) > 30
+    cycle = find_cycle(graph)
+    assert cycle is None, " → ".join(cycle)
+
+
+def test_library_never_imports_a_stage_or_the_cli():
+    bad = []
+    for mod, targets in imports().items():
+        parts = mod.split(".")
+        if len(parts) > 1 and parts[1] in LIBRARY:
+            bad += [f"{mod} → {t}" for t in targets if t.split(".")[1] in ABOVE_THE_LIBRARY]
+    assert not bad, bad
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
