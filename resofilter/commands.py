@@ -7,19 +7,19 @@ import time
 
 from omegaconf import DictConfig
 
-from resofilter import context
 from resofilter._io import read_json, write_json_atomic
-from resofilter.config_check import validate
 from resofilter.data.tokenize import tokenize_records
 from resofilter.distributed import local_device
 from resofilter.errors import ConfigError
-from resofilter.evaluation.stage import run_evaluations
-from resofilter.features.stage import score_records
 from resofilter.models.loading import load_tokenizer
-from resofilter.pipeline import run_pipeline
 from resofilter.reporting.table import write_table
-from resofilter.selection.stage import run_selection
-from resofilter.training.stage import load_checkpoint, run_finetune
+from resofilter.stages import context
+from resofilter.stages.config_check import validate
+from resofilter.stages.evaluate import run_evaluations
+from resofilter.stages.finetune import load_checkpoint, run_finetune
+from resofilter.stages.run import run_pipeline
+from resofilter.stages.score import score_records
+from resofilter.stages.select import run_selection
 
 log = logging.getLogger(__name__)
 

@@ -77,7 +77,8 @@ def write_features_dir(d: Path, features, records, n_layers: int = 4) -> Path:
     import pandas as pd
 
     from resofilter._io import write_json_atomic
-    from resofilter.features.stage import record_hashes, records_summary
+    from resofilter.data.records import record_hashes
+    from resofilter.stages.score import records_summary
 
     hashes = record_hashes(records)
     features = features.copy()

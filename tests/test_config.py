@@ -8,9 +8,10 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from resofilter.cli import CONF_DIR
-from resofilter.config_check import resolve_indices, validate
-from resofilter.context import eval_sets
 from resofilter.errors import ConfigError
+from resofilter.features.targets import resolve_indices
+from resofilter.stages.config_check import validate
+from resofilter.stages.context import eval_sets
 from tests.conftest import compose_cfg
 
 CONF = Path(CONF_DIR)

@@ -7,8 +7,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from resofilter import context
 from resofilter.commands import prepare
+from resofilter.stages import context
 from tests.conftest import compose_cfg, shrink
 
 TINY = {

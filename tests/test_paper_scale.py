@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from resofilter.commands import finetune, score, select
-from resofilter.config_check import validate
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features import extract as extract_mod
-from resofilter.features.stage import scoring_dtype
 from resofilter.reporting.table import write_table
+from resofilter.stages.config_check import scoring_dtype, validate
 from tests.conftest import GSM8K_TRAIN, compose_cfg, tiny, write_jsonl
 
 FAST = ["tokenize.max_length=192", "score.shard_size=16", "score.batch_size=8", "score.progress_bar=false",
@@ -249,7 +248,7 @@ def test_f7_quantiles_of_a_gemma2_up_proj_stay_within_the_chunk_budget():
 
 
 def test_f7_ifd_runs_through_the_sliced_head(tmp_path, tiny_model_dir, monkeypatch):
-    from resofilter.features import stage
+    from resofilter.stages import score as stage
 
     sizes = []
     real_load = stage.load_causal_lm

@@ -116,7 +116,7 @@ def test_table_on_empty_dir_is_an_error(tmp_path):
 def test_every_experiment_composes_and_validates(name):
     from omegaconf import OmegaConf
 
-    from resofilter.config_check import validate
+    from resofilter.stages.config_check import validate
 
     extra = ["data.path=/data/MetaMathQA-395K.json"] if "metamathqa" in name else []
     cfg = compose_cfg([f"experiment={name}", *extra], "run")

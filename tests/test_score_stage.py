@@ -52,7 +52,7 @@ def test_changed_config_in_same_dir_is_an_error(tmp_path, tiny_model_dir, monkey
         raise AssertionError("finished features must be reused without loading the model's weights")
 
     with monkeypatch.context() as m:
-        m.setattr("resofilter.features.stage.load_causal_lm", no_weights)
+        m.setattr("resofilter.stages.score.load_causal_lm", no_weights)
         again = score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o"), "score"))
     assert again["key"] == first["key"]  # same config: reused
     with pytest.raises(ResoFilterError, match="different config"):
@@ -115,7 +115,7 @@ def test_cli_bad_inputs_exit_nonzero_without_outputs(tmp_path, tiny_model_dir):
 
 
 def test_output_dir_required_outside_hydra(tmp_path):
-    from resofilter import context
+    from resofilter.stages import context
 
     cfg = compose_cfg([])
     with pytest.raises(ConfigError, match="output_dir"):

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from resofilter import context
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.selection.diagnostics import auprc, auroc
 from resofilter.selection.scorers import ColumnScorer, CombinedScorer, ResoFilterScorer, badness
 from resofilter.selection.select import n_to_keep, select
+from resofilter.stages import context
 from tests.conftest import compose_cfg, write_features_dir, write_jsonl
 
 SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3])  # positions 0..4

@@ -88,7 +88,7 @@ def test_lora_trains_only_adapters_and_reloads(tmp_path, tiny_model_dir):
     merged = reloaded.merge_and_unload()
     changed = [n for n, p in merged.state_dict().items() if not torch.equal(p, fresh.state_dict()[n])]
     assert changed and all(any(m in n for m in ("q_proj", "v_proj", "up_proj")) for n in changed)
-    from resofilter.training.stage import load_checkpoint
+    from resofilter.stages.finetune import load_checkpoint
 
     model, tok = load_checkpoint(tmp_path / "l", "float32")
     x = torch.tensor([[1, 5, 9, 12, 7]])

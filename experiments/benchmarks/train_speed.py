@@ -7,7 +7,7 @@ Both sides train the same model (the embedded default's architecture, random ini
 once as an HF directory) on the same tokenized samples of the synthetic pool, in the same
 batch order, with the same AdamW, warmup + cosine schedule and gradient clipping:
 
-- ``lightning``: :func:`resofilter.training.stage.run_finetune`, the code `resofilter
+- ``lightning``: :func:`resofilter.stages.finetune.run_finetune`, the code `resofilter
   finetune` runs (Trainer with CSV logger, deterministic, checkpoint saved afterwards);
 - ``plain``: forward → loss → backward → clip → step → schedule, nothing else.
 
@@ -46,7 +46,7 @@ def compose(args: argparse.Namespace, model_dir: str, out_dir: str) -> Any:
 
 
 def records_and_template(cfg: Any) -> tuple[list, Any]:
-    from resofilter.context import load_data, template
+    from resofilter.stages.context import load_data, template
 
     records, _ = load_data(cfg)
     return records, template(cfg)
@@ -69,7 +69,7 @@ def build_model(args: argparse.Namespace, model_dir: Path) -> None:
 
 
 def run_lightning(cfg: Any, model_dir: str, out_dir: str) -> dict[str, Any]:
-    from resofilter.training.stage import run_finetune
+    from resofilter.stages.finetune import run_finetune
 
     records, tmpl = records_and_template(cfg)
     r = run_finetune(cfg, model_dir, records, tmpl, out_dir)

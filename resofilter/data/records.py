@@ -196,3 +196,11 @@ def dedup_records(records: list[Record], mode: str | None) -> tuple[list[Record]
         seen.add(k)
         kept.append(r)
     return kept, len(records) - len(kept)
+
+
+def record_hashes(records: list[Record]) -> dict[str, str]:
+    """sample_id → a hash of the record's text (query, input, response): what ``select`` checks
+    a features file against, so features are never applied to other records under the same ids."""
+    from resofilter._io import stable_hash
+
+    return {r.sample_id: stable_hash([r.sample_id, r.query, r.input, r.response]) for r in records}

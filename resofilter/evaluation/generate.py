@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
-from resofilter.errors import ResoFilterError
 
 log = logging.getLogger(__name__)
 

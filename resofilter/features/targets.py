@@ -8,9 +8,27 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import ListConfig
 
-from resofilter.config_check import resolve_indices
 from resofilter.errors import ConfigError
+
+
+def resolve_indices(indices: Any, n_layers: int, key: str) -> list[int]:
+    """Layer indices (``all`` or ints, negative from the end) as sorted non-negative ints."""
+    if isinstance(indices, str):
+        if indices != "all":
+            raise ConfigError(key, f"expected `all` or a list of layer indices, got {indices!r}")
+        return list(range(n_layers))
+    if isinstance(indices, int):
+        indices = [indices]
+    if not isinstance(indices, (Sequence, ListConfig)) or not indices:
+        raise ConfigError(key, f"expected `all` or a non-empty list of layer indices, got {indices!r}")
+    out = []
+    for i in indices:
+        if not isinstance(i, int) or not -n_layers <= i < n_layers:
+            raise ConfigError(key, f"layer index {i!r} out of range for a {n_layers}-layer model")
+        out.append(i % n_layers)
+    return sorted(set(out))
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import pandas as pd
 
-from resofilter.config_check import resolve_indices
 from resofilter.errors import ConfigError
+from resofilter.features.targets import resolve_indices
 
 _COLUMN = re.compile(r"^(?P<prefix>.*\.)(?P<layer>\d+)\.(?P<module>[^/]+(?:\.[^/]+)*)/(?P<stat>.+)$")
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from resofilter.config_check import check_keep_ratio
 from resofilter.data.records import normalize_query
 from resofilter.errors import ConfigError
 
@@ -32,6 +32,12 @@ class Selection:
     @property
     def n_kept(self) -> int:
         return int(self.kept.sum())
+
+
+def check_keep_ratio(value: Any, key: str = "selection.keep_ratio") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(key, f"must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 def n_to_keep(n: int, keep_ratio: float) -> int:

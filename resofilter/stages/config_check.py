@@ -10,12 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from resofilter import context
 from resofilter.errors import ConfigError
+from resofilter.features.targets import resolve_indices
 from resofilter.models.loading import resolve_dtype
+from resofilter.selection.select import check_keep_ratio
+from resofilter.stages import context
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 STEP_OPTIMIZERS = ("sgd", "adam", "adamw")
 STATISTICS = ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight", "quantiles", "count_above")
@@ -23,30 +28,6 @@ SCORERS = ("resofilter", "loss", "ppl", "length", "random", "ifd", "combined")
 DIRECTIONS = ("drop_high", "drop_low")
 SCORE_MODES = ("fast", "exact")
 FINETUNE_PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed")
-
-
-def resolve_indices(indices: Any, n_layers: int, key: str) -> list[int]:
-    """Layer indices (``all`` or ints, negative from the end) as sorted non-negative ints."""
-    if isinstance(indices, str):
-        if indices != "all":
-            raise ConfigError(key, f"expected `all` or a list of layer indices, got {indices!r}")
-        return list(range(n_layers))
-    if isinstance(indices, int):
-        indices = [indices]
-    if not isinstance(indices, (Sequence, ListConfig)) or not indices:
-        raise ConfigError(key, f"expected `all` or a non-empty list of layer indices, got {indices!r}")
-    out = []
-    for i in indices:
-        if not isinstance(i, int) or not -n_layers <= i < n_layers:
-            raise ConfigError(key, f"layer index {i!r} out of range for a {n_layers}-layer model")
-        out.append(i % n_layers)
-    return sorted(set(out))
-
-
-def check_keep_ratio(value: Any, key: str = "selection.keep_ratio") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ConfigError(key, f"must be a number in (0, 1], got {value!r}")
-    return float(value)
 
 
 def _one_of(value: Any, allowed: Sequence[str], key: str) -> None:
@@ -65,6 +46,35 @@ def statistic_names(cfg: DictConfig) -> list[str]:
         else:
             names.append(s)
     return names
+
+
+def scoring_dtype(cfg: DictConfig) -> torch.dtype:
+    """The dtype the model scores in: ``score.dtype`` (float32 when null), whatever ``model.dtype`` says.
+
+    The per-sample statistics differ by ~1e-5 relative; in bf16 a 1e-5 step is below the
+    weights' resolution and the ranking scrambles (Spearman 0.38 against float64 on a tiny
+    Llama, 0.9995 in fp32). bf16/fp16 need ``score.allow_low_precision=true`` and are then
+    always precision-checked (:func:`precision_check_samples`).
+    """
+    dtype = resolve_dtype(cfg.score.dtype or "float32", "score.dtype")
+    if cfg.score.mode == "exact":
+        dtype_key, dtype = "score.exact_dtype", resolve_dtype(cfg.score.exact_dtype, "score.exact_dtype")
+    else:
+        dtype_key = "score.dtype"
+    if dtype in LOW_PRECISION and not cfg.score.get("allow_low_precision", False):
+        raise ConfigError(dtype_key, f"{dtype} scrambles the ranking (a 1e-5 step is below its resolution); "
+                          "score in float32/float64, or opt in with score.allow_low_precision=true "
+                          "(the precision check then runs and is enforced)")
+    return dtype
+
+
+def precision_check_samples(cfg: DictConfig, dtype: torch.dtype) -> int:
+    """How many samples the float64 precision check re-scores (0: none)."""
+    pc = cfg.score.precision_check
+    n = int(pc.n_samples)
+    if dtype in LOW_PRECISION:
+        n = max(n, int(pc.low_precision_n_samples))
+    return n
 
 
 def model_depth(cfg: DictConfig) -> int | None:
@@ -116,8 +126,6 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg.score.mode, SCORE_MODES, "score.mode")
     for s in cfg.score.statistics:
         _one_of(s, STATISTICS, "score.statistics")
-    from resofilter.features.stage import scoring_dtype
-
     scoring_dtype(cfg)  # the precision policy: bf16/fp16 scoring only with score.allow_low_precision
     pc = cfg.score.precision_check
     if not 0 < pc.min_spearman <= 1 or pc.max_error_over_std <= 0:
@@ -145,7 +153,7 @@ def validate(cfg: DictConfig) -> None:
     # bf16/fp16 "-true" precision trains the weights themselves in half precision: a 1e-5 step
     # vanishes below their resolution (16 % of up_proj weights moved in 10 steps, issue 11)
     _one_of(str(cfg.finetune.precision), FINETUNE_PRECISIONS, "finetune.precision")
-    from resofilter.training.stage import check_optimizer, lora_config
+    from resofilter.stages.finetune import check_optimizer, lora_config
 
     check_optimizer(cfg.finetune.optimizer)
     if cfg.finetune.mode == "lora":

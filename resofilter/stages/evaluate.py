@@ -8,13 +8,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from resofilter import context, distributed
+from resofilter import distributed
 from resofilter._io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
 from resofilter.data.templates import Template
 from resofilter.errors import DataError, ResoFilterError
 from resofilter.evaluation.extract import EXTRACTORS
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
+from resofilter.stages import context
 
 log = logging.getLogger(__name__)
 

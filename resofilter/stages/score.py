@@ -13,8 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter._io import file_hash, stable_hash
-from resofilter.config_check import statistic_names
-from resofilter.data.records import Record
+from resofilter.data.records import Record, record_hashes
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
@@ -30,6 +29,7 @@ from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
 from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
 from resofilter.selection.scorers import layer_columns
+from resofilter.stages.config_check import precision_check_samples, scoring_dtype, statistic_names
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +61,6 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: t[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in t}
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def scoring_dtype(cfg: DictConfig) -> torch.dtype:
-    """The dtype the model scores in: ``score.dtype`` (float32 when null), whatever ``model.dtype`` says.
-
-    The per-sample statistics differ by ~1e-5 relative; in bf16 a 1e-5 step is below the
-    weights' resolution and the ranking scrambles (Spearman 0.38 against float64 on a tiny
-    Llama, 0.9995 in fp32). bf16/fp16 need ``score.allow_low_precision=true`` and are then
-    always precision-checked (:func:`precision_check_samples`).
-    """
-    dtype = resolve_dtype(cfg.score.dtype or "float32", "score.dtype")
-    if cfg.score.mode == "exact":
-        dtype_key, dtype = "score.exact_dtype", resolve_dtype(cfg.score.exact_dtype, "score.exact_dtype")
-    else:
-        dtype_key = "score.dtype"
-    if dtype in LOW_PRECISION and not cfg.score.get("allow_low_precision", False):
-        raise ConfigError(dtype_key, f"{dtype} scrambles the ranking (a 1e-5 step is below its resolution); "
-                          "score in float32/float64, or opt in with score.allow_low_precision=true "
-                          "(the precision check then runs and is enforced)")
-    return dtype
-
-
-def precision_check_samples(cfg: DictConfig, dtype: torch.dtype) -> int:
-    """How many samples the float64 precision check re-scores (0: none)."""
-    pc = cfg.score.precision_check
-    n = int(pc.n_samples)
-    if dtype in LOW_PRECISION:
-        n = max(n, int(pc.low_precision_n_samples))
-    return n
-
-
 def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
     """What determines the features (the resume / cache key), in plain values."""
     build = Path(model_dir) / "build.json"
@@ -107,11 +75,6 @@ def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
         "ifd": bool(cfg.score.ifd),
         "max_length": cfg.tokenize.max_length,
     }
-
-
-def record_hashes(records: list[Record]) -> dict[str, str]:
-    """sample_id → a hash of the record's text: what `select` checks the features against."""
-    return {r.sample_id: stable_hash([r.sample_id, r.query, r.input, r.response]) for r in records}
 
 
 def records_summary(records: list[Record], samples: list[TokenizedSample], hashes: dict[str, str]) -> dict[str, Any]:

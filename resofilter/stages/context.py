@@ -43,7 +43,7 @@ def benchmark_dir(cfg: DictConfig) -> Path | None:
     synth = cfg.data.get("synthetic")
     if synth is None:
         return None
-    from resofilter.models.embedded import ensure_benchmark
+    from resofilter.stages.embedded import ensure_benchmark
 
     return ensure_benchmark(synth, cfg.paths.cache_dir)
 
@@ -58,7 +58,7 @@ def model_dir(cfg: DictConfig) -> str:
     if synth is None:
         raise ConfigError("data.synthetic", "the embedded model is trained on the synthetic benchmark; "
                           "use data=math_synth or set model.name_or_path")
-    from resofilter.models.embedded import ensure_base_model, ensure_benchmark
+    from resofilter.stages.embedded import ensure_base_model, ensure_benchmark
 
     bench = ensure_benchmark(synth, cfg.paths.cache_dir)
     return str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))

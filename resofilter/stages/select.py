@@ -18,7 +18,7 @@ from resofilter._io import (
     write_jsonl_atomic,
     write_parquet_atomic,
 )
-from resofilter.data.records import Record, get_field
+from resofilter.data.records import Record, get_field, record_hashes
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.selection.diagnostics import auprc, auroc, drop_report, plot_histogram, plot_roc, roc_curve
 from resofilter.selection.scorers import (
@@ -59,8 +59,6 @@ def verify_records(features: pd.DataFrame, records: list[Record], manifest: dict
     Records tokenization skipped (prompt overflow, listed in the manifest) are allowed to be
     unscored; any other unscored record is an error unless ``allow_unscored``.
     """
-    from resofilter.features.stage import record_hashes
-
     hashes = record_hashes(records)
     if stable_hash(sorted(hashes.items())) == manifest["records"]["hash"]:
         return  # the very records that were scored

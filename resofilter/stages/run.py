@@ -16,12 +16,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter import context, distributed
+from resofilter import distributed
 from resofilter._io import file_hash, read_json, stable_hash, write_json_atomic
-from resofilter.evaluation.stage import run_evaluations
-from resofilter.features.stage import describe, score_records
-from resofilter.selection.stage import run_selection
-from resofilter.training.stage import load_checkpoint, run_finetune
+from resofilter.stages import context
+from resofilter.stages.evaluate import run_evaluations
+from resofilter.stages.finetune import load_checkpoint, run_finetune
+from resofilter.stages.score import describe, score_records
+from resofilter.stages.select import run_selection
 
 log = logging.getLogger(__name__)
 
