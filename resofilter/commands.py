@@ -81,7 +81,7 @@ def finetune(cfg: DictConfig) -> dict:
     return run_finetune(cfg, model_dir, records, context.template(cfg), out)
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Greedy generation on ``eval`` (and every ``evals`` set) → ``predictions.jsonl`` + ``metrics.json``."""
     validate(cfg)
     out = context.output_dir(cfg)
@@ -89,7 +89,7 @@ def evaluate(cfg: DictConfig) -> dict:
     model, tok = load_checkpoint(ckpt, cfg.model.dtype, cfg.model.get("attn_implementation"))
     model.to(local_device(cfg.trainer.accelerator))
     results = run_evaluations(cfg, model, tok, context.template(cfg), out)
-    return results[cfg.eval.name] if len(results) == 1 else results
+    return results
 
 
 def run(cfg: DictConfig) -> dict:

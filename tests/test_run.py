@@ -31,7 +31,9 @@ def test_run_end_to_end(tmp_path):
     res = run(cfg)
     out = tmp_path / "out"
     assert res["variant"] == "resofilter" and res["keep_ratio"] == 0.5 and not res["stages"]["score"]["cached"]
-    assert res["stages"]["select"]["n_out"] == 30 and 0 <= res["eval"]["math_synth"] <= 1
+    preds = [json.loads(x) for x in (tmp_path / "out" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert res["stages"]["select"]["n_out"] == 30 and len(preds) == 6
+    assert res["eval"]["math_synth"] == sum(p["correct"] for p in preds) / 6
     for f in ("results.json", "select/subset.jsonl", "select/diagnostics.json", "eval/metrics.json",
               "eval/predictions.jsonl", "finetune/checkpoint/config.json"):
         assert (out / f).exists(), f

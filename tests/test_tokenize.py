@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 
 from resofilter.data.records import Record
-from resofilter.data.templates import METAMATH_PROMPT, ChatTemplate, FormatTemplate
+from resofilter.data.templates import ChatTemplate, FormatTemplate
 from resofilter.data.tokenize import IGNORE_INDEX, Collator, length_buckets, tokenize_records
 from resofilter.errors import ConfigError, DataError
 from tests.conftest import compose_cfg
@@ -31,7 +31,9 @@ def test_labels_are_exactly_the_response_plus_eos(name, gsm8k_records, tokenizer
 
 
 def test_metamath_prompt_text():
-    tpl = FormatTemplate("metamath", METAMATH_PROMPT)
+    from hydra.utils import instantiate
+
+    tpl = instantiate(compose_cfg(["template=metamath"]).template)  # the shipped config, not a copy of it
     text = tpl.render_prompt("What is 2+3?", None)
     assert text.endswith("### Instruction:\nWhat is 2+3?\n\n### Response:\n")
     assert text.startswith("Below is an instruction that describes a task.")

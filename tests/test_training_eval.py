@@ -12,6 +12,7 @@ from resofilter.commands import evaluate, finetune
 from resofilter.data.tokenize import IGNORE_INDEX
 from resofilter.errors import DataError, ResoFilterError
 from resofilter.evaluation.extract import GSM8KExtractor, MathExtractor, SyntheticExtractor
+from resofilter.evaluation.generate import wilson_interval
 from resofilter.training.sft import causal_lm_loss, lr_lambda
 from tests.conftest import FIXTURES, GSM8K_TRAIN, compose_cfg, write_jsonl
 
@@ -137,11 +138,19 @@ def test_evaluate_writes_predictions_and_metrics(tmp_path, tiny_model_dir):
     cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "model.num_hidden_layers=4",
                        "eval=gsm8k", "eval.max_samples=4", "eval.max_new_tokens=4", f"output_dir={tmp_path}",
                        "template=plain", "eval.stop_strings=[]"], "evaluate")
-    m = evaluate(cfg)
+    m = evaluate(cfg)["gsm8k"]
     preds = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert m["n"] == 4 and len(preds) == 4 and set(preds[0]) >= {"sample_id", "prompt", "generation", "extracted",
                                                                   "gold", "correct"}
-    assert 0 <= m["ci95_low"] <= m["accuracy"] <= m["ci95_high"] <= 1
+    k = sum(p["correct"] for p in preds)
+    assert m["n_correct"] == k and m["accuracy"] == k / 4
+    assert (m["ci95_low"], m["ci95_high"]) == pytest.approx(wilson_interval(k, 4))
+
+
+def test_wilson_interval_by_hand():
+    # k=3, n=10, z=1.959964: centre (0.3 + z²/20)/(1 + z²/10) = 0.35550, half 0.24772
+    assert wilson_interval(3, 10) == pytest.approx((0.10779, 0.60322), abs=1e-5)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
 
 
 def test_evaluate_bad_input(tmp_path, tiny_model_dir):

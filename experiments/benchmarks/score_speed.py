@@ -31,8 +31,10 @@ if not DEFAULT_DATA.exists():
 
 
 def setup(args: argparse.Namespace):  # noqa: ANN201
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
     from resofilter.data.records import load_records
-    from resofilter.data.templates import METAMATH_PROMPT, FormatTemplate
     from resofilter.data.tokenize import tokenize_records
     from resofilter.features.targets import find_targets
     from resofilter.models.loading import build_tiny_model
@@ -40,7 +42,8 @@ def setup(args: argparse.Namespace):  # noqa: ANN201
 
     records = load_records(args.data, "question", "answer", max_samples=max(args.n, 2000))
     tok = train_tokenizer([f"{r.query}\n{r.response}" for r in records], vocab_size=args.vocab)
-    samples, _ = tokenize_records(records[: args.n], FormatTemplate("metamath", METAMATH_PROMPT), tok, 512)
+    template = instantiate(OmegaConf.load(ROOT / "conf" / "template" / "metamath.yaml"))
+    samples, _ = tokenize_records(records[: args.n], template, tok, 512)
     model = build_tiny_model("llama", len(tok), seed=0, hidden_size=256, intermediate_size=688,
                              num_hidden_layers=args.layers, num_attention_heads=8,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,

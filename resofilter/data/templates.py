@@ -12,20 +12,6 @@ from typing import Any, Protocol, runtime_checkable
 from resofilter.data.records import Record
 from resofilter.errors import ConfigError
 
-# The Alpaca-style prompt MetaMathQA models are trained and evaluated with.
-METAMATH_PROMPT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{query}\n\n### Response:\n"
-)
-METAMATH_PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{query}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-# The turn markers of the authors' gemma code.
-GEMMA_TURNS_PROMPT = "<start_of_turn>user\n{query}<end_of_turn>\n<start_of_turn>model\n"
-
 
 @runtime_checkable
 class Template(Protocol):

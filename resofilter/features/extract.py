@@ -10,6 +10,7 @@ an existing output dir is an error, never a silent mix.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -232,7 +233,7 @@ def extract_features(
     out_dir: str | Path,
     pad_token_id: int,
     description: dict[str, Any],
-    trainer_kwargs: dict[str, Any] | None = None,
+    make_trainer: Callable[..., pl.Trainer] | None = None,
     alone: Sequence[TokenizedSample] | None = None,
     finalize: Callable[[pd.DataFrame], tuple[pd.DataFrame, dict[str, Any]]] | None = None,
 ) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
@@ -267,19 +268,17 @@ def extract_features(
         log.info("resuming: %d of %d shards already done in %s", len(done), dm.n_shards(), shard_dir)
     module = FeatureModule(model, build_scorer(model, targets, step, settings), ifd=alone is not None)
     writer = ShardWriter(shard_dir, shard_size, len(samples))
-    kw = dict(accelerator="cpu", devices=1)
-    kw.update(trainer_kwargs or {})
+    make_trainer = make_trainer or functools.partial(pl.Trainer, accelerator="cpu", devices=1)
     # inference_mode=False: predict runs under no_grad, which the scorer lifts for its truncated backward
-    kw.update(logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
-              use_distributed_sampler=False, callbacks=[writer],
-              enable_progress_bar=settings.get("progress_bar", True))
-    kw.pop("log_every_n_steps", None)
-    trainer = pl.Trainer(**kw)
-    # batches are lists of indices we build ourselves; Lightning cannot (and need not) infer them
-    warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+    trainer = make_trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
+                           use_distributed_sampler=False, callbacks=[writer],
+                           enable_progress_bar=settings.get("progress_bar", True))
     t0 = time.perf_counter()
     if len(done) < dm.n_shards():
-        trainer.predict(module, datamodule=dm, return_predictions=False)
+        with warnings.catch_warnings():
+            # batches are lists of indices we build ourselves; Lightning cannot (and need not) infer them
+            warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+            trainer.predict(module, datamodule=dm, return_predictions=False)
     elapsed = time.perf_counter() - t0
     trainer.strategy.barrier()
     if trainer.global_rank != 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -52,7 +51,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, min_frequency: 
     fast.model_max_length = 4096
     log.info("trained BPE tokenizer: vocab %d", fast.vocab_size)
     return fast
-
-
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
-    tokenizer.save_pretrained(str(path))

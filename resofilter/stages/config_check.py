@@ -153,9 +153,11 @@ def validate(cfg: DictConfig) -> None:
     # bf16/fp16 "-true" precision trains the weights themselves in half precision: a 1e-5 step
     # vanishes below their resolution (16 % of up_proj weights moved in 10 steps, issue 11)
     _one_of(str(cfg.finetune.precision), FINETUNE_PRECISIONS, "finetune.precision")
-    from resofilter.stages.finetune import check_optimizer, lora_config
+    from resofilter.stages.finetune import check_target, lora_config
 
-    check_optimizer(cfg.finetune.optimizer)
+    check_target(cfg.finetune.optimizer, "finetune.optimizer", params=[])
+    check_target(cfg.trainer, "trainer", max_steps=1, precision="32-true", logger=False, callbacks=[])
+    check_target(cfg.logger, "logger", save_dir=".")
     if cfg.finetune.mode == "lora":
         if not cfg.finetune.get("lora"):
             raise ConfigError("finetune.lora", "finetune.mode=lora needs a `lora` section")
@@ -164,4 +166,3 @@ def validate(cfg: DictConfig) -> None:
     for ev, key in context.eval_sets(cfg).values():
         _one_of(ev.extractor, ("synthetic", "gsm8k", "math"), f"{key}.extractor")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")
-    _one_of(cfg.logger.name, ("csv", "wandb"), "logger.name")

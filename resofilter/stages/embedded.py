@@ -20,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter._io import read_json, stable_hash, write_json_atomic
+from resofilter._io import stable_hash, write_json_atomic
 from resofilter.data.records import load_records
 from resofilter.data.synthetic import SyntheticConfig, write_benchmark
 from resofilter.data.templates import Template
@@ -147,7 +147,3 @@ def _adamw(**kw: Any):  # noqa: ANN202
         return torch.optim.AdamW(params, **kw)
 
     return make
-
-
-def read_build(model_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(model_dir) / "build.json")

@@ -45,20 +45,23 @@ def lora_config(lora: Any) -> Any:
                           "lora_dropout, every other peft.LoraConfig field passes through)") from None
 
 
-def check_optimizer(optimizer: Any, key: str = "finetune.optimizer") -> None:
-    """Bind the optimizer config's kwargs to its constructor's signature: a typo fails before any weights load."""
+def check_target(node: Any, key: str, **supplied: Any) -> None:
+    """Bind a ``_target_`` config's kwargs (plus what the stage supplies) to the target's signature.
+
+    A typo or a missing argument fails validation, before any weights load, naming the key.
+    """
     import inspect
 
     from hydra.utils import get_class
 
-    node = OmegaConf.to_container(optimizer, resolve=True)
+    node = OmegaConf.to_container(node, resolve=True)
     try:
         cls = get_class(node["_target_"])
     except Exception as e:  # noqa: BLE001 - hydra raises several kinds
         raise ConfigError(f"{key}._target_", f"cannot import {node.get('_target_')!r}: {e}") from None
     kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
     try:
-        inspect.signature(cls).bind(params=[], **kwargs)
+        inspect.signature(cls).bind(**supplied, **kwargs)
     except TypeError as e:
         raise ConfigError(key, f"{cls.__name__}: {e}") from None
 
@@ -70,17 +73,6 @@ def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("LoRA r=%d: %d trainable parameters", lora["r"], trainable)
     return model
-
-
-def make_logger(cfg: DictConfig, out_dir: Path) -> Any:
-    if cfg.logger.name == "wandb":
-        from pytorch_lightning.loggers import WandbLogger
-
-        return WandbLogger(project=cfg.logger.project, entity=cfg.logger.get("entity"),
-                           offline=cfg.logger.offline, save_dir=str(out_dir))
-    from pytorch_lightning.loggers import CSVLogger
-
-    return CSVLogger(save_dir=str(out_dir), name="logs", version="")
 
 
 def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], template: Template,
@@ -102,14 +94,10 @@ def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], templat
     optimizer = instantiate(ft.optimizer)
     scheduler = OmegaConf.to_container(ft.scheduler, resolve=True)
     module = SFTModule(model, optimizer, scheduler)
-    t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer = pl.Trainer(
-        accelerator=t["accelerator"], devices=t["devices"], strategy=t["strategy"], num_nodes=t["num_nodes"],
-        max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
-        gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, log_every_n_steps=t["log_every_n_steps"],
-        enable_progress_bar=t["enable_progress_bar"], enable_checkpointing=False, enable_model_summary=False,
-        logger=make_logger(cfg, out_dir), deterministic=True,
-    )
+    trainer = instantiate(
+        cfg.trainer, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
+        gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,
+        enable_model_summary=False, logger=instantiate(cfg.logger, save_dir=str(out_dir)), deterministic=True)
     t0 = time.perf_counter()
     trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, ft.batch_size, seed=ft.seed))
     train_s = time.perf_counter() - t0

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter._io import file_hash, stable_hash
@@ -56,9 +60,9 @@ def settings_from(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {k: t[k] for k in ("accelerator", "devices", "strategy", "num_nodes") if k in t}
+def trainer_factory(cfg: DictConfig) -> Callable[..., pl.Trainer]:
+    """``trainer=`` config → a Trainer with the scoring loop's own arguments added."""
+    return functools.partial(instantiate, cfg.trainer)
 
 
 def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
@@ -141,7 +145,7 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
         return features, extra
 
     return extract_features(model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id,
-                            description, trainer_kwargs(cfg), alone, finalize)
+                            description, trainer_factory(cfg), alone, finalize)
 
 
 def check_finite(model: torch.nn.Module, where: str) -> None:
