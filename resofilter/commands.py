@@ -56,9 +56,10 @@ def score(cfg: DictConfig) -> dict | None:
     out = context.output_dir(cfg)
     model_dir = context.model_dir(cfg)
     records, data_info = context.load_data(cfg)
-    features, manifest = score_records(cfg, records, context.template(cfg), model_dir, out, data_info)
-    if manifest is None:  # not rank zero
+    scored = score_records(cfg, records, context.template(cfg), model_dir, out, data_info)
+    if scored is None:  # not rank zero
         return None
+    features, manifest = scored
     log.info("scored %d samples in %.1f s → %s", len(features), manifest["timing"]["score_s"], out)
     return manifest
 

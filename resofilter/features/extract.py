@@ -16,6 +16,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch.utils.data import DataLoader
 from resofilter._io import environment_info, read_json, stable_hash, write_json_atomic, write_parquet_atomic
 from resofilter.data.tokenize import Collator, TokenizedSample, length_buckets
 from resofilter.errors import ResoFilterError
+from resofilter.features.closed_form import StepConfig
 from resofilter.features.exact import ExactScorer
 from resofilter.features.fast import FastScorer, ppl, response_losses
 from resofilter.features.targets import Target
@@ -191,14 +193,46 @@ def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample]) -> pd.Data
     return df[cols].reset_index(drop=True)
 
 
-def full_description(description: dict[str, Any], samples: Sequence[TokenizedSample],
-                     target_names: Sequence[str]) -> dict[str, Any]:
-    """What identifies a features file: the run's description + the exact samples + the scored matrices."""
-    return {**description, "samples": samples_hash(samples), "targets": list(target_names)}
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How the scoring pass runs (``score.*``): what it computes and in what pieces."""
+
+    mode: str = "fast"  # fast (closed form) | exact (literal optimizer step per sample)
+    exact_dtype: torch.dtype = torch.float64
+    statistics: tuple[str, ...] = ("mean_abs",)
+    quantiles: tuple[float, ...] = ()
+    count_above: tuple[float, ...] = ()
+    chunk_elements: int = 1 << 21
+    logits_chunk_elements: int = 1 << 24
+    batch_size: int = 16
+    max_tokens_per_batch: int | None = None
+    shard_size: int = 256
+    progress_bar: bool = True
 
 
-def completed_features(out_dir: str | Path, description: dict[str, Any]) -> tuple[pd.DataFrame, dict] | None:
-    """(features, manifest) when ``out_dir`` already holds the finished features of ``description``.
+@dataclass(frozen=True)
+class FeaturesIdentity:
+    """What determines a features file, in plain values, and its hash ``key``.
+
+    The one identity: it names the cache directory (``resofilter run``), guards resume
+    (``shards/key.json``) and recognises finished features (``manifest.json``).
+    """
+
+    description: dict[str, Any]
+
+    @classmethod
+    def of(cls, description: dict[str, Any], samples: Sequence[TokenizedSample],
+           target_names: Sequence[str]) -> FeaturesIdentity:
+        """The run's description + the exact samples (ids, tokens, labels) + the scored matrices."""
+        return cls({**description, "samples": samples_hash(samples), "targets": list(target_names)})
+
+    @property
+    def key(self) -> str:
+        return stable_hash(self.description)
+
+
+def completed_features(out_dir: str | Path, identity: FeaturesIdentity) -> tuple[pd.DataFrame, dict] | None:
+    """(features, manifest) when ``out_dir`` already holds the finished features of ``identity``.
 
     ``None`` when it holds none; an error when it holds another config's.
     """
@@ -207,72 +241,66 @@ def completed_features(out_dir: str | Path, description: dict[str, Any]) -> tupl
     if not (final.exists() and (out_dir / MANIFEST_FILE).exists()):
         return None
     manifest = read_json(out_dir / MANIFEST_FILE)
-    key = stable_hash(description)
+    key = identity.key
     if manifest.get("key") != key:
         raise ResoFilterError(f"{out_dir} holds features of a different config; use a new output_dir")
     log.info("features already complete in %s (key %s): reusing", out_dir, key)
     return pd.read_parquet(final), manifest
 
 
-def build_scorer(model: torch.nn.Module, targets: Sequence[Target], step: Any,
-                 settings: dict[str, Any]) -> FastScorer | ExactScorer:
-    common = dict(statistics=settings["statistics"], quantiles=settings["quantiles"],
-                  count_above=settings["count_above"])
-    if settings["mode"] == "exact":
-        return ExactScorer(model, targets, step, dtype=settings["exact_dtype"], **common)
-    return FastScorer(model, targets, step, chunk_elements=settings["chunk_elements"],
-                      logits_chunk_elements=settings["logits_chunk_elements"], **common)
+def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
+                  settings: ScoreSettings) -> FastScorer | ExactScorer:
+    """The per-sample update scorer of ``settings.mode`` (fast closed form, or the exact literal loop)."""
+    common = dict(statistics=settings.statistics, quantiles=settings.quantiles, count_above=settings.count_above)
+    if settings.mode == "exact":
+        return ExactScorer(model, targets, step, dtype=settings.exact_dtype, **common)
+    return FastScorer(model, targets, step, chunk_elements=settings.chunk_elements,
+                      logits_chunk_elements=settings.logits_chunk_elements, **common)
 
 
 def extract_features(
     model: torch.nn.Module,
     samples: Sequence[TokenizedSample],
     targets: Sequence[Target],
-    step: Any,
-    settings: dict[str, Any],
+    step: StepConfig,
+    settings: ScoreSettings,
     out_dir: str | Path,
     pad_token_id: int,
-    description: dict[str, Any],
+    identity: FeaturesIdentity,
     make_trainer: Callable[..., pl.Trainer] | None = None,
     alone: Sequence[TokenizedSample] | None = None,
     finalize: Callable[[pd.DataFrame], tuple[pd.DataFrame, dict[str, Any]]] | None = None,
-) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
-    """Score every sample; returns (features, manifest) on rank 0, (None, None) elsewhere.
+) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """Score every sample; returns (features, manifest) on rank 0, ``None`` on the other ranks.
 
+    Finished features are the caller's to look for first (:func:`completed_features`, which
+    needs no weights); this resumes from finished shards of the same ``identity``.
     ``finalize(features) → (features, manifest fields)`` runs on rank 0 once the shards are
     merged, before anything final is written; if it raises (a failed precision check),
     neither ``features.parquet`` nor ``manifest.json`` appears and the shards stay for a rerun.
-
-    ``settings``: mode, exact_dtype (torch.dtype), statistics, quantiles, count_above,
-    chunk_elements, logits_chunk_elements, batch_size, max_tokens_per_batch, shard_size, progress_bar.
-    ``description``: what identifies this run, from :func:`full_description` (config, model,
-    data, samples, scored matrices) → the resume key.
     """
     if not samples:
         raise ResoFilterError("no samples to score (empty data after tokenization)")
-    if description.get("targets") != [t.name for t in targets]:
-        raise ResoFilterError(f"the description names targets {description.get('targets')}, the model has "
-                              f"{[t.name for t in targets]} (a bug: build it with full_description)")
+    if identity.description.get("targets") != [t.name for t in targets]:
+        raise ResoFilterError(f"the identity names targets {identity.description.get('targets')}, the model has "
+                              f"{[t.name for t in targets]} (a bug: build it with FeaturesIdentity.of)")
     out_dir = Path(out_dir)
     shard_dir = out_dir / "shards"
-    key = stable_hash(description)
+    key = identity.key
     final = out_dir / FEATURES_FILE
-    done_before = completed_features(out_dir, description)
-    if done_before is not None:
-        return done_before
-    shard_size = check_or_claim(shard_dir, key, description, settings["shard_size"])
+    shard_size = check_or_claim(shard_dir, key, identity.description, settings.shard_size)
     done = finished_shards(shard_dir)
-    dm = FeatureDataModule(samples, pad_token_id, shard_size, settings["batch_size"],
-                           settings.get("max_tokens_per_batch"), done, alone)
+    dm = FeatureDataModule(samples, pad_token_id, shard_size, settings.batch_size, settings.max_tokens_per_batch,
+                           done, alone)
     if done:
         log.info("resuming: %d of %d shards already done in %s", len(done), dm.n_shards(), shard_dir)
-    module = FeatureModule(model, build_scorer(model, targets, step, settings), ifd=alone is not None)
+    module = FeatureModule(model, update_scorer(model, targets, step, settings), ifd=alone is not None)
     writer = ShardWriter(shard_dir, shard_size, len(samples))
     make_trainer = make_trainer or functools.partial(pl.Trainer, accelerator="cpu", devices=1)
     # inference_mode=False: predict runs under no_grad, which the scorer lifts for its truncated backward
     trainer = make_trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
                            use_distributed_sampler=False, callbacks=[writer],
-                           enable_progress_bar=settings.get("progress_bar", True))
+                           enable_progress_bar=settings.progress_bar)
     t0 = time.perf_counter()
     if len(done) < dm.n_shards():
         with warnings.catch_warnings():
@@ -282,7 +310,7 @@ def extract_features(
     elapsed = time.perf_counter() - t0
     trainer.strategy.barrier()
     if trainer.global_rank != 0:
-        return None, None
+        return None
     if writer.pending:
         raise ResoFilterError(f"incomplete shards {sorted(writer.pending)} after scoring (a bug)")
     features = merge_shards(shard_dir, samples)
@@ -290,7 +318,7 @@ def extract_features(
     features, extra = finalize(features) if finalize is not None else (features, {})
     manifest = {
         "key": key,
-        "description": description,
+        "description": identity.description,
         "n_samples": len(samples),
         "n_shards": dm.n_shards(),
         "resumed_shards": len(done),

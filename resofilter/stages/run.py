@@ -1,9 +1,10 @@
 """``resofilter run``: score → select → finetune → evaluate in one run directory.
 
-Features are cached under ``<cache_dir>/features/<key>``, the key a hash of everything
-that determines them (model + build, data file, template, tokenization, step optimizer,
-dtype, scored layers and statistics), so every sweep member that shares them reuses one
-scoring pass; ``results.json`` records whether it did (``stages.score.cached``).
+Features are cached under ``<cache_dir>/features/<key>``, the key the features' identity
+(:class:`~resofilter.features.extract.FeaturesIdentity`: model + build, dtype, step,
+statistics, the exact tokenized samples, the scored matrices), so every sweep member that
+shares them reuses one scoring pass; ``results.json`` records whether it did
+(``stages.score.cached``).
 """
 
 from __future__ import annotations
@@ -17,24 +18,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed
-from resofilter._io import file_hash, read_json, stable_hash, write_json_atomic
+from resofilter._io import read_json, write_json_atomic
 from resofilter.stages import context
 from resofilter.stages.evaluate import run_evaluations
 from resofilter.stages.finetune import load_checkpoint, run_finetune
-from resofilter.stages.score import describe, score_records
+from resofilter.stages.score import prepare_scoring, score_records
 from resofilter.stages.select import run_selection
 
 log = logging.getLogger(__name__)
-
-
-def features_key(cfg: DictConfig, model_dir: str, data_path: Path) -> str:
-    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    return stable_hash({
-        **describe(cfg, model_dir), "data": file_hash(data_path), "data_cfg": plain(cfg.data),
-        "template": plain(cfg.template), "tokenize": plain(cfg.tokenize),
-        "candidates": plain(cfg.score.candidates), "quantiles": plain(cfg.score.quantiles),
-        "count_above": plain(cfg.score.count_above), "batch_size": cfg.score.batch_size,
-    })
 
 
 def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
@@ -44,14 +35,16 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
 
-    key = features_key(cfg, model_dir, Path(data_info["path"]))
+    t0 = time.perf_counter()
+    prepared = prepare_scoring(cfg, records, template, model_dir)
+    key = prepared.identity.key  # the features' identity names the shared cache dir
     feat_dir = Path(cfg.paths.cache_dir) / "features" / key
     cached = (feat_dir / "features.parquet").exists()
-    t0 = time.perf_counter()
     # Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
     # rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
-    _, fman = score_records(cfg, records, template, model_dir, feat_dir, data_info)
+    scored = score_records(cfg, records, template, model_dir, feat_dir, data_info, prepared)
     if distributed.is_rank_zero():
+        fman = scored[1]
         stages["score"] = {"cached": cached, "features_dir": str(feat_dir), "key": key,
                            "time_s": time.perf_counter() - t0, "scoring_time_s": fman["timing"]["score_s"]}
         log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,

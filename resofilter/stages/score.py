@@ -6,6 +6,7 @@ import functools
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from resofilter._io import file_hash, stable_hash
 from resofilter.data.records import Record, record_hashes
 from resofilter.data.templates import Template
-from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, tokenize_records
+from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeStats, tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.extract import (
     META_COLUMNS,
+    FeaturesIdentity,
+    ScoreSettings,
     completed_features,
     extract_features,
-    full_description,
 )
 from resofilter.features.fast import FastScorer
 from resofilter.features.statistics import BASIC
@@ -48,16 +50,38 @@ def response_alone(samples: list[TokenizedSample], tokenizer: Any) -> list[Token
     return out
 
 
-def settings_from(cfg: DictConfig) -> dict[str, Any]:
+def settings_from(cfg: DictConfig) -> ScoreSettings:
     s = cfg.score
-    return {
-        "mode": s.mode, "exact_dtype": resolve_dtype(s.exact_dtype, "score.exact_dtype"),
-        "statistics": list(s.statistics), "quantiles": list(s.quantiles), "count_above": list(s.count_above),
-        "chunk_elements": s.chunk_elements, "logits_chunk_elements": s.logits_chunk_elements,
-        "batch_size": s.batch_size,
-        "max_tokens_per_batch": s.max_tokens_per_batch, "shard_size": s.shard_size,
-        "progress_bar": s.progress_bar,
-    }
+    return ScoreSettings(
+        mode=s.mode, exact_dtype=resolve_dtype(s.exact_dtype, "score.exact_dtype"), statistics=tuple(s.statistics),
+        quantiles=tuple(s.quantiles), count_above=tuple(s.count_above), chunk_elements=s.chunk_elements,
+        logits_chunk_elements=s.logits_chunk_elements, batch_size=s.batch_size,
+        max_tokens_per_batch=s.max_tokens_per_batch, shard_size=s.shard_size, progress_bar=s.progress_bar)
+
+
+@dataclass(frozen=True)
+class ScoringInput:
+    """The tokenized samples of a score stage and the identity of the features they give."""
+
+    tokenizer: Any
+    samples: list[TokenizedSample]
+    stats: TokenizeStats
+    identity: FeaturesIdentity
+
+
+def prepare_scoring(cfg: DictConfig, records: list[Record], template: Template, model_dir: str) -> ScoringInput:
+    """Tokenize and compute the features' identity from the model's structure alone (no weights read).
+
+    What determines the features: the model (and its embedded build), the scoring dtype and
+    mode, the step, the statistics, the exact samples (ids, tokens, labels: data, template
+    and tokenization) and the scored matrices by name.
+    """
+    tok = load_tokenizer(model_dir)
+    samples, stats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
+                                      cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    cand = cfg.score.candidates
+    names = [t.name for t in find_targets(model_skeleton(model_dir), list(cand.modules), cand.indices)]
+    return ScoringInput(tok, samples, stats, FeaturesIdentity.of(describe(cfg, model_dir), samples, names))
 
 
 def trainer_factory(cfg: DictConfig) -> Callable[..., pl.Trainer]:
@@ -97,22 +121,20 @@ def structure_of(model: torch.nn.Module, targets: list[Target], dtype: torch.dty
 
 
 def score_records(cfg: DictConfig, records: list[Record], template: Template, model_dir: str,
-                  out_dir: Path, data_info: dict[str, Any] | None = None
-                  ) -> tuple[pd.DataFrame | None, dict[str, Any] | None]:
-    """Tokenize ``records`` and write ``features.parquet`` + ``manifest.json`` into ``out_dir``.
+                  out_dir: Path, data_info: dict[str, Any] | None = None,
+                  prepared: ScoringInput | None = None) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    """Write ``features.parquet`` + ``manifest.json`` for ``records`` into ``out_dir``.
 
-    The manifest is the last write and holds everything (config, tokenization, structure,
-    records, precision check): a directory without it is unfinished.
+    Returns (features, manifest) on rank 0 and ``None`` on the other ranks. Finished
+    features of the same identity are reused without loading weights. The manifest is the
+    last write and holds everything (config, tokenization, structure, records, precision
+    check): a directory without it is unfinished.
     """
     dtype = scoring_dtype(cfg)
-    tok = load_tokenizer(model_dir)
-    samples, tstats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
-                                       cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    prepared = prepared or prepare_scoring(cfg, records, template, model_dir)
+    tok, samples, tstats, identity = prepared.tokenizer, prepared.samples, prepared.stats, prepared.identity
     cand = cfg.score.candidates
-    # finished features are found from the model's structure alone: no weights are loaded
-    names = [t.name for t in find_targets(model_skeleton(model_dir), list(cand.modules), cand.indices)]
-    description = full_description(describe(cfg, model_dir), samples, names)
-    if samples and (done := completed_features(out_dir, description)):
+    if samples and (done := completed_features(out_dir, identity)):
         return done
     model = load_causal_lm(model_dir, dtype, cfg.model.get("attn_implementation"))
     check_finite(model, model_dir)  # before anything is written
@@ -145,7 +167,7 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
         return features, extra
 
     return extract_features(model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id,
-                            description, trainer_factory(cfg), alone, finalize)
+                            identity, trainer_factory(cfg), alone, finalize)
 
 
 def check_finite(model: torch.nn.Module, where: str) -> None:
