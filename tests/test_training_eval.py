@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from resofilter.commands import evaluate, finetune
 from resofilter.data.tokenize import IGNORE_INDEX
-from resofilter.errors import DataError, ResoFilterError
+from resofilter.errors import ConfigError, DataError, ResoFilterError
 from resofilter.evaluation.extract import GSM8KExtractor, MathExtractor, SyntheticExtractor
 from resofilter.evaluation.generate import wilson_interval
 from resofilter.training.sft import causal_lm_loss, lr_lambda
@@ -162,3 +162,54 @@ def test_evaluate_bad_input(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'answer'"):
         evaluate(compose_cfg([*base, f"eval.path={bad}"], "evaluate"))
     assert not (tmp_path / "metrics.json").exists()
+
+
+class FirstWordExtractor:
+    """A user's own extractor: one class, named in config by `_target_`, nothing else to register."""
+
+    name = "first_word"
+
+    def extract(self, text: str) -> str | None:
+        return text.split()[0] if text.split() else None
+
+    def gold(self, text: str) -> str:
+        return text.split("####")[-1].strip()
+
+    def equal(self, pred: str | None, gold: str) -> bool:
+        return pred == gold
+
+
+@pytest.mark.parametrize("kind", ["perfect", "wrong", "unparsable", "custom"])
+def test_evaluation_on_canned_generations(tmp_path, tiny_model_dir, monkeypatch, kind):
+    """The metrics of known generations: all right, all wrong, none parsable; and a user-defined extractor."""
+    from resofilter.evaluation import generate as gen_mod
+
+    gold = [r["answer"].split("####")[-1].strip().replace(",", "")
+            for r in map(json.loads, (FIXTURES / "gsm8k" / "test.jsonl").read_text().splitlines()[:6])]
+    canned = {"perfect": [f"Let me think. The answer is: {g}" for g in gold],
+              "wrong": [f"The answer is: {int(g) + 1}" for g in gold],
+              "unparsable": ["I do not know." for _ in gold],
+              "custom": [f"{g} is it" for g in gold]}[kind]
+    prompts_seen = []
+
+    def fake_generate(model, tokenizer, prompts, *a, **k):
+        prompts_seen.extend(prompts)
+        return [canned[i] for i in range(len(prompts))]  # records arrive in file order on one rank
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    extra = ["eval.extractor._target_=tests.test_training_eval.FirstWordExtractor"] if kind == "custom" else []
+    m = evaluate(compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k",
+                              "eval.max_samples=6", f"output_dir={tmp_path}", "template=plain", *extra],
+                             "evaluate"))["gsm8k"]
+    expected = {"perfect": (6, 0), "wrong": (0, 0), "unparsable": (0, 6), "custom": (6, 0)}[kind]
+    assert (m["n_correct"], m["extraction_failures"]) == expected and m["n"] == 6
+    assert prompts_seen[0].startswith("Question: ")  # the plain template's prompt
+
+
+@pytest.mark.parametrize("value,match", [("gsm8k", "name the extractor class"),
+                                          ("{_target_: builtins.dict}", "lacks extract/gold/equal")])
+def test_extractor_config_errors(value, match):
+    from resofilter.stages.config_check import validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg(["eval=gsm8k", f"eval.extractor={value}"], "evaluate"))

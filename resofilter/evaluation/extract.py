@@ -4,6 +4,9 @@
 * :class:`GSM8KExtractor` — gold after ``####``; predictions by ``The answer is: N``, else
   the last number; commas, ``$``, units and trailing periods normalised.
 * :class:`MathExtractor` — ``\\boxed{…}`` (last one), equivalence via ``math-verify``.
+
+An eval config names its extractor by ``_target_`` (``conf/eval/*.yaml``); a new one is a
+class with ``extract``/``gold``/``equal`` and a config line, nothing else.
 """
 
 from __future__ import annotations
@@ -135,5 +138,3 @@ class MathExtractor:
         except Exception:  # math-verify raises on unparsable LaTeX: not equal
             return False
 
-
-EXTRACTORS: dict[str, type] = {"synthetic": SyntheticExtractor, "gsm8k": GSM8KExtractor, "math": MathExtractor}

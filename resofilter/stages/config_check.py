@@ -153,6 +153,7 @@ def validate(cfg: DictConfig) -> None:
     # bf16/fp16 "-true" precision trains the weights themselves in half precision: a 1e-5 step
     # vanishes below their resolution (16 % of up_proj weights moved in 10 steps, issue 11)
     _one_of(str(cfg.finetune.precision), FINETUNE_PRECISIONS, "finetune.precision")
+    from resofilter.stages.evaluate import answer_extractor
     from resofilter.stages.finetune import check_target, lora_config
 
     check_target(cfg.finetune.optimizer, "finetune.optimizer", params=[])
@@ -164,5 +165,5 @@ def validate(cfg: DictConfig) -> None:
         lora_config(cfg.finetune.lora)
     _one_of(cfg.finetune.scheduler.name, ("cosine", "linear", "constant"), "finetune.scheduler.name")
     for ev, key in context.eval_sets(cfg).values():
-        _one_of(ev.extractor, ("synthetic", "gsm8k", "math"), f"{key}.extractor")
+        answer_extractor(ev.extractor, f"{key}.extractor")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")

@@ -6,23 +6,38 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from resofilter import distributed
 from resofilter._io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
 from resofilter.data.templates import Template
-from resofilter.errors import DataError, ResoFilterError
-from resofilter.evaluation.extract import EXTRACTORS
+from resofilter.errors import ConfigError, DataError, ResoFilterError
+from resofilter.evaluation.extract import AnswerExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
 from resofilter.stages import context
 
 log = logging.getLogger(__name__)
 
 
+def answer_extractor(node: Any, key: str) -> AnswerExtractor:
+    """The eval set's answer extractor from its ``_target_`` config; anything else is a ConfigError."""
+    if isinstance(node, str):  # the short names of before
+        raise ConfigError(key, f"{node!r}: name the extractor class, e.g. {key}._target_="
+                          f"resofilter.evaluation.extract.GSM8KExtractor (conf/eval/*.yaml show each)")
+    try:
+        extractor = instantiate(node)
+    except Exception as e:  # noqa: BLE001 - hydra wraps import and argument errors alike
+        raise ConfigError(key, f"cannot build the answer extractor: {e}") from None
+    if not isinstance(extractor, AnswerExtractor):
+        raise ConfigError(key, f"{type(extractor).__name__} lacks extract/gold/equal (the AnswerExtractor protocol)")
+    return extractor
+
+
 def load_eval_set(ev: DictConfig, path: str | Path) -> tuple[list[Record], list[str], Any]:
     """Eval records, their gold answers and the extractor for ``eval=`` config ``ev``."""
-    extractor = EXTRACTORS[ev.extractor]()
+    extractor = answer_extractor(ev.extractor, "eval.extractor")
     records = load_records(path, ev.query_field, ev.answer_field, id_field=ev.get("id_field"),
                            max_samples=ev.get("max_samples"))
     golds = []
