@@ -111,3 +111,19 @@ def test_finetune_kwargs_are_bound_before_anything_runs(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_cfg([*extra, override]))
     validate(compose_cfg(extra))
+
+
+def test_renamed_keys_say_their_new_name():
+    with pytest.raises(ConfigError, match="`exact` is now `literal`"):
+        validate(compose_cfg(["score.mode=exact"]))
+    with pytest.raises(ConfigError, match="literal_dtype"):
+        validate(compose_cfg(["score.exact_dtype=float32"]))
+
+
+def test_count_above_bounds_follow_the_step_lr():
+    from resofilter.stages.config_check import count_above_bounds, statistic_names
+
+    cfg = compose_cfg([])
+    assert count_above_bounds(cfg) == [1e-6, 5e-6, 9e-6]  # 0.1, 0.5, 0.9 × lr 1e-5
+    assert "count_above_5e-06" in statistic_names(cfg)
+    assert count_above_bounds(compose_cfg(["step.lr=2e-5"])) == [2e-6, 1e-5, 1.8e-5]

@@ -44,8 +44,8 @@ def test_f1_scoring_is_fp32_whatever_the_model_dtype():
     assert cfg.model.dtype == "bfloat16" and scoring_dtype(cfg) == torch.float32
     with pytest.raises(ConfigError, match="allow_low_precision"):
         validate(compose_cfg(["model=gemma2_2b", "score.dtype=bfloat16"], "score"))
-    with pytest.raises(ConfigError, match="score.exact_dtype"):
-        validate(compose_cfg(["score.mode=exact", "score.exact_dtype=bfloat16"], "score"))
+    with pytest.raises(ConfigError, match="score.literal_dtype"):
+        validate(compose_cfg(["score.mode=literal", "score.literal_dtype=bfloat16"], "score"))
     validate(compose_cfg(["model=gemma2_2b", "score.dtype=bfloat16", "score.allow_low_precision=true"], "score"))
 
 
@@ -310,7 +310,7 @@ def test_f8_finetune_fits_in_train_mode_and_scoring_runs_in_eval_mode(tmp_path, 
 # F9: non-finite models ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["fast", "exact"])
+@pytest.mark.parametrize("mode", ["fast", "literal"])
 def test_f9_nan_weight_is_a_named_error_before_anything_is_written(tmp_path, tokenizer, mode):
     model = tiny("llama", tokenizer)
     with torch.no_grad():

@@ -69,7 +69,7 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
 
 @pytest.mark.slow  # a real SIGKILL of a subprocess (~40 s); in-process resume: test_paper_scale.py F5
 def test_killed_run_resumes_to_identical_features(tmp_path, tiny_model_dir):
-    common = ["score.mode=exact", "score.shard_size=4", "score.batch_size=4"]
+    common = ["score.mode=literal", "score.shard_size=4", "score.batch_size=4"]
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     p = _cli(["score", *score_overrides(tiny_model_dir, ref_out, *common)])
     assert p.wait(timeout=600) == 0, p.stdout.read()

@@ -4,10 +4,10 @@ For every sample: restore the original weights, build a fresh ``torch.optim`` op
 over all parameters, one forward/backward on that sample alone (prompt masked), one
 ``.step()``, and diff the chosen weights: ΔW = W_after − W_before.
 
-It runs in ``score.exact_dtype`` (float64 by default). In float32 the rounding of
+It runs in ``score.literal_dtype`` (float64 by default). In float32 the rounding of
 W_after − W_before (≈1e-5 steps on weights of ≈1e-2) adds noise larger than the
 across-sample spread of the statistic, so an fp32 literal loop ranks samples largely by
-rounding noise; ``exact_dtype=float32`` reproduces the authors' procedure, noise included.
+rounding noise; ``literal_dtype=float32`` reproduces the authors' procedure, noise included.
 """
 
 from __future__ import annotations

@@ -197,8 +197,8 @@ def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample]) -> pd.Data
 class ScoreSettings:
     """How the scoring pass runs (``score.*``): what it computes and in what pieces."""
 
-    mode: str = "fast"  # fast (closed form) | exact (literal optimizer step per sample)
-    exact_dtype: torch.dtype = torch.float64
+    mode: str = "fast"  # fast (closed form) | literal (a real optimizer step per sample, the oracle)
+    literal_dtype: torch.dtype = torch.float64
     statistics: tuple[str, ...] = ("mean_abs",)
     quantiles: tuple[float, ...] = ()
     count_above: tuple[float, ...] = ()
@@ -250,10 +250,10 @@ def completed_features(out_dir: str | Path, identity: FeaturesIdentity) -> tuple
 
 def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
                   settings: ScoreSettings) -> FastScorer | ExactScorer:
-    """The per-sample update scorer of ``settings.mode`` (fast closed form, or the exact literal loop)."""
+    """The per-sample update scorer of ``settings.mode`` (fast closed form, or the literal loop)."""
     common = dict(statistics=settings.statistics, quantiles=settings.quantiles, count_above=settings.count_above)
-    if settings.mode == "exact":
-        return ExactScorer(model, targets, step, dtype=settings.exact_dtype, **common)
+    if settings.mode == "literal":
+        return ExactScorer(model, targets, step, dtype=settings.literal_dtype, **common)
     return FastScorer(model, targets, step, chunk_elements=settings.chunk_elements,
                       logits_chunk_elements=settings.logits_chunk_elements, **common)
 

@@ -26,7 +26,7 @@ STEP_OPTIMIZERS = ("sgd", "adam", "adamw")
 STATISTICS = ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight", "quantiles", "count_above")
 SCORERS = ("resofilter", "loss", "ppl", "length", "random", "ifd", "combined")
 DIRECTIONS = ("drop_high", "drop_low")
-SCORE_MODES = ("fast", "exact")
+SCORE_MODES = ("fast", "literal")
 FINETUNE_PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed")
 
 
@@ -42,7 +42,7 @@ def statistic_names(cfg: DictConfig) -> list[str]:
         if s == "quantiles":
             names += [f"q{q:g}" for q in cfg.score.quantiles]
         elif s == "count_above":
-            names += [f"count_above_{b:g}" for b in cfg.score.count_above]
+            names += [f"count_above_{b:g}" for b in count_above_bounds(cfg)]
         else:
             names.append(s)
     return names
@@ -57,8 +57,9 @@ def scoring_dtype(cfg: DictConfig) -> torch.dtype:
     always precision-checked (:func:`precision_check_samples`).
     """
     dtype = resolve_dtype(cfg.score.dtype or "float32", "score.dtype")
-    if cfg.score.mode == "exact":
-        dtype_key, dtype = "score.exact_dtype", resolve_dtype(cfg.score.exact_dtype, "score.exact_dtype")
+    renamed(cfg)
+    if cfg.score.mode == "literal":
+        dtype_key, dtype = "score.literal_dtype", resolve_dtype(cfg.score.literal_dtype, "score.literal_dtype")
     else:
         dtype_key = "score.dtype"
     if dtype in LOW_PRECISION and not cfg.score.get("allow_low_precision", False):
@@ -75,6 +76,20 @@ def precision_check_samples(cfg: DictConfig, dtype: torch.dtype) -> int:
     if dtype in LOW_PRECISION:
         n = max(n, int(pc.low_precision_n_samples))
     return n
+
+
+def renamed(cfg: DictConfig) -> None:
+    """Old names users may still have in scripts: a ConfigError that says the new one."""
+    if cfg.score.mode == "exact":
+        raise ConfigError("score.mode", "`exact` is now `literal` (the literal optimizer step per sample; "
+                          "the fast mode is exact too)")
+    if cfg.score.get("exact_dtype") is not None:
+        raise ConfigError("score.exact_dtype", "is now score.literal_dtype")
+
+
+def count_above_bounds(cfg: DictConfig) -> list[float]:
+    """``score.count_above`` (units of ``step.lr``) as absolute bounds on |ΔW|."""
+    return [float(f"{b * cfg.step.lr:.6g}") for b in cfg.score.count_above]
 
 
 def model_depth(cfg: DictConfig) -> int | None:
@@ -110,6 +125,7 @@ def model_depth(cfg: DictConfig) -> int | None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid key."""
+    renamed(cfg)
     resolve_dtype(cfg.model.dtype, "model.dtype")
     if cfg.model.get("name_or_path") is None and cfg.model.get("embedded") is None:
         raise ConfigError("model.name_or_path", "is null and there is no `embedded` recipe")

@@ -35,7 +35,12 @@ from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
 from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
 from resofilter.selection.scorers import layer_columns
-from resofilter.stages.config_check import precision_check_samples, scoring_dtype, statistic_names
+from resofilter.stages.config_check import (
+    count_above_bounds,
+    precision_check_samples,
+    scoring_dtype,
+    statistic_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +58,9 @@ def response_alone(samples: list[TokenizedSample], tokenizer: Any) -> list[Token
 def settings_from(cfg: DictConfig) -> ScoreSettings:
     s = cfg.score
     return ScoreSettings(
-        mode=s.mode, exact_dtype=resolve_dtype(s.exact_dtype, "score.exact_dtype"), statistics=tuple(s.statistics),
-        quantiles=tuple(s.quantiles), count_above=tuple(s.count_above), chunk_elements=s.chunk_elements,
+        mode=s.mode, literal_dtype=resolve_dtype(s.literal_dtype, "score.literal_dtype"),
+        statistics=tuple(s.statistics), quantiles=tuple(s.quantiles), count_above=tuple(count_above_bounds(cfg)),
+        chunk_elements=s.chunk_elements,
         logits_chunk_elements=s.logits_chunk_elements, batch_size=s.batch_size,
         max_tokens_per_batch=s.max_tokens_per_batch, shard_size=s.shard_size, progress_bar=s.progress_bar)
 
@@ -97,7 +103,7 @@ def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
         "model_build": file_hash(build) if build.exists() else None,
         "score_dtype": str(scoring_dtype(cfg)).removeprefix("torch."),
         "mode": cfg.score.mode,
-        "exact_dtype": cfg.score.exact_dtype if cfg.score.mode == "exact" else None,
+        "literal_dtype": cfg.score.literal_dtype if cfg.score.mode == "literal" else None,
         "step": OmegaConf.to_container(cfg.step, resolve=True),
         "statistics": statistic_names(cfg),
         "ifd": bool(cfg.score.ifd),
