@@ -339,3 +339,52 @@ def test_f9_cli_exit_code_and_select_on_nan_features(tmp_path, tokenizer, tiny_m
         select(compose_cfg(score_args(tiny_model_dir, tmp_path / "sel", "data.max_samples=12",
                                       f"features_dir={feat}"), "select"))
     assert not (tmp_path / "sel" / "subset.jsonl").exists()
+
+
+# the precision check's arithmetic and the template shared by training and evaluation (issue 12) -------
+
+
+def test_precision_check_reports_and_enforces_by_hand(tokenizer, gsm8k_records):
+    from resofilter.data.templates import FormatTemplate
+    from resofilter.data.tokenize import Collator, tokenize_records
+    from resofilter.features.closed_form import StepConfig
+    from resofilter.features.fast import FastScorer
+    from resofilter.features.targets import find_targets
+    from resofilter.stages.score import enforce_precision, precision_check
+
+    cfg = compose_cfg([])
+    model = tiny("llama", tokenizer).to(torch.float64).eval()
+    samples, _ = tokenize_records(gsm8k_records[:10], FormatTemplate("p", "Q: {query}\nA: "), tokenizer, 192)
+    targets = find_targets(model, ["mlp.up_proj"], "all")
+    step = StepConfig.from_cfg(cfg.step)
+    scorer = FastScorer(model, targets, step, ["mean_abs"])
+    cols = {t.name: [] for t in targets}
+    for s in samples:  # the float64 reference itself, one sample at a time as the check does it
+        stats, _, _ = scorer(Collator(tokenizer.pad_token_id)([s]))
+        for t in targets:
+            cols[t.name].append(stats[t.name]["mean_abs"].item())
+    features = pd.DataFrame({f"{k}/mean_abs": v for k, v in cols.items()})
+    report = precision_check(model, samples, targets, step, features, cfg, 10, tokenizer.pad_token_id)
+    assert report["spearman_vs_float64"] == pytest.approx(1.0) and report["max_abs_error"] < 1e-15
+    last3 = [f"model.layers.{i}.mlp.up_proj/mean_abs" for i in (1, 2, 3)]
+    std = float(np.std(features[last3].to_numpy().mean(axis=1)))
+    features.loc[4, last3] += 3 * std  # one sample off by 3 std of the spread
+    report = precision_check(model, samples, targets, step, features, cfg, 10, tokenizer.pad_token_id)
+    assert report["max_error_over_std"] == pytest.approx(3.0, rel=1e-6)
+    with pytest.raises(ResoFilterError, match="precision check failed"):
+        enforce_precision(report, cfg.score.precision_check)
+
+
+@pytest.mark.parametrize("template", ["plain", "metamath", "gemma_turns"])
+def test_finetune_and_evaluate_render_the_same_prompt(template, tokenizer, gsm8k_records):
+    from hydra.utils import instantiate
+
+    from resofilter.data.tokenize import IGNORE_INDEX, tokenize_records
+
+    tpl = instantiate(compose_cfg([f"template={template}"]).template)
+    (sample,), _ = tokenize_records(gsm8k_records[:1], tpl, tokenizer, 512)
+    n_prompt = sum(lab == IGNORE_INDEX for lab in sample.labels)
+    r = gsm8k_records[0]
+    eval_ids = tokenizer(tpl.render_prompt(r.query, r.input, tokenizer),
+                         add_special_tokens=tpl.add_special_tokens)["input_ids"]
+    assert sample.input_ids[:n_prompt] == eval_ids  # what fine-tuning conditions on is what evaluation feeds
