@@ -152,3 +152,28 @@ def test_mismatched_sample_ids(tmp_path):
     f.to_parquet(tmp_path / "feat" / "features.parquet")
     with pytest.raises(ResoFilterError, match="absent from the data"):
         select_cmd(cfg)
+
+
+class ShortestFirstScorer:
+    """A user's scorer: one class plus a `_target_` config; drops the longest responses."""
+
+    def __init__(self, name: str = "shortest", bad_end: str = "high") -> None:
+        self.name, self.bad_end = name, bad_end
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        assert features.attrs["num_hidden_layers"] == 4  # the scored model's depth, from the manifest
+        return features["n_tokens"].to_numpy(dtype=float)
+
+
+def test_a_user_scorer_is_one_class_and_a_target(tmp_path):
+    from resofilter.commands import select as select_cmd
+
+    cfg, _ = _stage_cfg(tmp_path, "+scorer._target_=tests.test_selection.ShortestFirstScorer", "~scorer.bad_end",
+                        "scorer.name=shortest", "selection.keep_ratio=0.5", "selection.dedup=null")
+    select_cmd(cfg)
+    subset = [json.loads(line) for line in (tmp_path / "out" / "subset.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in subset] == ["s0", "s1", "s2", "s3", "s4"]  # n_tokens = 0..8: the 5 shortest kept
+    (tmp_path / "b").mkdir()
+    bad, _ = _stage_cfg(tmp_path / "b", "+scorer._target_=builtins.dict")
+    with pytest.raises(ConfigError, match="Scorer protocol"):
+        select_cmd(bad)

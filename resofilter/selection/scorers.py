@@ -151,7 +151,23 @@ BASELINE_COLUMNS = {"loss": "loss", "ppl": "ppl", "length": "n_tokens", "ifd": "
 
 
 def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int, seed: int = 0) -> Scorer:
-    """A scorer from the ``scorer=`` config (plus the ``layers``/``statistic`` groups)."""
+    """A scorer from the ``scorer=`` config (plus the ``layers``/``statistic`` groups).
+
+    The built-in scorers go by ``name``; any other is a class named by ``_target_`` and built
+    from the config's other keys, which must satisfy :class:`Scorer` (``name``, ``bad_end``,
+    ``scores(features)``; the scored model's depth is ``features.attrs["num_hidden_layers"]``).
+    """
+    if "_target_" in scorer_cfg:
+        from hydra.utils import instantiate
+
+        try:
+            scorer = instantiate(scorer_cfg)
+        except Exception as e:  # noqa: BLE001 - hydra wraps import and argument errors alike
+            raise ConfigError("scorer", f"cannot build {scorer_cfg['_target_']!r}: {e}") from None
+        if not isinstance(scorer, Scorer):
+            raise ConfigError("scorer._target_",
+                              f"{type(scorer).__name__} lacks name/bad_end/scores (the Scorer protocol)")
+        return scorer
     name = scorer_cfg["name"]
     bad_end = scorer_cfg.get("bad_end", "high")
     if name == "resofilter":

@@ -160,7 +160,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.statistic.name not in stat_names:
         raise ConfigError("statistic.name",
                           f"{cfg.statistic.name!r} is not computed; score.statistics give {stat_names}")
-    _one_of(cfg.scorer.name, SCORERS, "scorer.name")
+    if "_target_" not in cfg.scorer:  # a user's own scorer class is checked when built
+        _one_of(cfg.scorer.name, SCORERS, "scorer.name")
     _one_of(cfg.scorer.get("bad_end", "high"), ("high", "low"), "scorer.bad_end")
     check_keep_ratio(cfg.selection.keep_ratio)
     _one_of(cfg.selection.direction, DIRECTIONS, "selection.direction")

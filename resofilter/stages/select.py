@@ -144,6 +144,7 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
     sel_cfg = cfg.selection
     verify_records(features, records, fman, features_dir, bool(sel_cfg.get("allow_unscored", False)))
     features, recs, n_unscored = align(features, records)
+    features.attrs["num_hidden_layers"] = n_layers  # what the artifact knows travels with it to every scorer
     scorer = build_scorer(OmegaConf.to_container(cfg.scorer, resolve=True),
                           OmegaConf.to_container(cfg.layers, resolve=True), cfg.statistic.name, n_layers, cfg.seed)
     bad = badness(scorer, features)
