@@ -1,9 +1,37 @@
 """The stages: each reads a composed config (and the previous stage's manifest), calls the
-library and writes its outputs with a manifest last.
+library and writes its outputs with a manifest last — a directory without its manifest is
+unfinished. The library packages (data, models, features, selection, training, evaluation,
+reporting) never import from here (``tests/test_layering.py``).
 
-``score`` → ``select`` → ``finetune`` → ``evaluate``, and ``run`` for all four; ``embedded``
-builds the embedded default (synthetic benchmark + base model); ``context`` resolves a
-config into concrete paths; ``config_check`` validates a config without loading weights.
-The library packages (data, models, features, selection, training, evaluation, reporting)
-never import from here.
+score
+    in: records; ``ScoreSettings`` and the ``FeaturesIdentity`` built from the config by
+    :func:`~resofilter.stages.score.prepare_scoring` (no weights read).
+    out: ``features.parquet`` (sample_id, loss, ppl, n_tokens, truncated, record_hash,
+    [loss_alone, ifd], ``<module>/<statistic>``), then ``manifest.json``: ``key`` and
+    ``description`` (model, build, score dtype, mode, step, statistics, samples hash,
+    targets), ``structure`` (depth, layer prefix, targets with shapes, dtype, model type),
+    ``records`` (count, content hash, ids skipped by tokenization), data, tokenization,
+    config, precision check, timing, world size.
+select
+    in: the features and their manifest (depth and records come from there), the records;
+    ``scorer``/``layers``/``statistic``/``selection``.
+    out: ``subset.jsonl`` (the input's schema), ``selection.parquet``, ``diagnostics.json``,
+    plots, then ``manifest.json``: scorer, layers, statistic, selection, the features' path,
+    hash and model, depth, scored columns, counts, diagnostics.
+finetune
+    in: records (a subset); ``finetune``/``trainer``/``logger``.
+    out: ``checkpoint/`` (HF ``save_pretrained``), ``logs/``, then ``finetune.json``:
+    checkpoint, base model, mode, records, tokenization, steps, speed.
+evaluate
+    in: a checkpoint; ``eval`` and ``evals``.
+    out: per eval set ``predictions.jsonl``, then ``metrics.json``: set, path, world size,
+    accuracy with its Wilson 95 % interval, n, extraction failures.
+run
+    all four in one directory, then ``resolved_config.json`` and ``results.json``: variant,
+    setting (the resolved config minus seeds, which ``table`` groups by), Hydra choices,
+    per-stage summaries, accuracies.
+
+``embedded`` builds the embedded default (synthetic benchmark + base model), ``context``
+resolves a config into concrete paths, ``config_check`` validates a config without loading
+weights (every ``_target_`` bound to its signature).
 """
