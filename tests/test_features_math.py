@@ -217,3 +217,25 @@ def test_block_quantiles_exact_with_ties_and_refinement(bins, gather):
         for q in qs:
             np.testing.assert_allclose(got[f"q{q:g}"][b].item(), np.quantile(flat, q), rtol=1e-12, atol=0,
                                        err_msg=f"sample {b} q{q}")
+
+
+def test_a_new_statistic_is_one_registered_function():
+    """Issue 12: a statistic of the kept sums is one decorated function (plus a conf/statistic file)."""
+    from resofilter.features.statistics import BASIC, statistic
+    from resofilter.stages.config_check import validate
+    from tests.conftest import compose_cfg
+
+    @statistic("mean_sq")
+    def mean_sq(m):
+        """Σ ΔW² / n."""
+        return m.sq_sum / m.n
+
+    try:
+        rng = np.random.default_rng(3)
+        dw, w = rng.normal(size=(2, 5, 4)), rng.normal(size=(5, 4))
+        acc = UpdateStatistics(2, (5, 4), ["mean_sq"])
+        acc.update(torch.from_numpy(dw), torch.from_numpy(w))
+        np.testing.assert_allclose(acc.result()["mean_sq"].numpy(), (dw ** 2).mean(axis=(1, 2)), rtol=1e-12)
+        validate(compose_cfg(["score.statistics=[mean_abs,mean_sq]", "statistic.name=mean_sq"]))
+    finally:
+        del BASIC["mean_sq"]

@@ -27,7 +27,60 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-BASIC = ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight")
+_TINY = torch.finfo(torch.float64).tiny
+
+# Statistics that are functions of the float64 sums UpdateStatistics keeps (n, Σ|ΔW|, ΣΔW,
+# ΣΔW², max/min |ΔW|, ⟨W,ΔW⟩, ‖W‖²), by name. A new one is one decorated function here plus
+# one conf/statistic/<name>.yaml; `score.statistics` and validation take their names from here.
+BASIC: dict[str, Callable[[UpdateStatistics], torch.Tensor]] = {}
+
+
+def statistic(name: str) -> Callable[[Callable[[UpdateStatistics], torch.Tensor]],
+                                     Callable[[UpdateStatistics], torch.Tensor]]:
+    def register(fn: Callable[[UpdateStatistics], torch.Tensor]) -> Callable[[UpdateStatistics], torch.Tensor]:
+        BASIC[name] = fn
+        return fn
+
+    return register
+
+
+@statistic("mean_abs")
+def mean_abs(m: UpdateStatistics) -> torch.Tensor:
+    """Σ|ΔW| / n: the paper's statistic."""
+    return m.abs_sum / m.n
+
+
+@statistic("l2")
+def l2(m: UpdateStatistics) -> torch.Tensor:
+    """√(Σ ΔW²) = ‖ΔW‖_F: DONOD's norm of delta."""
+    return m.sq_sum.sqrt()
+
+
+@statistic("max_abs")
+def max_abs(m: UpdateStatistics) -> torch.Tensor:
+    """max |ΔW|."""
+    return m.max_abs.clone()
+
+
+@statistic("std")
+def std(m: UpdateStatistics) -> torch.Tensor:
+    """√(Σ ΔW²/n − (Σ ΔW/n)²): population standard deviation of the elements."""
+    mean = m.sum / m.n
+    return (m.sq_sum / m.n - mean * mean).clamp_min(0).sqrt()
+
+
+@statistic("don")
+def don(m: UpdateStatistics) -> torch.Tensor:
+    """‖W+ΔW‖_F − ‖W‖_F (DONOD's delta of norm), stably: (2⟨W,ΔW⟩ + ‖ΔW‖²) / (‖W+ΔW‖_F + ‖W‖_F)."""
+    num = 2 * m.dot_w + m.sq_sum
+    new_norm = (m.w_sq + num).clamp_min(0).sqrt()
+    return num / (new_norm + m.w_sq.sqrt()).clamp_min(_TINY)
+
+
+@statistic("cos_to_weight")
+def cos_to_weight(m: UpdateStatistics) -> torch.Tensor:
+    """⟨W,ΔW⟩ / (‖W‖_F ‖ΔW‖_F): does the step grow (>0) or shrink W."""
+    return m.dot_w / (m.sq_sum.sqrt() * m.w_sq.sqrt()).clamp_min(_TINY)
 
 
 def quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
@@ -90,26 +143,10 @@ class UpdateStatistics:
                bins: int = 1024, gather_elements: int = 1 << 22) -> dict[str, torch.Tensor]:
         """``{name: (B,) float64}``. Quantiles need ``blocks``: a function that yields the same ΔW
         row blocks (B, r, d_in) again, once per extra pass (see :func:`block_quantiles`)."""
-        n = self.n
         out: dict[str, torch.Tensor] = {}
-        l2 = self.sq_sum.sqrt()
-        w_norm = self.w_sq.sqrt()
         for s in self.stats:
-            if s == "mean_abs":
-                out[s] = self.abs_sum / n
-            elif s == "l2":
-                out[s] = l2
-            elif s == "max_abs":
-                out[s] = self.max_abs.clone()
-            elif s == "std":
-                mean = self.sum / n
-                out[s] = (self.sq_sum / n - mean * mean).clamp_min(0).sqrt()
-            elif s == "don":
-                num = 2 * self.dot_w + self.sq_sum
-                new_norm = (self.w_sq + num).clamp_min(0).sqrt()
-                out[s] = num / (new_norm + w_norm).clamp_min(torch.finfo(torch.float64).tiny)
-            elif s == "cos_to_weight":
-                out[s] = self.dot_w / (l2 * w_norm).clamp_min(torch.finfo(torch.float64).tiny)
+            if s in BASIC:
+                out[s] = BASIC[s](self)
             elif s == "quantiles" and self.hold:
                 flat = torch.cat(self.abs_blocks, dim=1).to(torch.float64)  # (B, n), within hold_elements
                 for q in self.quantiles:

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from resofilter.errors import ConfigError
+from resofilter.features.statistics import BASIC
 from resofilter.features.targets import resolve_indices
 from resofilter.models.loading import resolve_dtype
 from resofilter.selection.select import check_keep_ratio
@@ -23,7 +24,6 @@ from resofilter.stages import context
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 STEP_OPTIMIZERS = ("sgd", "adam", "adamw")
-STATISTICS = ("mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight", "quantiles", "count_above")
 SCORERS = ("resofilter", "loss", "ppl", "length", "random", "ifd", "combined")
 DIRECTIONS = ("drop_high", "drop_low")
 SCORE_MODES = ("fast", "literal")
@@ -141,7 +141,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg.layers.get("aggregate", "mean"), ("mean", "sum", "max"), "layers.aggregate")
     _one_of(cfg.score.mode, SCORE_MODES, "score.mode")
     for s in cfg.score.statistics:
-        _one_of(s, STATISTICS, "score.statistics")
+        _one_of(s, (*BASIC, "quantiles", "count_above"), "score.statistics")  # BASIC: the registered ones
     scoring_dtype(cfg)  # the precision policy: bf16/fp16 scoring only with score.allow_low_precision
     pc = cfg.score.precision_check
     if not 0 < pc.min_spearman <= 1 or pc.max_error_over_std <= 0:
