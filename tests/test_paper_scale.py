@@ -77,7 +77,7 @@ def _moved(model_dir: Path, ckpt: Path) -> tuple[float, float]:
 
 def test_f2_bf16_mixed_finetune_keeps_fp32_master_weights(tmp_path, tiny_model_dir):
     common = ["data.max_samples=16", "tokenize.max_length=128", "finetune.max_steps=10", "finetune.batch_size=4",
-              "finetune.optimizer.lr=1e-5", "finetune.scheduler.warmup_ratio=0", "finetune.scheduler.name=constant",
+              "finetune.optimizer.lr=1e-5", "finetune.warmup_ratio=0", "finetune.scheduler.name=constant",
               "trainer.enable_progress_bar=false"]
     runs = {}
     for name, extra in {"fp32": ["finetune.precision=32-true"],

@@ -13,7 +13,7 @@ from resofilter.data.tokenize import IGNORE_INDEX
 from resofilter.errors import ConfigError, DataError, ResoFilterError
 from resofilter.evaluation.extract import GSM8KExtractor, MathExtractor, SyntheticExtractor
 from resofilter.evaluation.generate import wilson_interval
-from resofilter.training.sft import causal_lm_loss, lr_lambda
+from resofilter.training.sft import causal_lm_loss, make_scheduler
 from tests.conftest import FIXTURES, GSM8K_TRAIN, compose_cfg, write_jsonl
 
 
@@ -35,12 +35,21 @@ def test_causal_lm_loss_counts_response_tokens_only():
     assert n == 5 and torch.allclose(loss, by_hand)
 
 
-def test_lr_schedules():
-    f = lr_lambda("cosine", total_steps=10, warmup_steps=2)
-    # step 7: progress (7-2)/(10-2) = 0.625 → 0.5·(1 + cos(0.625π)) = 0.3087
-    assert [round(f(s), 4) for s in (0, 1, 2, 7, 10)] == [0.3333, 0.6667, 1.0, 0.3087, 0.0]
-    g = lr_lambda("linear", total_steps=10, warmup_steps=0)
-    assert [g(s) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+def test_lr_schedule_of_the_shipped_config():
+    """tiny_full: 5 % warmup from 0, cosine down to 5 % of the peak (transformers' cosine_with_min_lr)."""
+    from hydra.utils import instantiate
+
+    ft = compose_cfg(["finetune=tiny_full"]).finetune
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched, warmup = make_scheduler(instantiate(ft.scheduler), opt, total_steps=105, warmup_ratio=ft.warmup_ratio)
+    lrs = []
+    for _ in range(106):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # warmup 5 steps: 0, 0.2, …; peak at step 5; halfway through the decay (step 55) 0.05 + 0.95 · 0.5
+    assert warmup == 5 and lrs[0] == 0.0 and lrs[1] == pytest.approx(2e-4) and lrs[5] == pytest.approx(1e-3)
+    assert lrs[55] == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5)) and lrs[105] == pytest.approx(5e-5)
 
 
 def _loss(model_dir_or_model, tokenizer_dir):

@@ -85,7 +85,7 @@ def run_plain(cfg: Any, model_dir: str) -> dict[str, Any]:
 
     from resofilter.data.tokenize import tokenize_records
     from resofilter.models.loading import load_causal_lm, load_tokenizer
-    from resofilter.training.sft import SFTDataModule, causal_lm_loss, lr_lambda
+    from resofilter.training.sft import SFTDataModule, causal_lm_loss, make_scheduler
 
     ft = cfg.finetune
     records, tmpl = records_and_template(cfg)
@@ -99,9 +99,7 @@ def run_plain(cfg: Any, model_dir: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     opt = instantiate(ft.optimizer)([p for p in model.parameters() if p.requires_grad])
     total = ft.max_steps
-    warmup = int(round(ft.scheduler.warmup_ratio * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ft.scheduler.name, total, warmup,
-                                                             ft.scheduler.min_lr_ratio))
+    sched, _ = make_scheduler(instantiate(ft.scheduler), opt, total, ft.warmup_ratio)
     step, tokens, loss = 0, 0, torch.tensor(float("nan"))
     while step < total:
         # len(loader) batches per epoch, like Lightning: running the sampler to exhaustion would

@@ -180,7 +180,17 @@ def validate(cfg: DictConfig) -> None:
         if not cfg.finetune.get("lora"):
             raise ConfigError("finetune.lora", "finetune.mode=lora needs a `lora` section")
         lora_config(cfg.finetune.lora)
-    _one_of(cfg.finetune.scheduler.name, ("cosine", "linear", "constant"), "finetune.scheduler.name")
+    check_target(cfg.finetune.scheduler, "finetune.scheduler", optimizer=None, num_warmup_steps=0,
+                 num_training_steps=1)
+    from transformers import SchedulerType
+
+    try:
+        SchedulerType(cfg.finetune.scheduler.name)
+    except ValueError:
+        raise ConfigError("finetune.scheduler.name", f"unknown schedule {cfg.finetune.scheduler.name!r}; "
+                          f"transformers knows {[t.value for t in SchedulerType]}") from None
+    if not 0 <= cfg.finetune.warmup_ratio < 1:
+        raise ConfigError("finetune.warmup_ratio", f"must be in [0, 1), got {cfg.finetune.warmup_ratio}")
     for ev, key in context.eval_sets(cfg).values():
         answer_extractor(ev.extractor, f"{key}.extractor")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")

@@ -8,6 +8,7 @@ an ordinary HF model directory: the rest of the pipeline loads it through
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import get_scheduler
 
 from resofilter._io import stable_hash, write_json_atomic
 from resofilter.data.records import load_records
@@ -67,7 +69,9 @@ def base_model_key(embedded: Any, bench_dir: Path, template: Template) -> str:
     e = _plain(embedded)
     e.pop("eval", None)
     e["base_training"] = {k: v for k, v in e["base_training"].items() if k not in _DISPLAY_ONLY}
-    return stable_hash({"embedded": e, "bench": bench_dir.name,
+    # builder: the build procedure's version; bump it when the same config would train differently
+    # (2: transformers' schedules), so an old cached model is rebuilt rather than reused
+    return stable_hash({"embedded": e, "bench": bench_dir.name, "builder": 2,
                         "template": template.render_prompt("{q}", None, None)})
 
 
@@ -103,8 +107,9 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
              len(samples), n_params / 1e6, bt["steps"], bt["batch_size"])
     pl.seed_everything(bt["seed"], workers=True, verbose=False)
     optimizer = _adamw(lr=bt["lr"], weight_decay=bt["weight_decay"], betas=tuple(bt["betas"]))
-    module = SFTModule(model, optimizer, {"name": "cosine", "warmup_ratio": bt["warmup_ratio"],
-                                          "min_lr_ratio": bt["min_lr_ratio"]})
+    schedule = functools.partial(get_scheduler, "cosine_with_min_lr",
+                                 scheduler_specific_kwargs={"min_lr_rate": bt["min_lr_ratio"]})
+    module = SFTModule(model, optimizer, schedule, bt["warmup_ratio"])
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=bt["steps"], max_epochs=-1, logger=False,
         enable_checkpointing=False, enable_model_summary=False, gradient_clip_val=1.0,

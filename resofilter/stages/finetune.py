@@ -52,11 +52,11 @@ def check_target(node: Any, key: str, **supplied: Any) -> None:
     """
     import inspect
 
-    from hydra.utils import get_class
+    from hydra.utils import get_object
 
     node = OmegaConf.to_container(node, resolve=True)
     try:
-        cls = get_class(node["_target_"])
+        cls = get_object(node["_target_"])
     except Exception as e:  # noqa: BLE001 - hydra raises several kinds
         raise ConfigError(f"{key}._target_", f"cannot import {node.get('_target_')!r}: {e}") from None
     kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
@@ -92,8 +92,7 @@ def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], templat
         model.gradient_checkpointing_enable()
     model.train()  # from_pretrained returns eval mode: dropout (attention, LoRA) must be on while fitting
     optimizer = instantiate(ft.optimizer)
-    scheduler = OmegaConf.to_container(ft.scheduler, resolve=True)
-    module = SFTModule(model, optimizer, scheduler)
+    module = SFTModule(model, optimizer, instantiate(ft.scheduler), ft.warmup_ratio)
     trainer = instantiate(
         cfg.trainer, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,

@@ -2,14 +2,14 @@
 
 :class:`SFTDataModule` turns tokenized samples into shuffled, right-padded batches;
 :class:`SFTModule` trains any causal LM on them with the response-only loss (prompt
-positions are ``-100``). The optimizer is a ``_partial_`` config finished in
-``configure_optimizers``; the schedule is warmup + cosine / linear / constant.
+positions are ``-100``). The optimizer and the schedule (``transformers.get_scheduler``) are
+``_partial_`` configs finished in ``configure_optimizers``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,24 +23,18 @@ from resofilter.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "linear", "constant")
+def make_scheduler(scheduler: Callable[..., Any] | None, optimizer: torch.optim.Optimizer, total_steps: int,
+                   warmup_ratio: float) -> tuple[Any, int]:
+    """Finish a ``_partial_`` ``transformers.get_scheduler`` with the optimizer and the step counts.
 
+    Warmup is ``round(warmup_ratio × total_steps)`` optimizer steps (linear from 0); ``None`` is
+    a constant learning rate. Returns (scheduler, warmup steps).
+    """
+    from transformers import get_scheduler
 
-def lr_lambda(schedule: str, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0) -> Callable[[int], float]:
-    """Multiplier of the peak lr at optimizer step ``s``: linear warmup, then the decay."""
-    if schedule not in SCHEDULES:
-        raise ConfigError("finetune.scheduler.name", f"unknown schedule {schedule!r}; expected {SCHEDULES}")
-
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-        return min_lr_ratio + (1 - min_lr_ratio) * decay
-
-    return f
+    warmup = int(round(warmup_ratio * total_steps))
+    factory = scheduler or functools.partial(get_scheduler, "constant_with_warmup")
+    return factory(optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps), warmup
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -80,13 +74,15 @@ class SFTModule(pl.LightningModule):
         self,
         model: torch.nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: dict[str, Any] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        warmup_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
-        self.scheduler_cfg = dict(scheduler or {"name": "constant", "warmup_ratio": 0.0})
-        self.save_hyperparameters(ignore=["model", "optimizer"])
+        self.scheduler_factory = scheduler  # a _partial_ transformers.get_scheduler (None: constant)
+        self.warmup_ratio = warmup_ratio
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
         self._t_last: float | None = None
         self.tokens_seen = 0
 
@@ -113,10 +109,7 @@ class SFTModule(pl.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = self.optimizer_factory(params)
         total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(round(self.scheduler_cfg.get("warmup_ratio", 0.0) * total))
-        fn = lr_lambda(self.scheduler_cfg.get("name", "constant"), total, warmup,
-                       self.scheduler_cfg.get("min_lr_ratio", 0.0))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        log.info("optimizer %s, %d steps (%d warmup), schedule %s", type(opt).__name__, total, warmup,
-                 self.scheduler_cfg.get("name"))
+        sched, warmup = make_scheduler(self.scheduler_factory, opt, total, self.warmup_ratio)
+        name = self.scheduler_factory.keywords.get("name") if self.scheduler_factory else "constant"
+        log.info("optimizer %s, %d steps (%d warmup), schedule %s", type(opt).__name__, total, warmup, name)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
