@@ -222,3 +222,16 @@ def test_extractor_config_errors(value, match):
 
     with pytest.raises(ConfigError, match=match):
         validate(compose_cfg(["eval=gsm8k", f"eval.extractor={value}"], "evaluate"))
+
+
+def test_evaluate_uses_the_template_the_checkpoint_learned(tmp_path, tiny_model_dir):
+    """What the artifact knows wins: a fine-tuned checkpoint evaluated with another template is an error."""
+    ft = tmp_path / "ft"
+    finetune(compose_cfg(ft_overrides(tiny_model_dir, ft, "finetune.max_steps=1"), "finetune"))
+    assert json.loads((ft / "finetune.json").read_text())["template"]["name"] == "plain"
+    base = [f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k", "eval.max_samples=2",
+            "eval.max_new_tokens=2", f"output_dir={tmp_path / 'ev'}"]
+    for ckpt in (ft, ft / "checkpoint"):
+        with pytest.raises(ConfigError, match="fine-tuned with template 'plain'.*'metamath'"):
+            evaluate(compose_cfg([*base, f"checkpoint_dir={ckpt}", "template=metamath"], "evaluate"))
+    assert evaluate(compose_cfg([*base, f"checkpoint_dir={ft}", "template=plain"], "evaluate"))["gsm8k"]["n"] == 2

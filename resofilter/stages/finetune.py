@@ -14,7 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter._io import write_json_atomic
+from resofilter._io import read_json, write_json_atomic
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
@@ -121,7 +121,10 @@ def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], templat
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"checkpoint": str(final), "base_model": model_dir, "mode": ft.mode, "n_records": len(records),
               "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
-              "tokens_per_s": module.tokens_seen / max(train_s, 1e-9), "final_metrics": metrics}
+              "tokens_per_s": module.tokens_seen / max(train_s, 1e-9), "final_metrics": metrics,
+              # what evaluating this checkpoint must reuse: the prompt format it was trained on
+              "template": OmegaConf.to_container(cfg.template, resolve=True),
+              "tokenize": OmegaConf.to_container(cfg.tokenize, resolve=True)}
     write_json_atomic(out_dir / "finetune.json", result)
     trainer.strategy.barrier("checkpoint-saved")
     log.info("fine-tuned %d steps in %.0f s (%.0f tokens/s) → %s", trainer.global_step, train_s,
@@ -151,6 +154,21 @@ def check_master_weights(model: torch.nn.Module, precision: str) -> None:
     if low:
         raise ResoFilterError(f"trainable parameters in {low} under precision {precision}: "
                               "fine-tuning needs fp32 master weights (load in fp32 and use bf16-mixed)")
+
+
+def trained_template(checkpoint_dir: str | Path, template_cfg: DictConfig) -> None:
+    """A fine-tuned checkpoint is evaluated with the template it was trained on; another is a ConfigError."""
+    d = Path(checkpoint_dir)
+    candidates = [d / "finetune.json"] + ([d.parent / "finetune.json"] if d.name == CHECKPOINT else [])
+    record = next((p for p in candidates if p.exists()), None)
+    if record is None:  # a base model or another tool's checkpoint: the config's template
+        return
+    trained = read_json(record).get("template")
+    given = OmegaConf.to_container(template_cfg, resolve=True)
+    if trained is not None and trained != given:
+        raise ConfigError("template", f"{checkpoint_dir} was fine-tuned with template {trained.get('name')!r} "
+                          f"({record}); the config gives {given.get('name')!r}: evaluate it with the template "
+                          f"it learned (template={trained.get('name')})")
 
 
 def load_checkpoint(path: str | Path, dtype: str, attn: str | None = None) -> tuple[Any, Any]:
