@@ -99,11 +99,14 @@ def _rank_argv(argv: list[str]) -> list[str]:
 
 
 def _guard(fn: Callable[[object], object], arg: object) -> object:
+    """Run a command; a ResoFilterError is reported once (the log: stderr and the run's log file) and exits 2."""
     try:
         return fn(arg)
     except ResoFilterError as e:
-        log.error("%s", e)
-        sys.stderr.write(f"resofilter: error: {e}\n")
+        if logging.getLogger().handlers:  # under Hydra: its console handler writes to stderr
+            log.error("%s", e)
+        else:  # `table` configures no logging
+            sys.stderr.write(f"resofilter: error: {e}\n")
         raise SystemExit(2) from None
 
 
