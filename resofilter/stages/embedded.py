@@ -107,7 +107,7 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
              len(samples), n_params / 1e6, bt["steps"], bt["batch_size"])
     pl.seed_everything(bt["seed"], workers=True, verbose=False)
     optimizer = _adamw(lr=bt["lr"], weight_decay=bt["weight_decay"], betas=tuple(bt["betas"]))
-    schedule = functools.partial(get_scheduler, "cosine_with_min_lr",
+    schedule = functools.partial(get_scheduler, name="cosine_with_min_lr",
                                  scheduler_specific_kwargs={"min_lr_rate": bt["min_lr_ratio"]})
     module = SFTModule(model, optimizer, schedule, bt["warmup_ratio"])
     trainer = pl.Trainer(

@@ -33,7 +33,7 @@ def make_scheduler(scheduler: Callable[..., Any] | None, optimizer: torch.optim.
     from transformers import get_scheduler
 
     warmup = int(round(warmup_ratio * total_steps))
-    factory = scheduler or functools.partial(get_scheduler, "constant_with_warmup")
+    factory = scheduler or functools.partial(get_scheduler, name="constant_with_warmup")
     return factory(optimizer=optimizer, num_warmup_steps=warmup, num_training_steps=total_steps), warmup
 
 
