@@ -46,11 +46,26 @@ def get_field(row: dict[str, Any], name: str) -> Any:
     return value
 
 
+# compressed text, read transparently: ending → opener (standard library only)
+COMPRESSED = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+
+
 def detect_format(path: Path) -> str:
+    """By ending; a compression ending (``.jsonl.gz``) is looked through."""
     if path.is_dir():
         return "hf_disk"
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    suffixes = path.suffixes[:-1] if path.suffix in COMPRESSED else path.suffixes
+    suffix = suffixes[-1] if suffixes else ""
     return {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}.get(suffix, "jsonl")
+
+
+def open_text(path: Path) -> Any:
+    """A text handle on ``path``, decompressing ``.gz`` / ``.bz2`` / ``.xz``."""
+    import importlib
+
+    if path.suffix in COMPRESSED:
+        return importlib.import_module(COMPRESSED[path.suffix]).open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[str, Any]]]:
@@ -61,9 +76,12 @@ def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[s
     if fmt not in FORMATS:
         raise DataError(path, None, f"unknown format {fmt!r}; expected one of {FORMATS}")
     fmt = detect_format(path) if fmt == "auto" else fmt
+    if path.is_dir() and fmt == "hf_disk" and not any((path / f).exists() for f in _HF_DISK_MARKERS):
+        raise DataError(path, None, "is a directory but not a `datasets.save_to_disk` one (no dataset_info.json, "
+                        "state.json or dataset_dict.json): point data.path at a file or a saved dataset")
     if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with open_text(path) as f:
+            for lineno, line in _lines(f, path):
                 if not line.strip():
                     continue
                 try:
@@ -75,7 +93,7 @@ def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[s
                 yield lineno, row
     elif fmt == "json":
         try:
-            with open(path, encoding="utf-8") as f:
+            with open_text(path) as f:
                 data = json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(path, e.lineno, f"malformed JSON: {e.msg} (column {e.colno})") from None
@@ -100,6 +118,19 @@ def iter_rows(path: str | Path, fmt: str = "auto") -> Iterator[tuple[int, dict[s
             yield i, dict(row)
 
 
+_HF_DISK_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _lines(f: Any, path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line); undecodable bytes or a corrupt archive become a DataError naming the file/line."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, start=1):  # noqa: B007 - lineno is read in the except
+            yield lineno, line
+    except (UnicodeDecodeError, OSError, EOFError) as e:
+        raise DataError(path, lineno + 1, f"cannot read: {e}") from None
+
+
 def _text(row: dict[str, Any], name: str, path: Path, line: int, required: bool) -> str | None:
     try:
         value = get_field(row, name)
@@ -112,6 +143,14 @@ def _text(row: dict[str, Any], name: str, path: Path, line: int, required: bool)
     if not isinstance(value, str):
         raise DataError(path, line, f"field {name!r} must be a string, got {type(value).__name__}")
     return value
+
+
+_INVISIBLE = {"\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u00ad"}  # zero-width, BOM, soft hyphen
+
+
+def visible(text: str) -> bool:
+    """Any character left after removing Unicode whitespace and zero-width characters."""
+    return any(not ch.isspace() and ch not in _INVISIBLE for ch in text)
 
 
 def content_id(query: str, input_: str | None, response: str, position: int) -> str:
@@ -141,9 +180,10 @@ def load_records(
         response = _text(row, response_field, path, line, required=True)
         input_ = _text(row, input_field, path, line, required=False) if input_field else None
         assert query is not None and response is not None
-        if not response.strip():
-            raise DataError(path, line, f"empty response in field {response_field!r}")
-        if not query.strip():
+        if not visible(response):
+            raise DataError(path, line, f"empty response in field {response_field!r} (nothing but whitespace "
+                            "or zero-width characters)")
+        if not visible(query):
             raise DataError(path, line, f"empty query in field {query_field!r}")
         if id_field:
             try:

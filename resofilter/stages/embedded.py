@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
-from resofilter._io import stable_hash, write_json_atomic
+from resofilter._io import stable_hash, temporary_dir, write_json_atomic
 from resofilter.data.records import load_records
 from resofilter.data.synthetic import SyntheticConfig, write_benchmark
 from resofilter.data.templates import Template
@@ -54,11 +53,6 @@ def ensure_benchmark(synth_cfg: Any, cache_dir: str | Path) -> Path:
         return out
     write_benchmark(sc, out)  # manifest is written last: its presence marks completion
     return out
-
-
-def _atomic_dir(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
 
 
 # base_training settings that change how a build is shown, never its weights.
@@ -127,7 +121,7 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
         preds = predict_records(model, tokenizer, recs, golds, template, ex, batch_size=ev["batch_size"],
                                 max_new_tokens=ev["max_new_tokens"], progress=False)
         metrics[split] = accuracy_metrics(preds)
-    tmp = _atomic_dir(final)
+    tmp = temporary_dir(final)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter._io import read_json, write_json_atomic
+from resofilter._io import read_json, temporary_dir, write_json_atomic
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
@@ -104,7 +103,7 @@ def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], templat
     if not trainer.is_global_zero:  # rank 0 saves; the others wait for it, then know where it is
         trainer.strategy.barrier("checkpoint-saved")
         return {"checkpoint": str(final), "steps": trainer.global_step, "n_records": len(records)}
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=out_dir))
+    tmp = temporary_dir(final)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

@@ -1,0 +1,66 @@
+"""Issue 13: input and filesystem faults get a named error and leave outputs others can read."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+import stat
+
+import pytest
+
+from resofilter._io import temporary_dir, write_json_atomic
+from resofilter.data.records import load_records
+from resofilter.errors import DataError
+
+ROWS = [{"query": f"q{i}", "response": f"r{i}"} for i in range(3)]
+
+
+@pytest.mark.parametrize("ending,opener", [(".jsonl.gz", gzip.open), (".jsonl.bz2", bz2.open),
+                                           (".jsonl.xz", lzma.open), (".json.gz", gzip.open)])
+def test_compressed_inputs_read_transparently(tmp_path, ending, opener):
+    path = tmp_path / f"data{ending}"
+    text = json.dumps(ROWS) if ".json." in ending else "".join(json.dumps(r) + "\n" for r in ROWS)
+    with opener(path, "wt", encoding="utf-8") as f:
+        f.write(text)
+    assert [r.response for r in load_records(path)] == ["r0", "r1", "r2"]
+
+
+def test_compressed_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write(json.dumps(ROWS[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl.gz:2.*malformed JSON"):
+        load_records(path)
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"query": "q", "response": "r"}\n' * 50)[:40])  # truncated archive
+    with pytest.raises(DataError, match="broken.jsonl.gz.*cannot read"):
+        load_records(broken)
+
+
+def test_a_directory_that_is_not_a_dataset_is_a_named_error(tmp_path):
+    (tmp_path / "somedir").mkdir()
+    with pytest.raises(DataError, match="somedir.*not a `datasets.save_to_disk`"):
+        load_records(tmp_path / "somedir")
+
+
+@pytest.mark.parametrize("response", ["\u200b", " \u200b\u200d\n", "\ufeff", "\u00a0\u2060"])
+def test_invisible_responses_are_refused(tmp_path, response):
+    path = tmp_path / "d.jsonl"
+    rows = [{"query": "q", "response": "ok"}, {"query": "q2", "response": response}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"d.jsonl:2.*empty response"):
+        load_records(path)
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        d = temporary_dir(tmp_path / "checkpoint")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE(d.stat().st_mode) == 0o755
