@@ -158,3 +158,60 @@ def environment_info() -> dict[str, Any]:
         "git_revision": git_revision(),
         "created_unix": time.time(),
     }
+
+
+LOCK_FILE = ".resofilter.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: str | os.PathLike[str], stage: str, wait: bool = False) -> Iterator[None]:
+    """One writer per output directory: an exclusive ``flock`` on ``<out>/.resofilter.lock``.
+
+    The file holds the holder (pid, host, stage, since). ``wait=False``: a second process gets
+    a :class:`ResoFilterError` naming the holder at once; ``wait=True`` (a shared cache): it
+    waits for the holder to finish, then carries on (and finds its work done). The lock goes
+    with the process, so a killed holder never leaves a stale lock behind.
+    """
+    import fcntl
+    import logging
+    import socket
+
+    from resofilter.errors import ResoFilterError
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = open(out_dir / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the stage
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown holder"
+            if not wait:
+                raise ResoFilterError(f"{out_dir} is being written by another resofilter process ({holder}); "
+                                      "wait for it to finish or use another output_dir") from None
+            logging.getLogger(__name__).info("waiting for %s, which holds %s", holder, out_dir)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
+
+
+def remove_orphans(directory: str | os.PathLike[str], patterns: Iterable[str]) -> list[Path]:
+    """Delete the temporaries a killed run left (``.name.XXXX.tmp`` files, ``.name.XXXX`` dirs).
+
+    Call it only while holding the directory (its lock, or as its only writer).
+    """
+    import shutil
+
+    removed = []
+    for pattern in patterns:
+        for p in Path(directory).glob(pattern):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            removed.append(p)
+    return removed

@@ -14,6 +14,7 @@ import pytest
 from resofilter._io import temporary_dir, write_json_atomic
 from resofilter.data.records import load_records
 from resofilter.errors import DataError
+from tests.conftest import compose_cfg
 
 ROWS = [{"query": f"q{i}", "response": f"r{i}"} for i in range(3)]
 
@@ -64,3 +65,63 @@ def test_outputs_follow_the_umask(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE(d.stat().st_mode) == 0o755
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tmp_path, tiny_model_dir):
+    import fcntl
+
+    from resofilter._io import LOCK_FILE
+    from resofilter.commands import score
+    from resofilter.errors import ResoFilterError
+    from tests.test_paper_scale import score_args
+
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = open(out / LOCK_FILE, "w")  # another process's lock (flock conflicts across open files)
+    holder.write('{"pid": 4242, "host": "node17", "stage": "score"}\n')
+    holder.flush()
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ResoFilterError, match="being written by another resofilter process.*4242.*node17"):
+            score(compose_cfg(score_args(tiny_model_dir, out, "data.max_samples=8"), "score"))
+    finally:
+        holder.close()
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else written
+    assert score(compose_cfg(score_args(tiny_model_dir, out, "data.max_samples=8"), "score"))["records"]["n"] == 8
+
+
+def test_a_waiting_writer_goes_on_when_the_holder_is_done(tmp_path):
+    import threading
+    import time
+
+    from resofilter._io import output_lock
+
+    order = []
+
+    def first():
+        with output_lock(tmp_path, "score"):
+            order.append("first in")
+            time.sleep(0.5)
+            order.append("first out")
+
+    t = threading.Thread(target=first)
+    t.start()
+    time.sleep(0.1)
+    with output_lock(tmp_path, "score", wait=True):
+        order.append("second in")
+    t.join()
+    assert order == ["first in", "first out", "second in"]
+
+
+def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(tmp_path, tiny_model_dir):
+    from resofilter.commands import score
+    from tests.test_paper_scale import score_args
+
+    out = tmp_path / "o"
+    (out / "shards").mkdir(parents=True)
+    orphans = [out / ".features.parquet.abc123.tmp", out / ".manifest.json.x9.tmp",
+               out / "shards" / ".shard-00001.parquet.q.tmp"]
+    for p in orphans:
+        p.write_text("half")
+    score(compose_cfg(score_args(tiny_model_dir, out, "data.max_samples=8"), "score"))
+    assert not any(p.exists() for p in orphans) and (out / "features.parquet").exists()

@@ -13,7 +13,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter._io import read_json, temporary_dir, write_json_atomic
+from resofilter import distributed
+from resofilter._io import read_json, remove_orphans, temporary_dir, write_json_atomic
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
@@ -82,6 +83,8 @@ def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], templat
     tok = load_tokenizer(model_dir)
     samples, stats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
                                       cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    if distributed.is_rank_zero():
+        remove_orphans(out_dir, (f".{CHECKPOINT}.*",))  # a killed run's half-saved checkpoint
     pl.seed_everything(ft.seed, workers=True, verbose=False)
     model = load_causal_lm(model_dir, training_load_dtype(cfg), cfg.model.get("attn_implementation"))
     if ft.mode == "lora":

@@ -42,7 +42,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     cached = (feat_dir / "features.parquet").exists()
     # Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
     # rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
-    scored = score_records(cfg, records, template, model_dir, feat_dir, data_info, prepared)
+    scored = score_records(cfg, records, template, model_dir, feat_dir, data_info, prepared, wait_for_lock=True)
     if distributed.is_rank_zero():
         fman = scored[1]
         stages["score"] = {"cached": cached, "features_dir": str(feat_dir), "key": key,

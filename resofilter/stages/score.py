@@ -17,7 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter._io import file_hash, stable_hash
+from resofilter import distributed
+from resofilter._io import file_hash, output_lock, remove_orphans, stable_hash
 from resofilter.data.records import Record, record_hashes
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeStats, tokenize_records
@@ -128,16 +129,29 @@ def structure_of(model: torch.nn.Module, targets: list[Target], dtype: torch.dty
 
 def score_records(cfg: DictConfig, records: list[Record], template: Template, model_dir: str,
                   out_dir: Path, data_info: dict[str, Any] | None = None,
-                  prepared: ScoringInput | None = None) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+                  prepared: ScoringInput | None = None,
+                  wait_for_lock: bool = False) -> tuple[pd.DataFrame, dict[str, Any]] | None:
     """Write ``features.parquet`` + ``manifest.json`` for ``records`` into ``out_dir``.
 
     Returns (features, manifest) on rank 0 and ``None`` on the other ranks. Finished
     features of the same identity are reused without loading weights. The manifest is the
     last write and holds everything (config, tokenization, structure, records, precision
-    check): a directory without it is unfinished.
+    check): a directory without it is unfinished. Rank 0 holds ``out_dir``'s lock for the
+    stage (another process: an error naming it, or with ``wait_for_lock`` a wait) and first
+    removes the temporaries a killed run left.
     """
-    dtype = scoring_dtype(cfg)
     prepared = prepared or prepare_scoring(cfg, records, template, model_dir)
+    if not distributed.is_rank_zero():  # rank 0 holds the directory for every rank
+        return _score(cfg, records, model_dir, out_dir, data_info, prepared)
+    with output_lock(out_dir, "score", wait=wait_for_lock):
+        if removed := remove_orphans(out_dir, (".*.tmp", "shards/.*.tmp")):
+            log.info("removed %d temporaries of an interrupted run in %s", len(removed), out_dir)
+        return _score(cfg, records, model_dir, out_dir, data_info, prepared)
+
+
+def _score(cfg: DictConfig, records: list[Record], model_dir: str, out_dir: Path, data_info: dict[str, Any] | None,
+           prepared: ScoringInput) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    dtype = scoring_dtype(cfg)
     tok, samples, tstats, identity = prepared.tokenizer, prepared.samples, prepared.stats, prepared.identity
     cand = cfg.score.candidates
     if samples and (done := completed_features(out_dir, identity)):
