@@ -12,12 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from resofilter.errors import ResoFilterError
 
 log = logging.getLogger("resofilter")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# `${if_set:${output_dir},<default>}`: the value unless it is null (oc.select only covers a missing key)
+OmegaConf.register_new_resolver("if_set", lambda value, default: default if value is None else value, replace=True)
 
 
 # name → help line; the functions live in resofilter.commands (imported only to run one,
@@ -70,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     full_argv = [sys.argv[0], name, *rest]
+    if "--cfg" not in rest and "-c" not in rest and (problem := _unwritable(rest)):
+        sys.stderr.write(f"resofilter: error: {problem}\n")
+        raise SystemExit(2)
 
     # conf/<command>.yaml composes config.yaml and sets `command`.
     @hydra.main(config_path=CONF_DIR, config_name=name, version_base="1.3")
@@ -81,6 +86,23 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [f"resofilter {name}", *rest]
     _app()
+
+
+def _unwritable(args: list[str]) -> str | None:
+    """Where this command would write, if it cannot: checked before Hydra creates any directory."""
+    import os
+
+    given = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args if "=" in a}
+    multirun = "-m" in args or "--multirun" in args
+    key = "hydra.sweep.dir" if multirun else "output_dir" if "output_dir" in given else "hydra.run.dir"
+    target = Path(given[key]) if key in given else Path.cwd()
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        where = f"{key}={target}" if key in given else f"the current directory {target} (set output_dir=…)"
+        return f"cannot write to {where}: {probe} is not writable"
+    return None
 
 
 def _rank_argv(argv: list[str]) -> list[str]:

@@ -14,7 +14,7 @@ import pytest
 from resofilter._io import temporary_dir, write_json_atomic
 from resofilter.data.records import load_records
 from resofilter.errors import DataError
-from tests.conftest import compose_cfg
+from tests.conftest import FIXTURES, compose_cfg
 
 ROWS = [{"query": f"q{i}", "response": f"r{i}"} for i in range(3)]
 
@@ -125,3 +125,32 @@ def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(tmp_path, tin
         p.write_text("half")
     score(compose_cfg(score_args(tiny_model_dir, out, "data.max_samples=8"), "score"))
     assert not any(p.exists() for p in orphans) and (out / "features.parquet").exists()
+
+
+def test_unwritable_destinations_are_named_before_hydra_writes(tmp_path, monkeypatch):
+    """Root passes every permission check, so the probe is patched: only `locked` refuses writes."""
+    from resofilter import cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode: os.path.realpath(p) != os.path.realpath(locked))
+    msg = cli._unwritable([f"output_dir={locked / 'run1'}"])
+    assert msg and "output_dir=" in msg and str(locked) in msg
+    monkeypatch.chdir(locked)
+    assert "current directory" in cli._unwritable(["seed=1"])
+    assert cli._unwritable([f"output_dir={tmp_path / 'fine'}"]) is None  # output_dir is Hydra's run dir too
+    assert "hydra.sweep.dir" in cli._unwritable(["-m", f"hydra.sweep.dir={locked / 's'}"])
+    with pytest.raises(SystemExit) as e:
+        cli.main(["score", f"output_dir={locked / 'x'}"])
+    assert e.value.code == 2 and not (locked / "x").exists()
+
+
+def test_output_dir_is_the_run_dir_so_nothing_lands_in_outputs(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "resofilter.cli", "score", "model.name_or_path=/nonexistent",
+                        f"output_dir={tmp_path / 'out'}", "data=gsm8k"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "GSM8K_DIR": str(FIXTURES / "gsm8k")})
+    assert p.returncode == 2 and "not found" in p.stderr
+    assert not (tmp_path / "outputs").exists() and (tmp_path / "out" / ".hydra").is_dir()
