@@ -16,7 +16,7 @@ from resofilter.reporting.table import write_table
 from resofilter.stages import context
 from resofilter.stages.config_check import validate
 from resofilter.stages.evaluate import run_evaluations
-from resofilter.stages.finetune import load_checkpoint, run_finetune, trained_template
+from resofilter.stages.finetune import checkpoint_id, load_checkpoint, run_finetune, trained_template
 from resofilter.stages.run import run_pipeline
 from resofilter.stages.score import score_records
 from resofilter.stages.select import run_selection
@@ -90,7 +90,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     trained_template(ckpt, cfg.template)  # the prompt format the checkpoint learned, not a new one
     model, tok = load_checkpoint(ckpt, cfg.model.dtype, cfg.model.get("attn_implementation"))
     model.to(local_device(cfg.trainer.accelerator))
-    results = run_evaluations(cfg, model, tok, context.template(cfg), out)
+    results = run_evaluations(cfg, model, tok, context.template(cfg), out, checkpoint_id(ckpt))
     return results
 
 

@@ -154,3 +154,36 @@ def test_output_dir_is_the_run_dir_so_nothing_lands_in_outputs(tmp_path):
                        env={**os.environ, "GSM8K_DIR": str(FIXTURES / "gsm8k")})
     assert p.returncode == 2 and "not found" in p.stderr
     assert not (tmp_path / "outputs").exists() and (tmp_path / "out" / ".hydra").is_dir()
+
+
+def test_a_killed_evaluation_resumes_to_the_same_predictions(tmp_path, tiny_model_dir, monkeypatch):
+    """An eval loop that dies after 2 chunks: the rerun generates only the rest and ends identical."""
+    from resofilter.commands import evaluate
+    from resofilter.evaluation import generate as gen_mod
+
+    calls = []
+
+    def canned(model, tokenizer, prompts, *a, **k):  # deterministic per prompt, like greedy decoding
+        calls.append(len(prompts))
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("killed")
+        return [f"The answer is: {len(p) % 7}" for p in prompts]
+
+    monkeypatch.setattr(gen_mod, "generate", canned)
+    args = [f"model.name_or_path={tiny_model_dir}", "eval=gsm8k", "eval.max_samples=10", "eval.save_every=3",
+            "template=plain"]
+    fail_after = None
+    ref = evaluate(compose_cfg([*args, f"output_dir={tmp_path / 'ref'}"], "evaluate"))["gsm8k"]
+    out = tmp_path / "killed"
+    calls.clear()
+    fail_after = 2
+    with pytest.raises(RuntimeError, match="killed"):
+        evaluate(compose_cfg([*args, f"output_dir={out}"], "evaluate"))
+    assert not (out / "metrics.json").exists() and not (out / "predictions.jsonl").exists()
+    calls.clear()
+    fail_after = None
+    got = evaluate(compose_cfg([*args, f"output_dir={out}"], "evaluate"))["gsm8k"]
+    assert sum(calls) == 4 and got["resumed"] == 6  # 2 chunks of 3 were kept; 10 − 6 generated again
+    assert (out / "predictions.jsonl").read_text() == (tmp_path / "ref" / "predictions.jsonl").read_text()
+    assert {k: v for k, v in got.items() if k != "resumed"} == {k: v for k, v in ref.items() if k != "resumed"}
+    assert not list(out.glob(".predictions.*"))  # the partial files are gone once complete

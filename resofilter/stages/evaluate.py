@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed
-from resofilter._io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from resofilter._io import stable_hash, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
 from resofilter.data.templates import Template
 from resofilter.errors import ConfigError, DataError, ResoFilterError
@@ -58,50 +60,101 @@ def few_shot_prefix(ev: DictConfig, template: Template, tokenizer: Any) -> str:
     return "".join(template.render_prompt(s.query, s.input, tokenizer) + s.response + "\n\n" for s in shots)
 
 
+PARTIAL = ".predictions.rank{rank}.partial.jsonl"
+
+
+def _read_partial(path: Path, key: str) -> list[dict[str, Any]]:
+    """Predictions a (killed) earlier run appended; [] if the file is another run's or absent.
+
+    Line 1 is ``{"key": …}`` (eval set, template, checkpoint); a torn last line is dropped.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        if not lines or json.loads(lines[0]).get("key") != key:
+            log.warning("%s belongs to another evaluation: ignored", path)
+            return []
+    except json.JSONDecodeError:
+        return []
+    rows = []
+    for i, line in enumerate(lines[1:], start=2):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines):
+                raise ResoFilterError(f"{path}:{i}: corrupt prediction line; delete the file to redo them") from None
+    return rows
+
+
 def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path, template: Template,
-                   out_dir: str | Path) -> dict[str, Any] | None:
+                   out_dir: str | Path, model_id: str = "") -> dict[str, Any] | None:
     """Predictions and metrics of one eval set; under DDP each rank generates every world-th problem.
 
-    Rank 0 merges the ranks' predictions (original order), writes ``predictions.jsonl`` and
-    ``metrics.json`` and returns the metrics; the other ranks return ``None``.
+    Predictions are appended to a per-rank partial file every ``eval.save_every`` problems
+    (flushed and synced), so a killed run loses at most that many: a rerun with the same eval
+    set, template and checkpoint (``model_id``) skips what is done. Rank 0 then merges every
+    rank's predictions (original order), writes ``predictions.jsonl`` and, last,
+    ``metrics.json``, and returns the metrics; the other ranks return ``None``.
     """
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     records, golds, extractor = load_eval_set(ev, path)
     rank, world = distributed.rank(), distributed.world_size()
-    mine = list(range(rank, len(records), world))
-    preds = predict_records(
-        model, tokenizer, [records[i] for i in mine], [golds[i] for i in mine], template, extractor,
-        batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens, stop_strings=list(ev.get("stop_strings") or []),
-        few_shot_prefix=few_shot_prefix(ev, template, tokenizer), min_new_tokens=ev.get("min_new_tokens", 0))
-    if world > 1:
-        part = out_dir / f".predictions.rank{rank}.jsonl"
-        write_jsonl_atomic(part, preds)
-        distributed.barrier()
-        if rank != 0:
-            distributed.barrier()  # rank 0 has merged
-            return None
-        parts = [read_jsonl(out_dir / f".predictions.rank{r}.jsonl") for r in range(world)]
-        preds = [parts[i % world][i // world] for i in range(len(records))]  # record i came from rank i % world
+    key = stable_hash([OmegaConf.to_container(ev, resolve=True), str(path), template.render_prompt("{q}", None, None),
+                       model_id])
+    partials = sorted(out_dir.glob(PARTIAL.format(rank="*")))
+    done = {p["sample_id"]: p for f in partials for p in _read_partial(f, key)}
+    mine = [i for i in range(rank, len(records), world) if records[i].sample_id not in done]
+    if done:
+        log.info("%s: %d predictions already done, %d to go on rank %d", ev.name, len(done), len(mine), rank)
+    own = out_dir / PARTIAL.format(rank=rank)
+    kept = [p for p in _read_partial(own, key)]
+    prefix = few_shot_prefix(ev, template, tokenizer)
+    step = int(ev.get("save_every") or len(records) or 1)
+    with open(own, "w", encoding="utf-8") as f:  # rewritten: header, then what this rank already had
+        f.write(json.dumps({"key": key}) + "\n")
+        for p in kept:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        for start in range(0, len(mine), step):
+            chunk = mine[start:start + step]
+            for p in predict_records(
+                    model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
+                    batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                    stop_strings=list(ev.get("stop_strings") or []), few_shot_prefix=prefix,
+                    min_new_tokens=ev.get("min_new_tokens", 0)):
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    distributed.barrier()
+    if rank != 0:
+        distributed.barrier()  # rank 0 has merged
+        return None
+    by_id = {p["sample_id"]: p for f in sorted(out_dir.glob(PARTIAL.format(rank="*"))) for p in _read_partial(f, key)}
+    missing = [r.sample_id for r in records if r.sample_id not in by_id]
+    if missing:
+        raise ResoFilterError(f"{len(missing)} predictions missing after generation (e.g. {missing[:3]}); a bug")
+    preds = [by_id[r.sample_id] for r in records]
     if sum(not p["generation"].strip() for p in preds) == len(preds):
         raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
-    metrics = {"eval": ev.name, "path": str(path), "world_size": world, **accuracy_metrics(preds)}
+    metrics = {"eval": ev.name, "path": str(path), "world_size": world, "resumed": len(done),
+               **accuracy_metrics(preds)}
     write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    if world > 1:
-        for r in range(world):
-            (out_dir / f".predictions.rank{r}.jsonl").unlink()
-        distributed.barrier()
+    write_json_atomic(out_dir / "metrics.json", metrics)  # the last write: this eval set is complete
+    for f in out_dir.glob(PARTIAL.format(rank="*")):
+        f.unlink()
+    distributed.barrier()
     return metrics
 
 
 def run_evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template,
-                    out_dir: str | Path) -> dict[str, dict[str, Any]]:
+                    out_dir: str | Path, model_id: str = "") -> dict[str, dict[str, Any]]:
     """Evaluate on ``eval`` (into ``<out>/``) and on every ``evals`` entry (into ``<out>/<name>/``)."""
     out_dir = Path(out_dir)
     results = {}
     for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):
         metrics = run_evaluation(model, tokenizer, ev, context.eval_path(cfg, key), template,
-                                 out_dir if i == 0 else out_dir / name)
+                                 out_dir if i == 0 else out_dir / name, model_id)
         if metrics is not None:  # rank 0
             results[name] = metrics
             log.info("%s: accuracy %.4f (n=%d)", name, metrics["accuracy"], metrics["n"])

@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed
-from resofilter._io import read_json, remove_orphans, temporary_dir, write_json_atomic
+from resofilter._io import file_hash, read_json, remove_orphans, stable_hash, temporary_dir, write_json_atomic
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
@@ -158,11 +158,22 @@ def check_master_weights(model: torch.nn.Module, precision: str) -> None:
                               "fine-tuning needs fp32 master weights (load in fp32 and use bf16-mixed)")
 
 
-def trained_template(checkpoint_dir: str | Path, template_cfg: DictConfig) -> None:
-    """A fine-tuned checkpoint is evaluated with the template it was trained on; another is a ConfigError."""
+def _finetune_record(checkpoint_dir: str | Path) -> Path | None:
+    """The ``finetune.json`` of a fine-tuning output dir or of its ``checkpoint/``, if any."""
     d = Path(checkpoint_dir)
     candidates = [d / "finetune.json"] + ([d.parent / "finetune.json"] if d.name == CHECKPOINT else [])
-    record = next((p for p in candidates if p.exists()), None)
+    return next((p for p in candidates if p.exists()), None)
+
+
+def checkpoint_id(checkpoint_dir: str | Path) -> str:
+    """What identifies a model to evaluate: its path and, for our checkpoints, their training record."""
+    record = _finetune_record(checkpoint_dir)
+    return stable_hash([str(Path(checkpoint_dir).resolve()), file_hash(record) if record else None])
+
+
+def trained_template(checkpoint_dir: str | Path, template_cfg: DictConfig) -> None:
+    """A fine-tuned checkpoint is evaluated with the template it was trained on; another is a ConfigError."""
+    record = _finetune_record(checkpoint_dir)
     if record is None:  # a base model or another tool's checkpoint: the config's template
         return
     trained = read_json(record).get("template")

@@ -21,7 +21,7 @@ from resofilter import distributed
 from resofilter._io import read_json, write_json_atomic
 from resofilter.stages import context
 from resofilter.stages.evaluate import run_evaluations
-from resofilter.stages.finetune import load_checkpoint, run_finetune
+from resofilter.stages.finetune import checkpoint_id, load_checkpoint, run_finetune
 from resofilter.stages.score import prepare_scoring, score_records
 from resofilter.stages.select import run_selection
 
@@ -68,7 +68,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, tok = load_checkpoint(ft["checkpoint"], cfg.model.dtype, cfg.model.get("attn_implementation"))
     model.to(distributed.local_device(cfg.trainer.accelerator))
-    evals = run_evaluations(cfg, model, tok, template, out / "eval")
+    evals = run_evaluations(cfg, model, tok, template, out / "eval", checkpoint_id(ft["checkpoint"]))
     if not distributed.is_rank_zero():
         return {}
     metrics = evals[cfg.eval.name]
