@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from resofilter.features.extract import write_shard
 from tests.conftest import FIXTURES, GSM8K_TRAIN, tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,8 +120,7 @@ def test_ddp_scoring_with_an_idle_rank_and_resume_after_one_rank_finished(tmp_pa
     (part / "shards" / "key.json").write_text(json.dumps({"key": manifest["key"], "description":
                                                           manifest["description"], "shard_size": 16}))
     for k in range(3):
-        full.iloc[16 * k:16 * (k + 1)].assign(index=range(16 * k, 16 * (k + 1))).to_parquet(
-            part / "shards" / f"shard-{k:05d}.parquet", index=False)
+        write_shard(part / "shards", k, full.iloc[16 * k:16 * (k + 1)].assign(index=range(16 * k, 16 * (k + 1))))
     p = _cli(["score", *common, f"output_dir={part}", "score.shard_size=16", *ddp])
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     resumed = json.loads((part / "manifest.json").read_text())

@@ -187,3 +187,51 @@ def test_a_killed_evaluation_resumes_to_the_same_predictions(tmp_path, tiny_mode
     assert (out / "predictions.jsonl").read_text() == (tmp_path / "ref" / "predictions.jsonl").read_text()
     assert {k: v for k, v in got.items() if k != "resumed"} == {k: v for k, v in ref.items() if k != "resumed"}
     assert not list(out.glob(".predictions.*"))  # the partial files are gone once complete
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "edit_value", "extra_row", "no_checksum"])
+def test_a_damaged_shard_is_named_and_recomputed(tmp_path, tiny_model_dir, monkeypatch, caplog, damage):
+    """Resume checks every shard against its checksum; only the bad one is scored again."""
+    import logging
+
+    import pandas as pd
+
+    from resofilter.commands import score
+    from resofilter.features import extract
+    from tests.test_paper_scale import score_args
+
+    ref = tmp_path / "ref"
+    score(compose_cfg(score_args(tiny_model_dir, ref), "score"))
+    out = tmp_path / "o"
+    real, written = extract.write_shard, []
+
+    def dies_after_three(shard_dir, k, frame):
+        if len(written) == 3:
+            raise RuntimeError("killed")
+        written.append(k)
+        real(shard_dir, k, frame)
+
+    monkeypatch.setattr(extract, "write_shard", dies_after_three)
+    with pytest.raises(RuntimeError, match="killed"):
+        score(compose_cfg(score_args(tiny_model_dir, out), "score"))
+    monkeypatch.setattr(extract, "write_shard", real)
+    bad = out / "shards" / "shard-00001.parquet"
+    raw = bytearray(bad.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x10
+        bad.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        bad.write_bytes(bytes(raw[: len(raw) // 3]))
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "no_checksum":
+        (out / "shards" / "shard-00001.parquet.sha256.json").unlink()
+    else:
+        df = pd.read_parquet(bad)
+        df = df.assign(loss=df["loss"] + 1.0) if damage == "edit_value" else pd.concat([df, df.iloc[:1]])
+        df.to_parquet(bad, index=False)
+    with caplog.at_level(logging.WARNING):
+        manifest = score(compose_cfg(score_args(tiny_model_dir, out), "score"))
+    assert "shard-00001.parquet is invalid" in caplog.text
+    assert manifest["resumed_shards"] == 2  # shards 0 and 2 kept, 1 recomputed
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "features.parquet"), pd.read_parquet(ref / "features.parquet"))

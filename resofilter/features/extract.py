@@ -27,7 +27,14 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from resofilter._io import environment_info, read_json, stable_hash, write_json_atomic, write_parquet_atomic
+from resofilter._io import (
+    environment_info,
+    file_hash,
+    read_json,
+    stable_hash,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from resofilter.data.tokenize import Collator, TokenizedSample, length_buckets
 from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
@@ -131,8 +138,25 @@ class FeatureModule(pl.LightningModule):
         return rows
 
 
+def shard_path(shard_dir: Path, k: int) -> Path:
+    return shard_dir / f"shard-{k:05d}.parquet"
+
+
+def _sum_path(shard: Path) -> Path:
+    return shard.with_name(shard.name + ".sha256.json")
+
+
+def _ids_hash(ids: Sequence[str]) -> str:
+    return stable_hash(list(ids))
+
+
 class ShardWriter(BasePredictionWriter):
-    """Writes a shard's rows atomically as soon as the shard is complete."""
+    """Writes a shard's rows atomically as soon as the shard is complete, then its checksum.
+
+    ``shard-k.parquet.sha256.json`` (sha256 of the file, its row count and the hash of the
+    sample ids it covers) is written after the shard: a shard without a matching one is
+    recomputed on resume.
+    """
 
     def __init__(self, shard_dir: Path, shard_size: int, n_samples: int) -> None:
         super().__init__(write_interval="batch")
@@ -149,13 +173,44 @@ class ShardWriter(BasePredictionWriter):
             rows = self.pending.setdefault(k, [])
             rows.append(row)
             if len(rows) == self.expected(k):
-                frame = pd.DataFrame(sorted(rows, key=lambda r: r["index"]))
-                write_parquet_atomic(self.shard_dir / f"shard-{k:05d}.parquet", frame)
+                write_shard(self.shard_dir, k, pd.DataFrame(sorted(rows, key=lambda r: r["index"])))
                 del self.pending[k]
 
 
-def finished_shards(shard_dir: Path) -> set[int]:
-    return {int(p.stem.split("-")[1]) for p in shard_dir.glob("shard-*.parquet")}
+def write_shard(shard_dir: Path, k: int, frame: pd.DataFrame) -> None:
+    """Shard k atomically, then its checksum (sha256 of the file, rows, hash of its sample ids)."""
+    path = shard_path(shard_dir, k)
+    write_parquet_atomic(path, frame)
+    write_json_atomic(_sum_path(path), {"sha256": file_hash(path, length=64), "rows": len(frame),
+                                        "ids": _ids_hash(frame["sample_id"].tolist())})
+
+
+def finished_shards(shard_dir: Path, samples: Sequence[TokenizedSample], shard_size: int) -> set[int]:
+    """Shards whose file matches its checksum and covers exactly its samples; any other is removed.
+
+    A truncated, emptied, edited or bit-flipped shard, one with rows missing or extra, or one
+    whose checksum never got written (killed in between) is named in the log and recomputed.
+    """
+    good: set[int] = set()
+    for path in sorted(shard_dir.glob("shard-*.parquet")):
+        k = int(path.stem.split("-")[1])
+        expected = [s.sample_id for s in samples[k * shard_size:(k + 1) * shard_size]]
+        why = None
+        if not _sum_path(path).exists():
+            why = "no checksum (killed while writing it)"
+        else:
+            recorded = read_json(_sum_path(path))
+            if file_hash(path, length=64) != recorded.get("sha256"):
+                why = "its bytes do not match the checksum"
+            elif recorded.get("rows") != len(expected) or recorded.get("ids") != _ids_hash(expected):
+                why = f"it covers other samples than shard {k} of these data"
+        if why:
+            log.warning("shard %s is invalid (%s): recomputing it", path.name, why)
+            path.unlink()
+            _sum_path(path).unlink(missing_ok=True)
+        else:
+            good.add(k)
+    return good
 
 
 def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any], shard_size: int) -> int:
@@ -183,12 +238,21 @@ def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any], shard
     return shard_size
 
 
-def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample]) -> pd.DataFrame:
-    frames = [pd.read_parquet(p) for p in sorted(shard_dir.glob("shard-*.parquet"))]
-    df = pd.concat(frames, ignore_index=True).sort_values("index")
-    ids = [s.sample_id for s in samples]
-    if df["index"].tolist() != list(range(len(samples))) or df["sample_id"].tolist() != ids:
-        raise ResoFilterError(f"shards in {shard_dir} do not cover the data exactly once; delete them and rerun")
+def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample], shard_size: int) -> pd.DataFrame:
+    n_shards = (len(samples) + shard_size - 1) // shard_size
+    frames = []
+    for k in range(n_shards):
+        path = shard_path(shard_dir, k)
+        if not path.exists():
+            raise ResoFilterError(f"{path} is missing after scoring (a bug); rerun to recompute it")
+        frame = pd.read_parquet(path)
+        want = [s.sample_id for s in samples[k * shard_size:(k + 1) * shard_size]]
+        if frame["sample_id"].tolist() != want or frame["index"].tolist() != list(range(k * shard_size,
+                                                                                         k * shard_size + len(want))):
+            raise ResoFilterError(f"{path} does not hold exactly samples {k * shard_size}–"
+                                  f"{k * shard_size + len(want) - 1}; delete that file and rerun to recompute it")
+        frames.append(frame)
+    df = pd.concat(frames, ignore_index=True)
     cols = [c for c in META_COLUMNS] + [c for c in df.columns if c not in META_COLUMNS and c != "index"]
     return df[cols].reset_index(drop=True)
 
@@ -289,7 +353,7 @@ def extract_features(
     key = identity.key
     final = out_dir / FEATURES_FILE
     shard_size = check_or_claim(shard_dir, key, identity.description, settings.shard_size)
-    done = finished_shards(shard_dir)
+    done = finished_shards(shard_dir, samples, shard_size)
     dm = FeatureDataModule(samples, pad_token_id, shard_size, settings.batch_size, settings.max_tokens_per_batch,
                            done, alone)
     if done:
@@ -313,7 +377,7 @@ def extract_features(
         return None
     if writer.pending:
         raise ResoFilterError(f"incomplete shards {sorted(writer.pending)} after scoring (a bug)")
-    features = merge_shards(shard_dir, samples)
+    features = merge_shards(shard_dir, samples, shard_size)
     n_scored = len(samples) - sum(len(dm.shard_range(k)) for k in done)
     features, extra = finalize(features) if finalize is not None else (features, {})
     manifest = {
