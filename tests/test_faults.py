@@ -189,8 +189,22 @@ def test_a_killed_evaluation_resumes_to_the_same_predictions(tmp_path, tiny_mode
     assert not list(out.glob(".predictions.*"))  # the partial files are gone once complete
 
 
+@pytest.fixture(scope="module")
+def reference_features(tmp_path_factory, tiny_model_dir):
+    """Features of an uninterrupted run (the same settings as the damaged runs)."""
+    import pandas as pd
+
+    from resofilter.commands import score
+    from tests.test_paper_scale import score_args
+
+    ref = tmp_path_factory.mktemp("ref")
+    score(compose_cfg(score_args(tiny_model_dir, ref), "score"))
+    return pd.read_parquet(ref / "features.parquet")
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "edit_value", "extra_row", "no_checksum"])
-def test_a_damaged_shard_is_named_and_recomputed(tmp_path, tiny_model_dir, monkeypatch, caplog, damage):
+def test_a_damaged_shard_is_named_and_recomputed(tmp_path, tiny_model_dir, reference_features, monkeypatch,
+                                                 caplog, damage):
     """Resume checks every shard against its checksum; only the bad one is scored again."""
     import logging
 
@@ -200,8 +214,6 @@ def test_a_damaged_shard_is_named_and_recomputed(tmp_path, tiny_model_dir, monke
     from resofilter.features import extract
     from tests.test_paper_scale import score_args
 
-    ref = tmp_path / "ref"
-    score(compose_cfg(score_args(tiny_model_dir, ref), "score"))
     out = tmp_path / "o"
     real, written = extract.write_shard, []
 
@@ -234,4 +246,4 @@ def test_a_damaged_shard_is_named_and_recomputed(tmp_path, tiny_model_dir, monke
         manifest = score(compose_cfg(score_args(tiny_model_dir, out), "score"))
     assert "shard-00001.parquet is invalid" in caplog.text
     assert manifest["resumed_shards"] == 2  # shards 0 and 2 kept, 1 recomputed
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "features.parquet"), pd.read_parquet(ref / "features.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "features.parquet"), reference_features)
