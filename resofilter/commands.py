@@ -16,10 +16,10 @@ from resofilter.reporting.table import write_table
 from resofilter.stages import context
 from resofilter.stages.config_check import validate
 from resofilter.stages.evaluate import run_evaluations
-from resofilter.stages.finetune import checkpoint_id, load_checkpoint, run_finetune, trained_template
+from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune, trained_template
 from resofilter.stages.run import run_pipeline
 from resofilter.stages.score import score_records
-from resofilter.stages.select import run_selection
+from resofilter.stages.select import SelectSpec, run_selection
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def select(cfg: DictConfig) -> dict:
     if not cfg.get("features_dir"):
         raise ConfigError("features_dir", "set it to a `resofilter score` output directory")
     records, _ = context.load_data(cfg)
-    return run_selection(cfg, cfg.features_dir, records, context.output_dir(cfg))
+    return run_selection(SelectSpec.from_cfg(cfg), cfg.features_dir, records, context.output_dir(cfg))
 
 
 def finetune(cfg: DictConfig) -> dict:
@@ -79,7 +79,7 @@ def finetune(cfg: DictConfig) -> dict:
     out = context.output_dir(cfg)
     model_dir = context.model_dir(cfg)
     records, _ = context.load_data(cfg, cfg.get("subset_path"))
-    return run_finetune(cfg, model_dir, records, context.template(cfg), out)
+    return run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, records, context.template(cfg), out)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict]:

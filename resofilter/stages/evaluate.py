@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,40 @@ def answer_extractor(node: Any, key: str) -> AnswerExtractor:
     return extractor
 
 
-def load_eval_set(ev: DictConfig, path: str | Path) -> tuple[list[Record], list[str], Any]:
-    """Eval records, their gold answers and the extractor for ``eval=`` config ``ev``."""
+@dataclass(frozen=True)
+class EvalSpec:
+    """One eval set as the evaluate stage is asked it, built from its config in one place."""
+
+    name: str
+    path: str
+    query_field: str
+    answer_field: str
+    extractor: dict[str, Any]  # the ``_target_`` of an AnswerExtractor
+    id_field: str | None = None
+    max_samples: int | None = None
+    batch_size: int = 16
+    save_every: int | None = 64
+    max_new_tokens: int = 512
+    min_new_tokens: int = 0
+    few_shot: int = 0
+    few_shot_path: str | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    @classmethod
+    def from_cfg(cls, ev: DictConfig, path: str | Path) -> EvalSpec:
+        extractor = ev.extractor
+        return cls(name=ev.name, path=str(path), query_field=ev.query_field, answer_field=ev.answer_field,
+                   extractor=OmegaConf.to_container(extractor, resolve=True) if isinstance(extractor, DictConfig)
+                   else extractor, id_field=ev.get("id_field"), max_samples=ev.get("max_samples"),
+                   batch_size=ev.batch_size, save_every=ev.get("save_every"), max_new_tokens=ev.max_new_tokens,
+                   min_new_tokens=ev.get("min_new_tokens", 0), few_shot=ev.get("few_shot") or 0,
+                   few_shot_path=ev.get("few_shot_path"), stop_strings=tuple(ev.get("stop_strings") or ()))
+
+
+def load_eval_set(ev: EvalSpec) -> tuple[list[Record], list[str], Any]:
+    """Eval records, their gold answers and the extractor of ``ev``."""
     extractor = answer_extractor(ev.extractor, "eval.extractor")
-    records = load_records(path, ev.query_field, ev.answer_field, id_field=ev.get("id_field"),
-                           max_samples=ev.get("max_samples"))
+    records = load_records(ev.path, ev.query_field, ev.answer_field, id_field=ev.id_field, max_samples=ev.max_samples)
     golds = []
     for r in records:
         try:
@@ -51,10 +81,10 @@ def load_eval_set(ev: DictConfig, path: str | Path) -> tuple[list[Record], list[
     return records, golds, extractor
 
 
-def few_shot_prefix(ev: DictConfig, template: Template, tokenizer: Any) -> str:
-    if not ev.get("few_shot"):
+def few_shot_prefix(ev: EvalSpec, template: Template, tokenizer: Any) -> str:
+    if not ev.few_shot:
         return ""
-    if not ev.get("few_shot_path"):
+    if not ev.few_shot_path:
         raise ResoFilterError("eval.few_shot > 0 needs eval.few_shot_path (solved examples)")
     shots = load_records(ev.few_shot_path, ev.query_field, ev.answer_field, max_samples=ev.few_shot)
     return "".join(template.render_prompt(s.query, s.input, tokenizer) + s.response + "\n\n" for s in shots)
@@ -87,7 +117,7 @@ def _read_partial(path: Path, key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path, template: Template,
+def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
                    out_dir: str | Path, model_id: str = "") -> dict[str, Any] | None:
     """Predictions and metrics of one eval set; under DDP each rank generates every world-th problem.
 
@@ -99,10 +129,9 @@ def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records, golds, extractor = load_eval_set(ev, path)
+    records, golds, extractor = load_eval_set(ev)
     rank, world = distributed.rank(), distributed.world_size()
-    key = stable_hash([OmegaConf.to_container(ev, resolve=True), str(path), template.render_prompt("{q}", None, None),
-                       model_id])
+    key = stable_hash([asdict(ev), template.render_prompt("{q}", None, None), model_id])
     partials = sorted(out_dir.glob(PARTIAL.format(rank="*")))
     done = {p["sample_id"]: p for f in partials for p in _read_partial(f, key)}
     mine = [i for i in range(rank, len(records), world) if records[i].sample_id not in done]
@@ -111,7 +140,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path,
     own = out_dir / PARTIAL.format(rank=rank)
     kept = [p for p in _read_partial(own, key)]
     prefix = few_shot_prefix(ev, template, tokenizer)
-    step = int(ev.get("save_every") or len(records) or 1)
+    step = int(ev.save_every or len(records) or 1)
     with open(own, "w", encoding="utf-8") as f:  # rewritten: header, then what this rank already had
         f.write(json.dumps({"key": key}) + "\n")
         for p in kept:
@@ -121,8 +150,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path,
             for p in predict_records(
                     model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
                     batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                    stop_strings=list(ev.get("stop_strings") or []), few_shot_prefix=prefix,
-                    min_new_tokens=ev.get("min_new_tokens", 0)):
+                    stop_strings=list(ev.stop_strings), few_shot_prefix=prefix, min_new_tokens=ev.min_new_tokens):
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -137,7 +165,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: DictConfig, path: str | Path,
     preds = [by_id[r.sample_id] for r in records]
     if sum(not p["generation"].strip() for p in preds) == len(preds):
         raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
-    metrics = {"eval": ev.name, "path": str(path), "world_size": world, "resumed": len(done),
+    metrics = {"eval": ev.name, "path": ev.path, "world_size": world, "resumed": len(done),
                **accuracy_metrics(preds)}
     write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
     write_json_atomic(out_dir / "metrics.json", metrics)  # the last write: this eval set is complete
@@ -153,7 +181,7 @@ def run_evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Templ
     out_dir = Path(out_dir)
     results = {}
     for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):
-        metrics = run_evaluation(model, tokenizer, ev, context.eval_path(cfg, key), template,
+        metrics = run_evaluation(model, tokenizer, EvalSpec.from_cfg(ev, context.eval_path(cfg, key)), template,
                                  out_dir if i == 0 else out_dir / name, model_id)
         if metrics is not None:  # rank 0
             results[name] = metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,30 +76,73 @@ def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
     return model
 
 
-def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], template: Template,
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """What the finetune stage is asked, built from the config in one place (:meth:`from_cfg`).
+
+    ``optimizer``, ``scheduler``, ``trainer`` and ``logger`` are ``_target_`` configs (plain
+    dicts) that the stage instantiates; ``template`` is recorded in ``finetune.json``.
+    """
+
+    mode: str
+    batch_size: int
+    accumulate_grad_batches: int
+    epochs: int
+    max_steps: int
+    gradient_clip_val: float
+    precision: str
+    seed: int
+    warmup_ratio: float
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    trainer: dict[str, Any]
+    logger: dict[str, Any]
+    template: dict[str, Any]
+    tokenize: dict[str, Any]
+    model_dtype: str = "float32"
+    attn_implementation: str | None = None
+    lora: dict[str, Any] | None = None
+    merge_lora: bool = False
+    gradient_checkpointing: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> FinetuneSpec:
+        ft = cfg.finetune
+        plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+        return cls(mode=ft.mode, batch_size=ft.batch_size, accumulate_grad_batches=ft.accumulate_grad_batches,
+                   epochs=ft.epochs, max_steps=ft.max_steps, gradient_clip_val=ft.gradient_clip_val,
+                   precision=str(ft.precision), seed=ft.seed, warmup_ratio=ft.warmup_ratio,
+                   optimizer=plain(ft.optimizer), scheduler=plain(ft.scheduler), trainer=plain(cfg.trainer),
+                   logger=plain(cfg.logger), template=plain(cfg.template), tokenize=plain(cfg.tokenize),
+                   model_dtype=cfg.model.dtype, attn_implementation=cfg.model.get("attn_implementation"),
+                   lora=plain(ft.lora) if ft.get("lora") else None, merge_lora=bool(ft.get("merge_lora")),
+                   gradient_checkpointing=bool(ft.get("gradient_checkpointing")))
+
+
+def run_finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], template: Template,
                  out_dir: str | Path) -> dict[str, Any]:
     """Fine-tune ``model_dir`` on ``records``; the checkpoint lands in ``<out>/checkpoint``."""
     out_dir = Path(out_dir)
-    ft = cfg.finetune
+    ft = spec
     tok = load_tokenizer(model_dir)
-    samples, stats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
-                                      cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
+    samples, stats = tokenize_records(records, template, tok, spec.tokenize["max_length"],
+                                      spec.tokenize["prompt_overflow"], spec.tokenize["append_eos"])
     if distributed.is_rank_zero():
         remove_orphans(out_dir, (f".{CHECKPOINT}.*",))  # a killed run's half-saved checkpoint
     pl.seed_everything(ft.seed, workers=True, verbose=False)
-    model = load_causal_lm(model_dir, training_load_dtype(cfg), cfg.model.get("attn_implementation"))
+    model = load_causal_lm(model_dir, training_load_dtype(spec.model_dtype, spec.mode), spec.attn_implementation)
     if ft.mode == "lora":
         model = wrap_lora(model, ft.lora)
     check_master_weights(model, ft.precision)
-    if ft.get("gradient_checkpointing"):
+    if ft.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()  # from_pretrained returns eval mode: dropout (attention, LoRA) must be on while fitting
     optimizer = instantiate(ft.optimizer)
     module = SFTModule(model, optimizer, instantiate(ft.scheduler), ft.warmup_ratio)
     trainer = instantiate(
-        cfg.trainer, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
+        spec.trainer, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,
-        enable_model_summary=False, logger=instantiate(cfg.logger, save_dir=str(out_dir)), deterministic=True)
+        enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir)), deterministic=True)
     t0 = time.perf_counter()
     trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, ft.batch_size, seed=ft.seed))
     train_s = time.perf_counter() - t0
@@ -125,8 +169,7 @@ def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], templat
               "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
               "tokens_per_s": module.tokens_seen / max(train_s, 1e-9), "final_metrics": metrics,
               # what evaluating this checkpoint must reuse: the prompt format it was trained on
-              "template": OmegaConf.to_container(cfg.template, resolve=True),
-              "tokenize": OmegaConf.to_container(cfg.tokenize, resolve=True)}
+              "template": spec.template, "tokenize": spec.tokenize}
     write_json_atomic(out_dir / "finetune.json", result)
     trainer.strategy.barrier("checkpoint-saved")
     log.info("fine-tuned %d steps in %.0f s (%.0f tokens/s) → %s", trainer.global_step, train_s,
@@ -134,7 +177,7 @@ def run_finetune(cfg: DictConfig, model_dir: str, records: list[Record], templat
     return result
 
 
-def training_load_dtype(cfg: DictConfig) -> torch.dtype:
+def training_load_dtype(model_dtype: str, mode: str) -> torch.dtype:
     """The dtype fine-tuning loads the model in.
 
     Full fine-tuning trains the loaded weights, so they are fp32 (float64 if asked) whatever
@@ -143,8 +186,8 @@ def training_load_dtype(cfg: DictConfig) -> torch.dtype:
     stepped at lr 1e-5 barely move: 16 % of up_proj weights changed in 10 steps.) LoRA trains
     adapters only, which peft keeps in fp32, so the frozen base may stay in ``model.dtype``.
     """
-    dtype = resolve_dtype(cfg.model.dtype)
-    if cfg.finetune.mode == "lora" or dtype == torch.float64:
+    dtype = resolve_dtype(model_dtype)
+    if mode == "lora" or dtype == torch.float64:
         return dtype
     return torch.float32
 

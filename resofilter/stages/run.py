@@ -21,9 +21,9 @@ from resofilter import distributed
 from resofilter._io import read_json, write_json_atomic
 from resofilter.stages import context
 from resofilter.stages.evaluate import run_evaluations
-from resofilter.stages.finetune import checkpoint_id, load_checkpoint, run_finetune
+from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune
 from resofilter.stages.score import prepare_scoring, score_records
-from resofilter.stages.select import run_selection
+from resofilter.stages.select import SelectSpec, run_selection
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,
                  stages["score"]["time_s"])
         t0 = time.perf_counter()
-        sel = run_selection(cfg, feat_dir, records, out / "select")
+        sel = run_selection(SelectSpec.from_cfg(cfg), feat_dir, records, out / "select")
         stages["select"] = {
             "n_in": sel["n_in"], "n_out": sel["n_out"], "dedup_removed": sel["dedup_removed"],
             "time_s": time.perf_counter() - t0,
@@ -60,7 +60,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
-    ft = run_finetune(cfg, model_dir, subset, template, out / "finetune")
+    ft = run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, subset, template, out / "finetune")
     stages["finetune"] = {"steps": ft["steps"], "n_records": ft["n_records"], "time_s": time.perf_counter() - t0,
                           "train_loss": ft.get("final_metrics", {}).get("train/loss"),
                           "tokens_per_s": ft.get("tokens_per_s"), "world_size": distributed.world_size()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,43 @@ def verify_records(features: pd.DataFrame, records: list[Record], manifest: dict
         log.warning("%s; selection.allow_unscored=true: they are dropped", msg)
 
 
-def layer_count(manifest: dict[str, Any], cfg: DictConfig, where: Path) -> int:
+@dataclass(frozen=True)
+class SelectSpec:
+    """What the select stage is asked, built from the config in one place (:meth:`from_cfg`).
+
+    Everything the features know (depth, records) comes from their manifest instead.
+    """
+
+    scorer: dict[str, Any]
+    layers: dict[str, Any]
+    statistic: str
+    keep_ratio: float
+    direction: str = "drop_high"
+    dedup: str | None = None
+    diagnostics: Any = "auto"  # auto | true | false
+    allow_unscored: bool = False
+    label_field: str | None = None
+    kind_field: str | None = None
+    seed: int = 0
+    declared_depth: int | None = None  # model.num_hidden_layers, if the config states it
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> SelectSpec:
+        sel = cfg.selection
+        return cls(scorer=OmegaConf.to_container(cfg.scorer, resolve=True),
+                   layers=OmegaConf.to_container(cfg.layers, resolve=True), statistic=cfg.statistic.name,
+                   keep_ratio=sel.keep_ratio, direction=sel.direction, dedup=sel.get("dedup"),
+                   diagnostics=sel.get("diagnostics", "auto"), allow_unscored=bool(sel.get("allow_unscored", False)),
+                   label_field=cfg.data.get("label_field"), kind_field=cfg.data.get("kind_field"), seed=cfg.seed,
+                   declared_depth=cfg.model.get("num_hidden_layers"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def layer_count(manifest: dict[str, Any], declared: int | None, where: Path) -> int:
     """The scored model's depth, from the features' manifest; a config that restates it must agree."""
     depth = int(manifest["structure"]["num_hidden_layers"])
-    declared = cfg.model.get("num_hidden_layers")
     if declared is not None and declared != depth:
         raise ConfigError("model.num_hidden_layers",
                           f"says {declared}, but the features in {where} were scored on a {depth}-layer model")
@@ -134,19 +168,21 @@ def panel(features: pd.DataFrame, n_layers: int, modules: list[str], seed: int) 
     return out
 
 
-def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Record],
+def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Record],
                   out_dir: str | Path) -> dict[str, Any]:
+    """Rank ``records`` by ``spec.scorer`` on the features in ``features_dir``; keep ``spec.keep_ratio``.
+
+    Writes ``subset.jsonl``, ``selection.parquet``, diagnostics and plots, then ``manifest.json``.
+    """
     features_dir, out_dir = Path(features_dir), Path(out_dir)
     fpath = features_dir / "features.parquet"
     fman = features_manifest(features_dir)
-    n_layers = layer_count(fman, cfg, features_dir)  # from the artifact, never from the config
+    n_layers = layer_count(fman, spec.declared_depth, features_dir)  # from the artifact, never from the config
     features = pd.read_parquet(fpath)
-    sel_cfg = cfg.selection
-    verify_records(features, records, fman, features_dir, bool(sel_cfg.get("allow_unscored", False)))
+    verify_records(features, records, fman, features_dir, spec.allow_unscored)
     features, recs, n_unscored = align(features, records)
     features.attrs["num_hidden_layers"] = n_layers  # what the artifact knows travels with it to every scorer
-    scorer = build_scorer(OmegaConf.to_container(cfg.scorer, resolve=True),
-                          OmegaConf.to_container(cfg.layers, resolve=True), cfg.statistic.name, n_layers, cfg.seed)
+    scorer = build_scorer(spec.scorer, spec.layers, spec.statistic, n_layers, spec.seed)
     bad = badness(scorer, features)
     raw_scores = np.asarray(scorer.scores(features), dtype=np.float64)
     if not np.isfinite(bad).all():
@@ -154,11 +190,11 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
         raise ResoFilterError(f"{scorer.name} gives {len(nonfinite)} non-finite scores (e.g. {nonfinite[:3]}) "
                               f"from {fpath}: the features are broken; nothing selected")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sel = select(bad, sel_cfg.keep_ratio, sel_cfg.direction, [r.query for r in recs], sel_cfg.get("dedup"))
+    sel = select(bad, spec.keep_ratio, spec.direction, [r.query for r in recs], spec.dedup)
 
     diag = None
-    label_field = cfg.data.get("label_field")
-    want = sel_cfg.get("diagnostics", "auto")
+    label_field = spec.label_field
+    want = spec.diagnostics
     if want is True or want == "true":
         if not label_field:
             raise ConfigError("data.label_field", "selection.diagnostics=true needs a noise label field")
@@ -167,12 +203,12 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
         raise ConfigError("data.label_field", f"records have no field {label_field!r} (needed by diagnostics)")
     if y is not None:
         kinds = None
-        if cfg.data.get("kind_field"):
+        if spec.kind_field:
             try:
-                kinds = [str(get_field(r.raw, cfg.data.kind_field)) for r in recs]
+                kinds = [str(get_field(r.raw, spec.kind_field)) for r in recs]
             except KeyError:
                 kinds = None
-        scorers = panel(features, n_layers, list(cfg.layers.modules), cfg.seed)
+        scorers = panel(features, n_layers, list(spec.layers["modules"]), spec.seed)
         table = {}
         curves = {}
         for name, s in scorers.items():
@@ -185,9 +221,9 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
         keep_main = {k: v for k, v in curves.items() if "/" not in k or k.split("/")[1] == "last3"}
         plot_roc(out_dir / "roc.png", keep_main)
         plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y,
-                       f"{scorer.name} ({cfg.statistic.name}) keep {sel_cfg.keep_ratio:g}")
+                       f"{scorer.name} ({spec.statistic}) keep {spec.keep_ratio:g}")
     else:
-        plot_histogram(out_dir / "score_hist.png", bad, sel.kept, None, f"{scorer.name} keep {sel_cfg.keep_ratio:g}")
+        plot_histogram(out_dir / "score_hist.png", bad, sel.kept, None, f"{scorer.name} keep {spec.keep_ratio:g}")
 
     kept_records = [r for r, k in zip(recs, sel.kept, strict=True) if k]
     table = pd.DataFrame({"sample_id": features["sample_id"], "score": raw_scores, "badness": bad,
@@ -195,12 +231,12 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
     write_jsonl_atomic(out_dir / "subset.jsonl", (r.raw for r in kept_records))
     write_parquet_atomic(out_dir / "selection.parquet", table)
     manifest = {
-        "scorer": OmegaConf.to_container(cfg.scorer, resolve=True),
-        "layers": OmegaConf.to_container(cfg.layers, resolve=True), "statistic": cfg.statistic.name,
-        "selection": OmegaConf.to_container(sel_cfg, resolve=True),
+        "spec": spec.as_dict(), "scorer": spec.scorer, "layers": spec.layers, "statistic": spec.statistic,
+        "selection": {"keep_ratio": spec.keep_ratio, "direction": spec.direction, "dedup": spec.dedup},
         "features": str(fpath), "features_hash": file_hash(fpath), "features_model": fman["description"]["model"],
         "num_hidden_layers": n_layers,
-        "columns": (layer_columns(features, list(cfg.layers.modules), cfg.layers.indices, cfg.statistic.name, n_layers)
+        "columns": (layer_columns(features, list(spec.layers["modules"]), spec.layers["indices"], spec.statistic,
+                                  n_layers)
                     if isinstance(scorer, ResoFilterScorer) else None),
         "n_in": len(records), "n_unscored": n_unscored, "n_ranked": len(recs),
         "n_keep_before_dedup": sel.n_keep_before_dedup, "dedup_removed": sel.dedup_removed,
@@ -211,7 +247,7 @@ def run_selection(cfg: DictConfig, features_dir: str | Path, records: list[Recor
         manifest["diagnostics"] = diag["selected_scorer"]
     write_json_atomic(out_dir / "manifest.json", manifest)
     log.info("kept %d of %d (keep_ratio %g, %s, dedup removed %d) → %s", sel.n_kept, len(recs),
-             sel_cfg.keep_ratio, sel_cfg.direction, sel.dedup_removed, out_dir / "subset.jsonl")
+             spec.keep_ratio, spec.direction, sel.dedup_removed, out_dir / "subset.jsonl")
     if diag is not None:
         log.info("noise AUROC of %s: %.3f; dropped-set precision %.3f recall %.3f", scorer.name,
                  diag["selected_scorer"]["auroc"], diag["selected_scorer"]["precision"],
