@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -352,7 +353,7 @@ def test_precision_check_reports_and_enforces_by_hand(tokenizer, gsm8k_records):
     from resofilter.features.closed_form import StepConfig
     from resofilter.features.fast import FastScorer
     from resofilter.features.targets import find_targets
-    from resofilter.stages.score import enforce_precision, precision_check
+    from resofilter.stages.score import PrecisionCheckSpec, enforce_precision, precision_check
 
     cfg = compose_cfg([])
     model = tiny("llama", tokenizer).to(torch.float64).eval()
@@ -366,15 +367,16 @@ def test_precision_check_reports_and_enforces_by_hand(tokenizer, gsm8k_records):
         for t in targets:
             cols[t.name].append(stats[t.name]["mean_abs"].item())
     features = pd.DataFrame({f"{k}/mean_abs": v for k, v in cols.items()})
-    report = precision_check(model, samples, targets, step, features, cfg, 10, tokenizer.pad_token_id)
+    check = replace(PrecisionCheckSpec.from_cfg(cfg, torch.float32), n_samples=10)
+    report = precision_check(model, samples, targets, step, features, check, tokenizer.pad_token_id)
     assert report["spearman_vs_float64"] == pytest.approx(1.0) and report["max_abs_error"] < 1e-15
     last3 = [f"model.layers.{i}.mlp.up_proj/mean_abs" for i in (1, 2, 3)]
     std = float(np.std(features[last3].to_numpy().mean(axis=1)))
     features.loc[4, last3] += 3 * std  # one sample off by 3 std of the spread
-    report = precision_check(model, samples, targets, step, features, cfg, 10, tokenizer.pad_token_id)
+    report = precision_check(model, samples, targets, step, features, check, tokenizer.pad_token_id)
     assert report["max_error_over_std"] == pytest.approx(3.0, rel=1e-6)
     with pytest.raises(ResoFilterError, match="precision check failed"):
-        enforce_precision(report, cfg.score.precision_check)
+        enforce_precision(report, check)
 
 
 @pytest.mark.parametrize("template", ["plain", "metamath", "gemma_turns"])

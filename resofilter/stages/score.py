@@ -15,7 +15,7 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from resofilter import distributed
 from resofilter._io import file_hash, output_lock, remove_orphans, stable_hash
@@ -66,6 +66,61 @@ def settings_from(cfg: DictConfig) -> ScoreSettings:
         max_tokens_per_batch=s.max_tokens_per_batch, shard_size=s.shard_size, progress_bar=s.progress_bar)
 
 
+def _plain_indices(indices: Any) -> Any:
+    """Layer indices as plain values (``all`` or a list of ints) for a frozen spec."""
+    return list(indices) if isinstance(indices, ListConfig) else indices
+
+
+@dataclass(frozen=True)
+class PrecisionCheckSpec:
+    """The float64 re-scoring of random samples and the bounds that fail the stage."""
+
+    n_samples: int  # 0: no check
+    min_spearman: float
+    max_error_over_std: float
+    seed: int  # picks the samples
+    statistic: str  # the selected statistic (quantiles/counts are checked through mean_abs)
+    layer_modules: tuple[str, ...]
+    layer_indices: Any
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig, dtype: torch.dtype) -> PrecisionCheckSpec:
+        pc = cfg.score.precision_check
+        return cls(n_samples=precision_check_samples(cfg, dtype), min_spearman=pc.min_spearman,
+                   max_error_over_std=pc.max_error_over_std, seed=cfg.seed, statistic=cfg.statistic.name,
+                   layer_modules=tuple(cfg.layers.modules), layer_indices=_plain_indices(cfg.layers.indices))
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """What the score stage is asked, built from the config in one place (:meth:`from_cfg`)."""
+
+    settings: ScoreSettings
+    dtype: torch.dtype  # the model is loaded and scored in it (the precision policy)
+    step: StepConfig
+    candidate_modules: tuple[str, ...]
+    candidate_indices: Any
+    ifd: bool
+    attn_implementation: str | None
+    declared_depth: int | None  # model.num_hidden_layers, if the config states it
+    check: PrecisionCheckSpec
+    trainer: dict[str, Any]  # a pytorch_lightning.Trainer ``_target_`` config
+    config: dict[str, Any]  # the resolved config, recorded in the manifest
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> ScoreSpec:
+        dtype = scoring_dtype(cfg)
+        cand = cfg.score.candidates
+        indices = cand.indices
+        return cls(settings=settings_from(cfg), dtype=dtype, step=StepConfig.from_cfg(cfg.step),
+                   candidate_modules=tuple(cand.modules),
+                   candidate_indices=_plain_indices(indices),
+                   ifd=bool(cfg.score.ifd), attn_implementation=cfg.model.get("attn_implementation"),
+                   declared_depth=cfg.model.get("num_hidden_layers"), check=PrecisionCheckSpec.from_cfg(cfg, dtype),
+                   trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+                   config=OmegaConf.to_container(cfg, resolve=True))
+
+
 @dataclass(frozen=True)
 class ScoringInput:
     """The tokenized samples of a score stage and the identity of the features they give."""
@@ -91,9 +146,9 @@ def prepare_scoring(cfg: DictConfig, records: list[Record], template: Template, 
     return ScoringInput(tok, samples, stats, FeaturesIdentity.of(describe(cfg, model_dir), samples, names))
 
 
-def trainer_factory(cfg: DictConfig) -> Callable[..., pl.Trainer]:
+def trainer_factory(trainer: dict[str, Any]) -> Callable[..., pl.Trainer]:
     """``trainer=`` config → a Trainer with the scoring loop's own arguments added."""
-    return functools.partial(instantiate, cfg.trainer)
+    return functools.partial(instantiate, trainer)
 
 
 def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
@@ -140,36 +195,35 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
     stage (another process: an error naming it, or with ``wait_for_lock`` a wait) and first
     removes the temporaries a killed run left.
     """
+    spec = ScoreSpec.from_cfg(cfg)
     prepared = prepared or prepare_scoring(cfg, records, template, model_dir)
     if not distributed.is_rank_zero():  # rank 0 holds the directory for every rank
-        return _score(cfg, records, model_dir, out_dir, data_info, prepared)
+        return _score(spec, records, model_dir, out_dir, data_info, prepared)
     with output_lock(out_dir, "score", wait=wait_for_lock):
         if removed := remove_orphans(out_dir, (".*.tmp", "shards/.*.tmp")):
             log.info("removed %d temporaries of an interrupted run in %s", len(removed), out_dir)
-        return _score(cfg, records, model_dir, out_dir, data_info, prepared)
+        return _score(spec, records, model_dir, out_dir, data_info, prepared)
 
 
-def _score(cfg: DictConfig, records: list[Record], model_dir: str, out_dir: Path, data_info: dict[str, Any] | None,
+def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path, data_info: dict[str, Any] | None,
            prepared: ScoringInput) -> tuple[pd.DataFrame, dict[str, Any]] | None:
-    dtype = scoring_dtype(cfg)
+    dtype = spec.dtype
     tok, samples, tstats, identity = prepared.tokenizer, prepared.samples, prepared.stats, prepared.identity
-    cand = cfg.score.candidates
     if samples and (done := completed_features(out_dir, identity)):
         return done
-    model = load_causal_lm(model_dir, dtype, cfg.model.get("attn_implementation"))
+    model = load_causal_lm(model_dir, dtype, spec.attn_implementation)
     check_finite(model, model_dir)  # before anything is written
     model.eval()
     n_layers = len(decoder_layers(model)[1])
-    declared = cfg.model.get("num_hidden_layers")
+    declared = spec.declared_depth
     if declared is not None and declared != n_layers:
         raise ConfigError("model.num_hidden_layers", f"says {declared}; {model_dir} has {n_layers} decoder layers")
-    targets = find_targets(model, list(cand.modules), cand.indices)
-    step = StepConfig.from_cfg(cfg.step)
-    log.info("scoring %d samples (%s mode, %s) over %d matrices: %s … %s", len(samples), cfg.score.mode,
+    targets = find_targets(model, list(spec.candidate_modules), spec.candidate_indices)
+    step = spec.step
+    log.info("scoring %d samples (%s mode, %s) over %d matrices: %s … %s", len(samples), spec.settings.mode,
              model.dtype, len(targets), targets[0].name, targets[-1].name)
-    alone = response_alone(samples, tok) if cfg.score.ifd else None
+    alone = response_alone(samples, tok) if spec.ifd else None
     hashes = record_hashes(records)
-    n_check = precision_check_samples(cfg, dtype)
 
     def finalize(features: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
         features = features.copy()
@@ -178,16 +232,16 @@ def _score(cfg: DictConfig, records: list[Record], model_dir: str, out_dir: Path
             "structure": structure_of(model, targets, dtype),
             "records": records_summary(records, samples, hashes),
             "data": data_info, "tokenized": tstats.as_dict(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": spec.config,
         }
-        if n_check:
+        if spec.check.n_samples:
             extra["precision_check"] = report = precision_check(
-                model, samples, targets, step, features, cfg, n_check, tok.pad_token_id)
-            enforce_precision(report, cfg.score.precision_check)
+                model, samples, targets, step, features, spec.check, tok.pad_token_id)
+            enforce_precision(report, spec.check)
         return features, extra
 
-    return extract_features(model, samples, targets, step, settings_from(cfg), out_dir, tok.pad_token_id,
-                            identity, trainer_factory(cfg), alone, finalize)
+    return extract_features(model, samples, targets, step, spec.settings, out_dir, tok.pad_token_id,
+                            identity, trainer_factory(spec.trainer), alone, finalize)
 
 
 def check_finite(model: torch.nn.Module, where: str) -> None:
@@ -199,7 +253,7 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
                                   "the model is broken, nothing was scored")
 
 
-def enforce_precision(report: dict[str, Any], bounds: DictConfig) -> None:
+def enforce_precision(report: dict[str, Any], bounds: PrecisionCheckSpec) -> None:
     """Fail the stage when the float64 check says the stored ranking is not the signal."""
     rho, ratio = report["spearman_vs_float64"], report["max_error_over_std"]
     ok = rho == rho and rho >= bounds.min_spearman and ratio <= bounds.max_error_over_std  # rho == rho: not NaN
@@ -213,7 +267,7 @@ def enforce_precision(report: dict[str, Any], bounds: DictConfig) -> None:
 
 
 def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targets: list[Target],
-                    step: StepConfig, features: pd.DataFrame, cfg: DictConfig, n: int,
+                    step: StepConfig, features: pd.DataFrame, check: PrecisionCheckSpec,
                     pad_token_id: int) -> dict[str, Any]:
     """Re-score a random subset in float64 and compare the layer-set score with the stored one.
 
@@ -224,12 +278,13 @@ def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targ
 
     from resofilter.data.tokenize import Collator
 
-    rng = random.Random(cfg.seed)
-    idx = sorted(rng.sample(range(len(samples)), min(n, len(samples))))
+    rng = random.Random(check.seed)
+    idx = sorted(rng.sample(range(len(samples)), min(check.n_samples, len(samples))))
     m64 = _float64_copy(model)
-    t64 = find_targets(m64, list(cfg.score.candidates.modules), cfg.score.candidates.indices)
-    stat = cfg.statistic.name if cfg.statistic.name in BASIC else "mean_abs"  # quantiles/counts: check mean_abs
-    cols = layer_columns(features, list(cfg.layers.modules), cfg.layers.indices, stat, len(decoder_layers(model)[1]))
+    modules64 = dict(m64.named_modules())
+    t64 = [Target(t.name, t.layer, modules64[t.name]) for t in targets]  # the same matrices, in float64
+    stat = check.statistic if check.statistic in BASIC else "mean_abs"  # quantiles/counts: check mean_abs
+    cols = layer_columns(features, list(check.layer_modules), check.layer_indices, stat, len(decoder_layers(model)[1]))
     chosen = [c.rsplit("/", 1)[0] for c in cols]
     scorer = FastScorer(m64, [t for t in t64 if t.name in chosen], step, [stat])
     collate = Collator(pad_token_id)
