@@ -3,8 +3,11 @@ library and writes its outputs with a manifest last — a directory without its 
 unfinished. The library packages (data, models, features, selection, training, evaluation,
 reporting) never import from here (``tests/test_layering.py``).
 
+Each stage's request is a frozen spec built from the config in one place: ``ScoreSpec`` (with
+``ScoreSettings`` and ``PrecisionCheckSpec``), ``SelectSpec``, ``FinetuneSpec``, ``EvalSpec``.
+
 score
-    in: records; ``ScoreSettings`` and the ``FeaturesIdentity`` built from the config by
+    in: records; a ``ScoreSpec`` and the ``FeaturesIdentity`` built by
     :func:`~resofilter.stages.score.prepare_scoring` (no weights read).
     out: ``features.parquet`` (sample_id, loss, ppl, n_tokens, truncated, record_hash,
     [loss_alone, ifd], ``<module>/<statistic>``), then ``manifest.json``: ``key`` and
@@ -14,16 +17,17 @@ score
     config, precision check, timing, world size.
 select
     in: the features and their manifest (depth and records come from there), the records;
-    ``scorer``/``layers``/``statistic``/``selection``.
+    a ``SelectSpec`` (scorer, layers, statistic, keep ratio, direction, dedup, diagnostics).
     out: ``subset.jsonl`` (the input's schema), ``selection.parquet``, ``diagnostics.json``,
     plots, then ``manifest.json``: scorer, layers, statistic, selection, the features' path,
     hash and model, depth, scored columns, counts, diagnostics.
 finetune
-    in: records (a subset); ``finetune``/``trainer``/``logger``.
+    in: records (a subset); a ``FinetuneSpec`` (recipe, optimizer/schedule/trainer/logger
+    ``_target_`` configs, template, tokenization).
     out: ``checkpoint/`` (HF ``save_pretrained``), ``logs/``, then ``finetune.json``:
     checkpoint, base model, mode, records, tokenization, steps, speed.
 evaluate
-    in: a checkpoint; ``eval`` and ``evals``.
+    in: a checkpoint (and the template its ``finetune.json`` recorded); an ``EvalSpec`` per set.
     out: per eval set ``predictions.jsonl``, then ``metrics.json``: set, path, world size,
     accuracy with its Wilson 95 % interval, n, extraction failures.
 run
