@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -108,4 +110,8 @@ def table(argv: list[str]) -> dict:
     p.add_argument("root", help="a multirun (or any) directory holding run dirs with results.json")
     p.add_argument("--out", default=None, help="where to write table.md/csv/png (default: root)")
     args = p.parse_args(argv)
-    return write_table(args.root, args.out)
+    result = write_table(args.root, args.out)
+    out = Path(args.out or args.root)
+    # the command's output: the table itself, and where its files are (the library only logs)
+    sys.stdout.write(result["markdown"] + f"\nwritten: {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.png'}\n")
+    return result

@@ -68,7 +68,7 @@ def test_multirun_shares_features_and_table(tmp_path):
     assert "resofilter" in md and "random" in md and "Incomplete runs" in md
     assert (sweep / "table.csv").exists() and (sweep / "table.png").stat().st_size > 0
     p = subprocess.run([sys.executable, "-m", "resofilter.cli", "table", str(sweep)], capture_output=True, text=True)
-    assert p.returncode == 0
+    assert p.returncode == 0 and "| variant | keep_ratio |" in p.stdout and f"written: {sweep / 'table.md'}" in p.stdout
     # the analysis notebook runs on these outputs
     import nbformat
     from nbclient import NotebookClient
