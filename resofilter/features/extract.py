@@ -150,6 +150,11 @@ def _ids_hash(ids: Sequence[str]) -> str:
     return stable_hash(list(ids))
 
 
+def shard_ids(samples: Sequence[TokenizedSample], k: int, shard_size: int) -> list[str]:
+    """The sample ids shard k holds: samples k·shard_size … (k+1)·shard_size − 1."""
+    return [s.sample_id for s in samples[k * shard_size:(k + 1) * shard_size]]
+
+
 class ShardWriter(BasePredictionWriter):
     """Writes a shard's rows atomically as soon as the shard is complete, then its checksum.
 
@@ -194,7 +199,7 @@ def finished_shards(shard_dir: Path, samples: Sequence[TokenizedSample], shard_s
     good: set[int] = set()
     for path in sorted(shard_dir.glob("shard-*.parquet")):
         k = int(path.stem.split("-")[1])
-        expected = [s.sample_id for s in samples[k * shard_size:(k + 1) * shard_size]]
+        expected = shard_ids(samples, k, shard_size)
         why = None
         if not _sum_path(path).exists():
             why = "no checksum (killed while writing it)"
@@ -246,7 +251,7 @@ def merge_shards(shard_dir: Path, samples: Sequence[TokenizedSample], shard_size
         if not path.exists():
             raise ResoFilterError(f"{path} is missing after scoring (a bug); rerun to recompute it")
         frame = pd.read_parquet(path)
-        want = [s.sample_id for s in samples[k * shard_size:(k + 1) * shard_size]]
+        want = shard_ids(samples, k, shard_size)
         if frame["sample_id"].tolist() != want or frame["index"].tolist() != list(range(k * shard_size,
                                                                                          k * shard_size + len(want))):
             raise ResoFilterError(f"{path} does not hold exactly samples {k * shard_size}–"

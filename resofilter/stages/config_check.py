@@ -92,6 +92,13 @@ def count_above_bounds(cfg: DictConfig) -> list[float]:
     return [float(f"{b * cfg.step.lr:.6g}") for b in cfg.score.count_above]
 
 
+def check_depth(declared: int | None, depth: int, source: str) -> None:
+    """``model.num_hidden_layers``, when stated, must equal the depth the model (or its artifact) has."""
+    if declared is not None and declared != depth:
+        raise ConfigError("model.num_hidden_layers", f"says {declared}, but {source}; "
+                          "set it to the model's depth or to null (read from the model)")
+
+
 def model_depth(cfg: DictConfig) -> int | None:
     """The model's number of decoder layers as far as it is known before loading, or ``None``.
 
@@ -117,9 +124,7 @@ def model_depth(cfg: DictConfig) -> int | None:
     elif m.get("embedded") is not None:
         known.append(("model.embedded.architecture.num_hidden_layers", m.embedded.architecture.num_hidden_layers))
     for source, depth in known:
-        if declared is not None and depth != declared:
-            raise ConfigError("model.num_hidden_layers", f"says {declared}, but {source} says {depth}; "
-                              "set it to the model's depth or to null (read from the model)")
+        check_depth(declared, depth, f"{source} says {depth}")
     return known[0][1] if known else declared
 
 

@@ -132,13 +132,13 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     records, golds, extractor = load_eval_set(ev)
     rank, world = distributed.rank(), distributed.world_size()
     key = stable_hash([asdict(ev), template.render_prompt("{q}", None, None), model_id])
-    partials = sorted(out_dir.glob(PARTIAL.format(rank="*")))
-    done = {p["sample_id"]: p for f in partials for p in _read_partial(f, key)}
+    earlier = {f: _read_partial(f, key) for f in sorted(out_dir.glob(PARTIAL.format(rank="*")))}  # each read once
+    done = {p["sample_id"]: p for rows in earlier.values() for p in rows}
     mine = [i for i in range(rank, len(records), world) if records[i].sample_id not in done]
     if done:
         log.info("%s: %d predictions already done, %d to go on rank %d", ev.name, len(done), len(mine), rank)
     own = out_dir / PARTIAL.format(rank=rank)
-    kept = [p for p in _read_partial(own, key)]
+    kept = earlier.get(own, [])
     prefix = few_shot_prefix(ev, template, tokenizer)
     step = int(ev.save_every or len(records) or 1)
     with open(own, "w", encoding="utf-8") as f:  # rewritten: header, then what this rank already had

@@ -22,7 +22,7 @@ from resofilter._io import file_hash, output_lock, remove_orphans, stable_hash
 from resofilter.data.records import Record, record_hashes
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeStats, tokenize_records
-from resofilter.errors import ConfigError, ResoFilterError
+from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.extract import (
     META_COLUMNS,
@@ -37,6 +37,7 @@ from resofilter.features.targets import Target, decoder_layers, find_targets
 from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
 from resofilter.selection.scorers import layer_columns
 from resofilter.stages.config_check import (
+    check_depth,
     count_above_bounds,
     precision_check_samples,
     scoring_dtype,
@@ -215,9 +216,7 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
     check_finite(model, model_dir)  # before anything is written
     model.eval()
     n_layers = len(decoder_layers(model)[1])
-    declared = spec.declared_depth
-    if declared is not None and declared != n_layers:
-        raise ConfigError("model.num_hidden_layers", f"says {declared}; {model_dir} has {n_layers} decoder layers")
+    check_depth(spec.declared_depth, n_layers, f"{model_dir} has {n_layers} decoder layers")
     targets = find_targets(model, list(spec.candidate_modules), spec.candidate_indices)
     step = spec.step
     log.info("scoring %d samples (%s mode, %s) over %d matrices: %s … %s", len(samples), spec.settings.mode,

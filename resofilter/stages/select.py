@@ -34,6 +34,7 @@ from resofilter.selection.scorers import (
     weight_columns,
 )
 from resofilter.selection.select import select
+from resofilter.stages.config_check import check_depth
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ class SelectSpec:
 def layer_count(manifest: dict[str, Any], declared: int | None, where: Path) -> int:
     """The scored model's depth, from the features' manifest; a config that restates it must agree."""
     depth = int(manifest["structure"]["num_hidden_layers"])
-    if declared is not None and declared != depth:
-        raise ConfigError("model.num_hidden_layers",
-                          f"says {declared}, but the features in {where} were scored on a {depth}-layer model")
+    check_depth(declared, depth, f"the features in {where} were scored on a {depth}-layer model")
     return depth
 
 
