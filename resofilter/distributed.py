@@ -10,6 +10,7 @@ launched the child only after finishing everything written before it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -40,6 +41,13 @@ def is_rank_zero() -> bool:
 def barrier() -> None:
     if initialized():
         dist.barrier()
+
+
+def rank_zero_lock(out_dir: str | os.PathLike[str], stage: str) -> contextlib.AbstractContextManager[None]:
+    """Rank 0 holds ``out_dir``'s writer lock (:func:`resofilter._io.output_lock`) for every rank."""
+    from resofilter._io import output_lock
+
+    return output_lock(out_dir, stage) if is_rank_zero() else contextlib.nullcontext()
 
 
 def local_device(accelerator: str) -> torch.device:

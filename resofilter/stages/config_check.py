@@ -194,6 +194,9 @@ def validate(cfg: DictConfig) -> None:
     except ValueError:
         raise ConfigError("finetune.scheduler.name", f"unknown schedule {cfg.finetune.scheduler.name!r}; "
                           f"transformers knows {[t.value for t in SchedulerType]}") from None
+    every = cfg.finetune.get("checkpoint_every_n_steps")
+    if every is not None and (not isinstance(every, int) or every < 1):
+        raise ConfigError("finetune.checkpoint_every_n_steps", f"must be a whole number ≥ 1, or null, got {every!r}")
     if not 0 <= cfg.finetune.warmup_ratio < 1:
         raise ConfigError("finetune.warmup_ratio", f"must be in [0, 1), got {cfg.finetune.warmup_ratio}")
     for ev, key in context.eval_sets(cfg).values():

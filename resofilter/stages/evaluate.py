@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed
-from resofilter._io import stable_hash, write_json_atomic, write_jsonl_atomic
+from resofilter._io import read_json, stable_hash, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
 from resofilter.data.templates import Template
 from resofilter.errors import ConfigError, DataError, ResoFilterError
@@ -132,6 +132,10 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     records, golds, extractor = load_eval_set(ev)
     rank, world = distributed.rank(), distributed.world_size()
     key = stable_hash([asdict(ev), template.render_prompt("{q}", None, None), model_id])
+    finished = _finished(out_dir, key)
+    if finished is not None:
+        log.info("%s: already evaluated in %s, reusing it", ev.name, out_dir)
+        return finished if rank == 0 else None
     earlier = {f: _read_partial(f, key) for f in sorted(out_dir.glob(PARTIAL.format(rank="*")))}  # each read once
     done = {p["sample_id"]: p for rows in earlier.values() for p in rows}
     mine = [i for i in range(rank, len(records), world) if records[i].sample_id not in done]
@@ -166,7 +170,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     if sum(not p["generation"].strip() for p in preds) == len(preds):
         raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
     metrics = {"eval": ev.name, "path": ev.path, "world_size": world, "resumed": len(done),
-               **accuracy_metrics(preds)}
+               **accuracy_metrics(preds), "key": key}
     write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
     write_json_atomic(out_dir / "metrics.json", metrics)  # the last write: this eval set is complete
     for f in out_dir.glob(PARTIAL.format(rank="*")):
@@ -175,10 +179,25 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     return metrics
 
 
+def _finished(out_dir: Path, key: str) -> dict[str, Any] | None:
+    """The metrics of a complete evaluation of ``key`` in ``out_dir`` (``metrics.json`` is its last write)."""
+    metrics = out_dir / "metrics.json"
+    if not (metrics.exists() and (out_dir / "predictions.jsonl").exists()):
+        return None
+    done = read_json(metrics)
+    return done if done.get("key") == key else None
+
+
 def run_evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template,
                     out_dir: str | Path, model_id: str = "") -> dict[str, dict[str, Any]]:
     """Evaluate on ``eval`` (into ``<out>/``) and on every ``evals`` entry (into ``<out>/<name>/``)."""
     out_dir = Path(out_dir)
+    with distributed.rank_zero_lock(out_dir, "evaluate"):
+        return _evaluations(cfg, model, tokenizer, template, out_dir, model_id)
+
+
+def _evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template, out_dir: Path,
+                 model_id: str) -> dict[str, dict[str, Any]]:
     results = {}
     for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):
         metrics = run_evaluation(model, tokenizer, EvalSpec.from_cfg(ev, context.eval_path(cfg, key)), template,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -21,11 +22,14 @@ from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
-from resofilter.training.sft import SFTDataModule, SFTModule
+from resofilter.features.extract import samples_hash
+from resofilter.training.sft import PeriodicCheckpoint, SFTDataModule, SFTModule, quiet_resume_warning
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
+RESUME_DIR = "resume"  # the training state of an unfinished fine-tuning
+LAST_CKPT = "last.ckpt"
 
 
 # our short names for peft.LoraConfig's fields; any other LoraConfig field passes through as is
@@ -62,7 +66,7 @@ def check_target(node: Any, key: str, **supplied: Any) -> None:
         raise ConfigError(f"{key}._target_", f"cannot import {node.get('_target_')!r}: {e}") from None
     kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
     try:
-        inspect.signature(cls).bind(**supplied, **kwargs)
+        inspect.signature(cls).bind(**{**supplied, **kwargs})  # the config's own value wins (callbacks)
     except TypeError as e:
         raise ConfigError(key, f"{cls.__name__}: {e}") from None
 
@@ -104,6 +108,7 @@ class FinetuneSpec:
     lora: dict[str, Any] | None = None
     merge_lora: bool = False
     gradient_checkpointing: bool = False
+    checkpoint_every_n_steps: int | None = None
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> FinetuneSpec:
@@ -116,19 +121,57 @@ class FinetuneSpec:
                    logger=plain(cfg.logger), template=plain(cfg.template), tokenize=plain(cfg.tokenize),
                    model_dtype=cfg.model.dtype, attn_implementation=cfg.model.get("attn_implementation"),
                    lora=plain(ft.lora) if ft.get("lora") else None, merge_lora=bool(ft.get("merge_lora")),
-                   gradient_checkpointing=bool(ft.get("gradient_checkpointing")))
+                   gradient_checkpointing=bool(ft.get("gradient_checkpointing")),
+                   checkpoint_every_n_steps=ft.get("checkpoint_every_n_steps"))
+
+
+def finetune_key(spec: FinetuneSpec, model_dir: str, samples_key: str) -> str:
+    """What a fine-tuning's trajectory depends on: a resume checkpoint or a finished output of
+    another key is not this run's. Trainer/logger settings (progress bars, callbacks, log
+    intervals) are not in it; the number of processes, which sets the data order, is checked
+    by the data module when it loads the checkpoint."""
+    config = Path(model_dir) / "config.json"
+    trajectory = {k: v for k, v in dataclasses.asdict(spec).items()
+                  if k not in ("trainer", "logger", "checkpoint_every_n_steps")}
+    return stable_hash({"spec": trajectory, "model": str(Path(model_dir).resolve()),
+                        "model_config": file_hash(config) if config.exists() else None,
+                        "samples": samples_key})
 
 
 def run_finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], template: Template,
                  out_dir: str | Path) -> dict[str, Any]:
-    """Fine-tune ``model_dir`` on ``records``; the checkpoint lands in ``<out>/checkpoint``."""
-    out_dir = Path(out_dir)
+    """Fine-tune ``model_dir`` on ``records``; the checkpoint lands in ``<out>/checkpoint``.
+
+    Complete when ``finetune.json`` is written (last, after the checkpoint); a rerun of the
+    same fine-tuning on a complete dir reuses it. Every ``checkpoint_every_n_steps`` the full
+    training state goes to ``<out>/resume/last.ckpt``; a rerun after a kill resumes from it to
+    the weights an uninterrupted run ends with. The resume dir goes once the output is complete.
+    Rank 0 holds the directory's lock for the stage.
+    """
+    with distributed.rank_zero_lock(out_dir, "finetune"):
+        return _finetune(spec, model_dir, records, template, Path(out_dir))
+
+
+def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], template: Template,
+              out_dir: Path) -> dict[str, Any]:
     ft = spec
     tok = load_tokenizer(model_dir)
     samples, stats = tokenize_records(records, template, tok, spec.tokenize["max_length"],
                                       spec.tokenize["prompt_overflow"], spec.tokenize["append_eos"])
+    key = finetune_key(spec, model_dir, samples_hash(samples))
+    final, record, resume = out_dir / CHECKPOINT, out_dir / "finetune.json", out_dir / RESUME_DIR
+    done = _finished(record, final, key)
+    if done is not None:
+        log.info("fine-tuning already complete in %s: reusing it", out_dir)
+        return done
+    resume_from = _resume_point(resume, key)
+    distributed.barrier()  # every rank has looked before rank 0 changes anything
     if distributed.is_rank_zero():
-        remove_orphans(out_dir, (f".{CHECKPOINT}.*",))  # a killed run's half-saved checkpoint
+        remove_orphans(out_dir, (f".{CHECKPOINT}.*", f"{RESUME_DIR}/.*.tmp"))  # a killed run's half-saved files
+        if resume_from is None:
+            resume.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(resume / "key.json", {"key": key})
+    distributed.barrier()
     pl.seed_everything(ft.seed, workers=True, verbose=False)
     model = load_causal_lm(model_dir, training_load_dtype(spec.model_dtype, spec.mode), spec.attn_implementation)
     if ft.mode == "lora":
@@ -138,15 +181,31 @@ def run_finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], temp
         model.gradient_checkpointing_enable()
     model.train()  # from_pretrained returns eval mode: dropout (attention, LoRA) must be on while fitting
     optimizer = instantiate(ft.optimizer)
-    module = SFTModule(model, optimizer, instantiate(ft.scheduler), ft.warmup_ratio)
+    module = SFTModule(model, optimizer, instantiate(ft.scheduler), ft.warmup_ratio, seed=ft.seed)
+    trainer_cfg = dict(spec.trainer)
+    callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))
+    periodic = None
+    if ft.checkpoint_every_n_steps:
+        periodic = PeriodicCheckpoint(resume / LAST_CKPT, ft.checkpoint_every_n_steps)
+        callbacks.append(periodic)
+    # a resumed run logs beside the killed one's metrics, which the CSV logger would otherwise delete
+    log_kwargs = {"version": f"resumed-at-step-{resume_from['step']}"} if resume_from and "version" in spec.logger else {}
     trainer = instantiate(
-        spec.trainer, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
+        trainer_cfg, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,
-        enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir)), deterministic=True)
+        enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
+        deterministic=True, callbacks=callbacks, use_distributed_sampler=False)  # the data module deals the ranks' batches itself
+    if resume_from is not None:
+        log.info("resuming fine-tuning from %s (step %d)", resume_from["path"], resume_from["step"])
     t0 = time.perf_counter()
-    trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, ft.batch_size, seed=ft.seed))
+    with quiet_resume_warning():
+        trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, ft.batch_size, seed=ft.seed),
+                    ckpt_path=resume_from["path"] if resume_from else None, weights_only=False)
     train_s = time.perf_counter() - t0
-    final = out_dir / CHECKPOINT
+    if trainer.interrupted:  # Ctrl-C / SIGTERM: Lightning returns normally; the model is not finished
+        raise ResoFilterError(f"fine-tuning was interrupted at step {trainer.global_step}; rerun the same "
+                              f"command to resume from {resume / LAST_CKPT}" if periodic and periodic.saves
+                              else f"fine-tuning was interrupted at step {trainer.global_step}")
     if not trainer.is_global_zero:  # rank 0 saves; the others wait for it, then know where it is
         trainer.strategy.barrier("checkpoint-saved")
         return {"checkpoint": str(final), "steps": trainer.global_step, "n_records": len(records)}
@@ -167,14 +226,46 @@ def run_finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], temp
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"checkpoint": str(final), "base_model": model_dir, "mode": ft.mode, "n_records": len(records),
               "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
-              "tokens_per_s": module.tokens_seen / max(train_s, 1e-9), "final_metrics": metrics,
+              "tokens_per_s": (module.tokens_seen - (resume_from or {}).get("tokens_seen", 0)) / max(train_s, 1e-9),
+              "final_metrics": metrics, "key": key,
+              "resumed_from_step": resume_from["step"] if resume_from else None,
               # what evaluating this checkpoint must reuse: the prompt format it was trained on
               "template": spec.template, "tokenize": spec.tokenize}
-    write_json_atomic(out_dir / "finetune.json", result)
+    write_json_atomic(record, result)  # complete from here on
+    shutil.rmtree(resume, ignore_errors=True)
     trainer.strategy.barrier("checkpoint-saved")
     log.info("fine-tuned %d steps in %.0f s (%.0f tokens/s) → %s", trainer.global_step, train_s,
              result["tokens_per_s"], final)
     return result
+
+
+def _finished(record: Path, final: Path, key: str) -> dict[str, Any] | None:
+    """The record of a complete fine-tuning of ``key`` in this dir, if any; another key's is an error."""
+    if not record.exists():
+        return None
+    done = read_json(record)
+    if "key" not in done:  # written before finetune.json recorded its key: redo it
+        log.warning("%s has no key (an older resofilter wrote it): fine-tuning again", record)
+        return None
+    if done["key"] != key:
+        raise ResoFilterError(f"{record.parent} holds a finished fine-tuning of another configuration, data or "
+                              "model (its finetune.json); use another output_dir, or delete it to redo it")
+    return done if final.is_dir() else None  # weights deleted after evaluation (run.keep_checkpoint=false)
+
+
+def _resume_point(resume: Path, key: str) -> dict[str, Any] | None:
+    """Where a killed fine-tuning of ``key`` stopped (``resume/last.ckpt``), if anywhere."""
+    ckpt = resume / LAST_CKPT
+    if not (resume / "key.json").exists():
+        return None
+    if read_json(resume / "key.json")["key"] != key:
+        raise ResoFilterError(f"{resume} holds the training state of another fine-tuning (configuration, data, "
+                              f"model or number of processes differ); delete {resume} to start this one over")
+    if not ckpt.exists():
+        return None
+    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    return {"path": str(ckpt), "step": int(state["global_step"]),
+            "tokens_seen": state.get("resofilter", {}).get("tokens_seen", 0)}
 
 
 def training_load_dtype(model_dtype: str, mode: str) -> torch.dtype:

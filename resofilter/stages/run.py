@@ -9,6 +9,7 @@ shares them reuses one scoring pass; ``results.json`` records whether it did
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -19,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed
 from resofilter._io import read_json, write_json_atomic
+from resofilter.errors import ResoFilterError
 from resofilter.stages import context
 from resofilter.stages.evaluate import run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune
@@ -29,6 +31,17 @@ log = logging.getLogger(__name__)
 
 
 def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """The four stages into ``out``; a rerun of a killed run picks up where it stopped.
+
+    Complete when ``results.json`` (the last write) exists: a rerun of the same setting returns
+    it, another setting in the directory is an error. Otherwise cached features are reused,
+    selection is redone (seconds), a finished fine-tuning is reused or a killed one resumed
+    from its last training state, and evaluation skips the problems already generated.
+    """
+    done = _finished_run(out, run_setting(cfg))
+    if done is not None:
+        log.info("run already complete in %s: %s", out, out / "results.json")
+        return done if distributed.is_rank_zero() else {}
     t_start = time.perf_counter()
     stages: dict[str, Any] = {}
     model_dir = context.model_dir(cfg)
@@ -62,6 +75,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
     ft = run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, subset, template, out / "finetune")
     stages["finetune"] = {"steps": ft["steps"], "n_records": ft["n_records"], "time_s": time.perf_counter() - t0,
+                          "resumed_from_step": ft.get("resumed_from_step"),
                           "train_loss": ft.get("final_metrics", {}).get("train/loss"),
                           "tokens_per_s": ft.get("tokens_per_s"), "world_size": distributed.world_size()}
 
@@ -93,6 +107,17 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
              cfg.selection.keep_ratio, cfg.seed, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
              results["total_time_s"])
     return results
+
+
+def _finished_run(out: Path, setting: dict[str, Any]) -> dict[str, Any] | None:
+    results = out / "results.json"
+    if not results.exists():
+        return None
+    done = read_json(results)
+    if done.get("setting") != json.loads(json.dumps(setting, default=str)):
+        raise ResoFilterError(f"{out} holds a finished run of another setting ({results}); use another "
+                              "output_dir, or delete it to redo the run")
+    return done
 
 
 # Keys that never distinguish one setting from another: seeds (a row's samples), where outputs go.
