@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader
 from resofilter.commands import finetune
 from resofilter.errors import ResoFilterError
 from resofilter.training.sft import EpochBatchSampler, EpochSampler, epoch_order
+from tests.conftest import compose_cfg
 from tests.helpers.faults import InjectedFault
 from tests.test_training_eval import ft_overrides
-from tests.conftest import compose_cfg
 
 FAULT = "tests.helpers.faults.RaiseAtStep"
 
@@ -41,7 +41,8 @@ def test_ranks_share_the_padded_epoch_and_skip_trained_batches():
 
 
 def _run(model_dir, out, *extra):
-    return finetune(compose_cfg(ft_overrides(model_dir, out, "tokenize.max_length=1024", "finetune.checkpoint_every_n_steps=2", *extra),
+    return finetune(compose_cfg(ft_overrides(model_dir, out, "tokenize.max_length=1024",
+                                             "finetune.checkpoint_every_n_steps=2", *extra),
                                 "finetune"))
 
 

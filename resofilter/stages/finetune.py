@@ -21,8 +21,8 @@ from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
-from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from resofilter.features.extract import samples_hash
+from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from resofilter.training.sft import PeriodicCheckpoint, SFTDataModule, SFTModule, quiet_resume_warning
 
 log = logging.getLogger(__name__)
@@ -189,12 +189,14 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         periodic = PeriodicCheckpoint(resume / LAST_CKPT, ft.checkpoint_every_n_steps)
         callbacks.append(periodic)
     # a resumed run logs beside the killed one's metrics, which the CSV logger would otherwise delete
-    log_kwargs = {"version": f"resumed-at-step-{resume_from['step']}"} if resume_from and "version" in spec.logger else {}
+    log_kwargs = ({"version": f"resumed-at-step-{resume_from['step']}"}
+                  if resume_from and "version" in spec.logger else {})
     trainer = instantiate(
         trainer_cfg, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,
         enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
-        deterministic=True, callbacks=callbacks, use_distributed_sampler=False)  # the data module deals the ranks' batches itself
+        deterministic=True, callbacks=callbacks,
+        use_distributed_sampler=False)  # the data module deals the ranks' batches itself
     if resume_from is not None:
         log.info("resuming fine-tuning from %s (step %d)", resume_from["path"], resume_from["step"])
     t0 = time.perf_counter()

@@ -267,7 +267,8 @@ class PeriodicCheckpoint(pl.Callback):
 
     def __init__(self, path: str | Path, every_n_steps: int) -> None:
         if every_n_steps < 1:
-            raise ConfigError("finetune.checkpoint_every_n_steps", f"must be ≥ 1 (or null for none), got {every_n_steps}")
+            raise ConfigError("finetune.checkpoint_every_n_steps",
+                              f"must be ≥ 1 (or null for none), got {every_n_steps}")
         self.path = Path(path)
         self.every_n_steps = every_n_steps
         self._last_step: int | None = None
