@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -20,13 +21,40 @@ from tests.test_training_eval import ft_overrides
 FAULT = "tests.helpers.faults.RaiseAtStep"
 
 
-def test_epoch_order_is_the_order_torch_dataloader_shuffles_in():
-    """Epoch after epoch, the order a seeded DataLoader(shuffle=True) gives (the order every
-    model trained before resumable fine-tuning saw), each epoch computable on its own."""
-    for n in (1, 7, 64):
-        loader = DataLoader(list(range(n)), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(11))
-        for epoch in range(4):
-            assert epoch_order(n, 11, epoch) == torch.cat(list(loader)).tolist()
+class _Recorder(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch.tolist())
+        return (self.w ** 2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _lightning_order(loader: DataLoader, steps: int) -> list[list[int]]:
+    module = _Recorder()
+    pl.Trainer(accelerator="cpu", max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(module, loader)
+    return module.seen
+
+
+@pytest.mark.parametrize("n", [8, 10])  # a full last batch, a partial one
+def test_epoch_order_is_the_order_lightning_trained_a_shuffling_dataloader_in(n):
+    """Epoch after epoch, the batches Lightning drew from DataLoader(shuffle=True, generator=seed)
+    (the order the embedded base model and every earlier fine-tune saw), each epoch computable
+    on its own."""
+    steps = 4 * -(-n // 4)  # 4 epochs of batches of 4
+    reference = _lightning_order(DataLoader(list(range(n)), batch_size=4, shuffle=True,
+                                            generator=torch.Generator().manual_seed(11)), steps)
+    ours = _lightning_order(DataLoader(list(range(n)), batch_sampler=EpochBatchSampler(
+        EpochSampler(n, 11, batch_size=4), 4)), steps)
+    assert ours == reference
+    assert [i for b in reference[: -(-n // 4)] for i in b] == epoch_order(n, 11, 0, batch_size=4)
+    assert len({tuple(b) for b in reference}) > -(-n // 4)  # epochs differ
 
 
 def test_ranks_share_the_padded_epoch_and_skip_trained_batches():

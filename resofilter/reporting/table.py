@@ -20,6 +20,7 @@ import pandas as pd
 
 from resofilter._io import stable_hash, write_text_atomic
 from resofilter.errors import ResoFilterError
+from resofilter.reporting.intervals import Z_80_POWER, Z_95, paired_matrix, row_matrix, two_way_bootstrap
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "noise_rate_kept": r["stages"]["select"].get("noise_rate_kept"),
             "noise_auroc": r["stages"]["select"].get("noise_auroc"),
             "score_cached": r["stages"]["score"]["cached"], "time_s": r["total_time_s"],
+            "scorer": r.get("scorer"), "budget": r.get("budget") or _budget(r.get("setting") or {}),
+            "_dir": str(d),
         }
         if r.get("setting") is not None:
             row["setting_key"] = stable_hash(r["setting"])
@@ -60,6 +63,33 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     if not rows and not incomplete:
         raise ResoFilterError(f"no run directories (results.json or .hydra/) under {root}")
     return pd.DataFrame(rows), incomplete
+
+
+def _budget(setting: dict[str, Any]) -> str | None:
+    """``steps`` (compute-matched) or ``epochs`` (the paper's), from a setting without ``finetune.budget``."""
+    if "finetune.budget" in setting:
+        return setting["finetune.budget"]
+    steps = setting.get("finetune.max_steps")
+    return None if steps is None else ("steps" if steps > 0 else "epochs")
+
+
+# Setting keys that say how a subset was chosen; the rest (model, data, fine-tuning, evaluation)
+# is the context a row is compared within: its `full` and `random` references share it.
+_SELECTION_KEYS = ("selection.", "scorer.", "layers.", "statistic.", "step.", "score.", "variant_name")
+
+
+def context_key(setting: dict[str, Any]) -> str:
+    return stable_hash({k: v for k, v in setting.items() if not k.startswith(_SELECTION_KEYS)})
+
+
+def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
+    """Per-problem correctness of one run on one eval set (``predictions.jsonl``), if it kept them."""
+    d = Path(run_dir) / "eval"
+    for cand in (d / eval_name, d):
+        metrics, preds = cand / "metrics.json", cand / "predictions.jsonl"
+        if metrics.exists() and preds.exists() and json.loads(metrics.read_text()).get("eval") == eval_name:
+            return {p["sample_id"]: float(p["correct"]) for p in map(json.loads, preds.read_text().splitlines())}
+    return None
 
 
 def setting_labels(runs: pd.DataFrame) -> pd.Series:
@@ -96,63 +126,152 @@ def setting_labels(runs: pd.DataFrame) -> pd.Series:
     return runs["setting_key"].map(labels)
 
 
-def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    runs = runs.assign(setting=setting_labels(runs))
+def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+    runs = runs.assign(setting=setting_labels(runs), context=runs["_setting"].map(context_key))
     varying = ["variant", "keep_ratio", "setting", "setting_key"]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
     # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
     numeric = ["n_kept", "noise_rate_kept", "noise_auroc", "time_s", *acc_cols]
-    runs = runs.groupby([*varying, "seed"], dropna=False)[numeric].mean().reset_index()
+    per_seed = runs.groupby([*varying, "seed"], dropna=False)[numeric].mean().reset_index()
     agg: dict[str, Any] = {"seed": "nunique", "n_kept": "mean", "noise_rate_kept": "mean", "noise_auroc": "mean",
                            "time_s": "mean"}
-    out = runs.groupby(varying, dropna=False).agg(agg).rename(columns={"seed": "seeds"})
+    out = per_seed.groupby(varying, dropna=False).agg(agg).rename(columns={"seed": "seeds"})
     for c in acc_cols:
-        g = runs.groupby(varying, dropna=False)[c]
+        g = per_seed.groupby(varying, dropna=False)[c]
         out[f"{c} mean"] = g.mean()
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
-    out = out.reset_index().sort_values(["keep_ratio", "variant", "setting"], ascending=[False, True, True])
-    out = out.drop(columns="setting_key")
+    out = out.reset_index()
+    first = runs.groupby("setting_key")[["scorer", "budget", "context"]].first()
+    out = out.join(first, on="setting_key")
+    for c in acc_cols:
+        _intervals(out, runs, c, n_resamples, seed)
+    out = out.sort_values(["budget", "keep_ratio", "variant", "setting"], ascending=[True, False, True, True],
+                          na_position="first")
+    out = out.drop(columns=["setting_key", "context"])
+    if out["budget"].isna().all():
+        out = out.drop(columns="budget")
+    else:
+        out = out[["budget", *[c for c in out.columns if c != "budget"]]]
     return out if out["setting"].astype(bool).any() else out.drop(columns="setting")
 
 
+def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int, seed: int) -> None:
+    """Add ``{col} lo/hi`` (the row's 95 % interval) and the paired differences from the row's
+    ``full`` reference (keep ratio 1, same context) and ``random`` reference (random scorer, same
+    keep ratio and context): ``{col} Δfull``/``Δrandom`` with ``lo``, ``hi`` and ``se``.
+
+    Rows whose runs kept no predictions get no interval (NaN).
+    """
+    name = col[4:]
+    per_row: dict[str, dict[int, dict[str, float]]] = {}
+    for key, g in runs.groupby("setting_key"):
+        by_seed: dict[int, dict[str, float]] = {}
+        for s, gs in g.groupby("seed"):
+            found = [x for x in (correctness(d, name) for d in gs["_dir"]) if x is not None]
+            if found:  # a seed run twice: the mean correctness of its runs, per problem
+                by_seed[int(s)] = {p: sum(x[p] for x in found) / len(found) for p in set.intersection(*map(set, found))}
+        per_row[key] = by_seed
+    for c in (f"{col} lo", f"{col} hi", f"{col} problems"):
+        out[c] = float("nan")
+    for ref in ("full", "random"):
+        for c in ("", " lo", " hi", " se"):
+            out[f"{col} Δ{ref}{c}"] = float("nan")
+    for i, row in out.iterrows():
+        mine = per_row.get(row["setting_key"])
+        if not mine:
+            continue
+        iv = two_way_bootstrap(row_matrix(mine), n_resamples, seed)
+        out.loc[i, [f"{col} lo", f"{col} hi", f"{col} problems"]] = [iv.lo, iv.hi, iv.n_problems]
+        same = (out["context"] == row["context"]) & (out["setting_key"] != row["setting_key"])
+        refs = {"full": out[same & (out["keep_ratio"] >= 1)],
+                "random": out[same & (out["scorer"] == "random") & (out["keep_ratio"] == row["keep_ratio"])]}
+        for ref, cand in refs.items():
+            if len(cand) != 1 or row["keep_ratio"] >= 1 and ref == "full":
+                continue
+            diff = paired_matrix(mine, per_row.get(cand["setting_key"].iloc[0], {}))
+            if diff is None:
+                continue
+            d = two_way_bootstrap(diff, n_resamples, seed)
+            out.loc[i, [f"{col} Δ{ref}", f"{col} Δ{ref} lo", f"{col} Δ{ref} hi", f"{col} Δ{ref} se"]] = \
+                [d.mean, d.lo, d.hi, d.se]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}".replace("-", "−")
+
+
 def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
-    acc_cols = sorted({c.rsplit(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
-    keys = [c for c in summary.columns if c in ("variant", "keep_ratio", "setting")]
-    header = keys + [f"{c[4:]} (%)" for c in acc_cols] + ["seeds", "kept", "noise kept (%)", "noise AUROC",
-                                                          "time/run (s)"]
+    acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
+    keys = [c for c in ("budget", "variant", "keep_ratio", "setting") if c in summary.columns]
+    header = list(keys)
+    for c in acc_cols:
+        header += [f"{c[4:]} % [95 % CI]", "Δ full", "Δ random"]
+    header += ["seeds", "kept", "noise kept (%)", "noise AUROC", "time/run (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in summary.iterrows():
-        cells = [f"{r[k]:g}" if k == "keep_ratio" else str(r[k]) for k in keys]
-        cells += [f"{100 * r[f'{c} mean']:.1f} ± {100 * r[f'{c} std']:.1f}" for c in acc_cols]
+        cells = [f"{r[k]:g}" if k == "keep_ratio" else ("" if pd.isna(r[k]) else str(r[k])) for k in keys]
+        for c in acc_cols:
+            if pd.isna(r[f"{c} lo"]):
+                cells.append(f"{100 * r[f'{c} mean']:.1f} ± {100 * r[f'{c} std']:.1f} (sd)")
+            else:
+                cells.append(f"{100 * r[f'{c} mean']:.1f} [{100 * r[f'{c} lo']:.1f}, {100 * r[f'{c} hi']:.1f}]")
+            for ref in ("full", "random"):
+                m = r[f"{c} Δ{ref}"]
+                if pd.isna(m):
+                    cells.append("–")
+                    continue
+                lo, hi = r[f"{c} Δ{ref} lo"], r[f"{c} Δ{ref} hi"]
+                star = " \\*" if lo > 0 or hi < 0 else ""
+                cells.append(f"{_pct(m)} [{_pct(lo)}, {_pct(hi)}]{star}")
         nr, auc = r["noise_rate_kept"], r["noise_auroc"]
         if r["keep_ratio"] >= 1:
             auc = float("nan")  # nothing is dropped: the (placeholder) scorer's AUROC says nothing
         cells += [str(int(r["seeds"])), f"{r['n_kept']:.0f}", "–" if pd.isna(nr) else f"{100 * nr:.1f}",
                   "–" if pd.isna(auc) else f"{auc:.3f}", f"{r['time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for c in acc_cols:
+        se = pd.concat([summary[f"{c} Δ{ref} se"] for ref in ("full", "random")]).dropna()
+        n_p = summary[f"{c} problems"].max()
+        if len(se):
+            mde = 100 * (Z_95 + Z_80_POWER) * se.median()
+            problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
+            notes.append(f"{c[4:]}: {int(summary['seeds'].max())} seeds{problems}; 95 % intervals from a bootstrap "
+                         "over seeds and problems, differences paired by seed and problem (\\*: the interval "
+                         f"excludes 0); a difference of ≥ {mde:.1f} points is detectable at 80 % power "
+                         "((1.96 + 0.84) × the median bootstrap SE of the differences).")
+    if notes:
+        lines += ["", *notes]
     if incomplete:
         lines += ["", f"Incomplete runs (no results.json): {', '.join(incomplete)}"]
     return "\n".join(lines) + "\n"
 
 
 def plot(summary: pd.DataFrame, path: Path) -> None:
+    """Accuracy against keep ratio per scorer, error bars the 95 % intervals (± sd where none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    acc_cols = sorted({c.rsplit(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
+    acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
     fig, axes = plt.subplots(1, len(acc_cols), figsize=(6 * len(acc_cols), 4), squeeze=False)
     for ax, c in zip(axes[0], acc_cols, strict=True):
         full = summary[summary["keep_ratio"] == 1.0]
         for name, g in summary[summary["keep_ratio"] < 1.0].groupby("variant"):
             g = g.sort_values("keep_ratio")
-            ax.errorbar(g["keep_ratio"], 100 * g[f"{c} mean"], yerr=100 * g[f"{c} std"], marker="o",
-                        capsize=3, label=name)
+            mean = 100 * g[f"{c} mean"]
+            lo = (mean - 100 * g[f"{c} lo"]).fillna(100 * g[f"{c} std"])
+            hi = (100 * g[f"{c} hi"] - mean).fillna(100 * g[f"{c} std"])
+            ax.errorbar(g["keep_ratio"], mean, yerr=[lo, hi], marker="o", capsize=3, label=name)
         if len(full):
-            ax.axhline(100 * full[f"{c} mean"].iloc[0], color="k", ls="--", label="full data")
+            m = 100 * full[f"{c} mean"].iloc[0]
+            ax.axhline(m, color="k", ls="--", label="full data")
+            if not pd.isna(full[f"{c} lo"].iloc[0]):
+                ax.axhspan(100 * full[f"{c} lo"].iloc[0], 100 * full[f"{c} hi"].iloc[0], color="k", alpha=0.08)
         ax.set_xlabel("keep ratio")
         ax.set_ylabel(f"{c[4:]} accuracy (%)")
+        ax.set_title(f"{c[4:]}: mean over seeds, 95 % interval (seeds × problems)", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -62,13 +62,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss / max(n, 1), n
 
 
-def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                batch_size: int | None = None) -> list[int]:
     """The sample indices one rank trains on in ``epoch``, in order.
 
-    One process: the ``epoch``-th pass of ``DataLoader(shuffle=True, generator=Generator(seed))``
-    (each pass draws the loader's base seed, a permutation, and a discarded permutation from the
-    one generator), replayed from the seed so that any epoch can be produced on its own; the
-    embedded base model and every fine-tune made before resumable training see the same order.
+    One process: the ``epoch``-th pass of ``DataLoader(shuffle=True, generator=Generator(seed),
+    batch_size=batch_size)`` as Lightning iterates it, replayed from the seed so that any epoch
+    can be produced on its own; the embedded base model and every fine-tune made before
+    resumable training see the same order. Each pass draws the loader's base seed and a
+    permutation from the one generator; ``RandomSampler`` draws one more (empty) permutation
+    when asked past the end, which happens only while a partial last batch is filled
+    (Lightning stops at ``len(loader)`` batches, so a full last batch never asks).
     Several processes: ``torch.utils.data.DistributedSampler(shuffle=True, seed=seed)`` at
     ``epoch``, as Lightning's DDP used (padded to a multiple of the world size, ``rank::world``).
     """
@@ -78,18 +82,20 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int = 0, world_size: int = 
         return list(sampler)
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    partial_last = batch_size is None or n % batch_size != 0
     for _ in range(epoch + 1):
         torch.empty((), dtype=torch.int64).random_(generator=g)  # the DataLoader iterator's base seed
         order = torch.randperm(n, generator=g).tolist()
-        torch.randperm(n, generator=g)  # RandomSampler's trailing (empty) slice draws one more
+        if partial_last:
+            torch.randperm(n, generator=g)  # RandomSampler's trailing (empty) slice
     return order
 
 
 class EpochSampler(Sampler[int]):
     """:func:`epoch_order` of the epoch Lightning last announced through :meth:`set_epoch`."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, batch_size: int | None = None) -> None:
+        self.n, self.seed, self.rank, self.world_size, self.batch_size = n, seed, rank, world_size, batch_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -99,7 +105,7 @@ class EpochSampler(Sampler[int]):
         return math.ceil(self.n / self.world_size)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(epoch_order(self.n, self.seed, self.epoch, self.rank, self.world_size))
+        return iter(epoch_order(self.n, self.seed, self.epoch, self.rank, self.world_size, self.batch_size))
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -151,7 +157,8 @@ class SFTDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        self.sampler = EpochBatchSampler(EpochSampler(len(self.samples), self.seed, rank, world), self.batch_size)
+        self.sampler = EpochBatchSampler(EpochSampler(len(self.samples), self.seed, rank, world, self.batch_size),
+                                         self.batch_size)
         if self._resume is not None:
             self.sampler.resume_at(self._resume["epoch"], self._resume["batches"])
         return DataLoader(self.samples, batch_sampler=self.sampler, collate_fn=self.collate,

@@ -1,0 +1,113 @@
+"""Paired bootstrap intervals (issue 14): the vectorized resampling against a literal loop, hand-made
+examples, and the table's paired differences on constructed runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from resofilter.reporting.intervals import paired_matrix, resampled_means, row_matrix, two_way_bootstrap
+from resofilter.reporting.table import write_table
+
+
+def literal_bootstrap(values: np.ndarray, n_resamples: int, seed: int, chunk: int) -> np.ndarray:
+    """The documented draws, resampled by indexing: seeds, then problems, a resample at a time."""
+    rng = np.random.default_rng(seed)
+    s, p = values.shape
+    out = []
+    for start in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - start)
+        si, pi = rng.integers(0, s, (b, s)), rng.integers(0, p, (b, p))
+        for k in range(b):
+            out.append(values[np.ix_(si[k], pi[k])].mean())
+    return np.array(out)
+
+
+def test_vectorized_resampling_is_the_literal_loop():
+    rng = np.random.default_rng(3)
+    values = (rng.random((4, 37)) < 0.3).astype(float) - (rng.random((4, 37)) < 0.2)
+    boot = literal_bootstrap(values, 2500, seed=7, chunk=1000)
+    iv = two_way_bootstrap(values, 2500, seed=7, chunk=1000)
+    assert iv.mean == pytest.approx(values.mean())
+    assert (iv.lo, iv.hi) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-12)
+    assert iv.se == pytest.approx(boot.std(ddof=1), abs=1e-12)
+    si, pi = rng.integers(0, 4, (5, 4)), rng.integers(0, 37, (5, 37))
+    np.testing.assert_allclose(resampled_means(values, si, pi),
+                               [values[np.ix_(si[k], pi[k])].mean() for k in range(5)], rtol=1e-12)
+
+
+def test_hand_made_intervals():
+    const = np.full((3, 10), 0.25)  # every (seed, problem) the same: no spread at all
+    iv = two_way_bootstrap(const, 500)
+    assert (iv.mean, iv.lo, iv.hi, iv.se) == pytest.approx((0.25, 0.25, 0.25, 0.0))
+    # one seed, 400 problems of which 100 correct: the problem bootstrap's SE ≈ √(p(1−p)/n) = 0.02165
+    one = np.zeros((1, 400))
+    one[0, :100] = 1
+    iv = two_way_bootstrap(one, 20_000)
+    assert iv.se == pytest.approx(np.sqrt(0.25 * 0.75 / 400), rel=0.03)
+    assert iv.lo == pytest.approx(0.25 - 1.96 * 0.02165, abs=0.003)
+    assert iv.detectable == pytest.approx((1.96 + 0.8416) * iv.se)
+    assert iv.excludes_zero and not two_way_bootstrap(one - 0.25, 2000).excludes_zero
+
+
+def test_pairing_by_seed_and_problem():
+    a = {0: {"p1": 1.0, "p2": 0.0, "p3": 1.0}, 1: {"p1": 0.0, "p2": 1.0, "p3": 1.0}, 2: {"p1": 1.0}}
+    b = {0: {"p1": 0.0, "p2": 0.0, "p3": 1.0, "p4": 1.0}, 1: {"p1": 1.0, "p2": 1.0, "p3": 0.0}}
+    # seeds both have: 0, 1; problems every shared seed has in both: p1, p2, p3
+    np.testing.assert_array_equal(paired_matrix(a, b), [[1, 0, 0], [-1, 0, 1]])
+    assert paired_matrix(a, {5: {"p1": 1.0}}) is None
+    np.testing.assert_array_equal(row_matrix({0: a[0], 1: a[1]}), [[1, 0, 1], [0, 1, 1]])
+
+
+def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: list[int]) -> None:
+    d.mkdir(parents=True)
+    setting = {"variant_name": variant, "scorer.name": scorer, "selection.keep_ratio": keep,
+               "finetune.max_steps": 400, "eval.name": "gsm8k"}
+    (d / "results.json").write_text(json.dumps({
+        "variant": variant, "scorer": scorer, "keep_ratio": keep, "direction": "drop_high",
+        "layers": {"indices": [-1]}, "statistic": "mean_abs", "step": "adamw", "seed": seed,
+        "eval": {"gsm8k": sum(correct) / len(correct)}, "total_time_s": 1.0, "setting": setting,
+        "stages": {"select": {"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6}, "score": {"cached": True}}}))
+    (d / "eval").mkdir()
+    (d / "eval" / "metrics.json").write_text(json.dumps({"eval": "gsm8k", "accuracy": sum(correct) / len(correct)}))
+    (d / "eval" / "predictions.jsonl").write_text("".join(
+        json.dumps({"sample_id": f"q{i}", "correct": bool(c)}) + "\n" for i, c in enumerate(correct)))
+
+
+def test_table_differences_are_paired_by_seed_and_problem(tmp_path):
+    n = 200
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        full = (rng.random(n) < 0.5).astype(int)
+        better = np.where(rng.random(n) < 0.3, 1, full)  # full's answers, 30 % more chances of a correct one
+        same = full.copy()
+        same[:2] = 1 - same[:2]  # two problems flipped
+        _run(tmp_path / f"full{seed}", "full", "random", 1.0, seed, full.tolist())
+        _run(tmp_path / f"rf{seed}", "resofilter", "resofilter", 0.5, seed, better.tolist())
+        _run(tmp_path / f"rnd{seed}", "random50", "random", 0.5, seed, same.tolist())
+    md = write_table(tmp_path)["markdown"]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    head = lines[0]
+    rows = {r[head.index("variant")]: dict(zip(head[:4], r[:4], strict=True)) | {"Δ full": r[head.index("Δ full")],
+            "Δ random": r[head.index("Δ random")]} for r in lines[2:]}
+    assert head[:3] == ["budget", "variant", "keep_ratio"] and rows["full"]["budget"] == "steps"
+    import pandas as pd
+
+    t = pd.read_csv(tmp_path / "table.csv").set_index("variant")
+    rf = [[json.loads(line)["correct"] for line in (tmp_path / f"rf{s}" / "eval" / "predictions.jsonl").open()]
+          for s in range(3)]
+    fl = [[json.loads(line)["correct"] for line in (tmp_path / f"full{s}" / "eval" / "predictions.jsonl").open()]
+          for s in range(3)]
+    assert t.loc["resofilter", "acc/gsm8k Δfull"] == pytest.approx(np.mean(rf) - np.mean(fl))
+    assert t.loc["resofilter", "acc/gsm8k Δfull lo"] > 0  # clearly better
+    assert rows["resofilter"]["Δ full"].endswith("\\*")
+    assert rows["full"]["Δ full"] == "–" and rows["full"]["Δ random"] == "–"  # full is the reference of itself
+    # random50 differs from full by ±2 problems of 200 per seed: an interval around ~0 that includes 0
+    lo, hi = t.loc["random50", "acc/gsm8k Δfull lo"], t.loc["random50", "acc/gsm8k Δfull hi"]
+    assert lo <= 0 <= hi and not rows["random50"]["Δ full"].endswith("\\*")
+    assert t.loc["resofilter", "acc/gsm8k Δrandom"] == pytest.approx(
+        t.loc["resofilter", "acc/gsm8k mean"] - t.loc["random50", "acc/gsm8k mean"])
+    assert "3 seeds × 200 problems" in md and "detectable at 80 % power" in md
