@@ -85,11 +85,11 @@ CASES = {
     "mid-epoch": (["finetune.max_steps=9"], 7, 6),  # killed at 7, resumes from 6: epoch 1 after batch 2
     "epoch-end": (["finetune.max_steps=9"], 5, 4),  # resumes from 4: after the last batch of epoch 0
     # 14 samples, accumulate 2: batches 4,4,4,2 → 2 steps an epoch, the second a full pair; 3 epochs = 6 steps
-    "accumulate": (["data.max_samples=14", "finetune.accumulate_grad_batches=2", "finetune.max_steps=-1",
+    "accumulate": (["data.max_samples=14", "finetune.accumulate_grad_batches=2", "finetune.budget=epochs",
                     "finetune.epochs=3", "finetune.checkpoint_every_n_steps=1"], 4, 3),
     # LoRA's dropout draws random numbers every batch
     "lora-dropout": (["finetune=lora", "finetune.lora.target_modules=[q_proj,v_proj]", "finetune.lora.r=4",
-                      "finetune.lora.dropout=0.3", "finetune.epochs=-1", "finetune.max_steps=7"], 5, 4),
+                      "finetune.lora.dropout=0.3", "finetune.budget=steps", "finetune.max_steps=7"], 5, 4),
 }
 
 

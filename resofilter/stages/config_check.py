@@ -194,6 +194,13 @@ def validate(cfg: DictConfig) -> None:
     except ValueError:
         raise ConfigError("finetune.scheduler.name", f"unknown schedule {cfg.finetune.scheduler.name!r}; "
                           f"transformers knows {[t.value for t in SchedulerType]}") from None
+    _one_of(cfg.finetune.budget, ("steps", "epochs"), "finetune.budget")
+    if cfg.finetune.budget == "steps" and not (isinstance(cfg.finetune.max_steps, int) and cfg.finetune.max_steps > 0):
+        raise ConfigError("finetune.max_steps", f"finetune.budget=steps trains max_steps optimizer steps: it must be "
+                          f"≥ 1, got {cfg.finetune.max_steps}")
+    if cfg.finetune.budget == "epochs" and not (isinstance(cfg.finetune.epochs, int) and cfg.finetune.epochs > 0):
+        raise ConfigError("finetune.epochs", f"finetune.budget=epochs trains that many passes over the data: it must "
+                          f"be ≥ 1, got {cfg.finetune.epochs}")
     every = cfg.finetune.get("checkpoint_every_n_steps")
     if every is not None and (not isinstance(every, int) or every < 1):
         raise ConfigError("finetune.checkpoint_every_n_steps", f"must be a whole number ≥ 1, or null, got {every!r}")

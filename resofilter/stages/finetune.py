@@ -109,6 +109,16 @@ class FinetuneSpec:
     merge_lora: bool = False
     gradient_checkpointing: bool = False
     checkpoint_every_n_steps: int | None = None
+    budget: str = "steps"
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """Lightning's ``max_epochs``/``max_steps`` for the budget: ``epochs`` passes over the subset
+        (the paper: half the data, half the steps), or ``max_steps`` optimizer steps whatever its
+        size (compute-matched)."""
+        if self.budget == "epochs":
+            return {"max_epochs": self.epochs, "max_steps": -1}
+        return {"max_epochs": -1, "max_steps": self.max_steps}
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> FinetuneSpec:
@@ -122,7 +132,7 @@ class FinetuneSpec:
                    model_dtype=cfg.model.dtype, attn_implementation=cfg.model.get("attn_implementation"),
                    lora=plain(ft.lora) if ft.get("lora") else None, merge_lora=bool(ft.get("merge_lora")),
                    gradient_checkpointing=bool(ft.get("gradient_checkpointing")),
-                   checkpoint_every_n_steps=ft.get("checkpoint_every_n_steps"))
+                   checkpoint_every_n_steps=ft.get("checkpoint_every_n_steps"), budget=ft.budget)
 
 
 def finetune_key(spec: FinetuneSpec, model_dir: str, samples_key: str) -> str:
@@ -192,7 +202,7 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     log_kwargs = ({"version": f"resumed-at-step-{resume_from['step']}"}
                   if resume_from and "version" in spec.logger else {})
     trainer = instantiate(
-        trainer_cfg, max_epochs=ft.epochs, max_steps=ft.max_steps, accumulate_grad_batches=ft.accumulate_grad_batches,
+        trainer_cfg, **ft.limits, accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,
         enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
         deterministic=True, callbacks=callbacks,
@@ -227,6 +237,7 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
             shutil.rmtree(tmp)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {"checkpoint": str(final), "base_model": model_dir, "mode": ft.mode, "n_records": len(records),
+              "budget": ft.budget,
               "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
               "tokens_per_s": (module.tokens_seen - (resume_from or {}).get("tokens_seen", 0)) / max(train_s, 1e-9),
               "final_metrics": metrics, "key": key,

@@ -94,6 +94,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     results = {
         "variant": cfg.variant_name, "scorer": cfg.scorer.name, "keep_ratio": cfg.selection.keep_ratio,
+        "budget": cfg.finetune.budget,
         "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
         "statistic": cfg.statistic.name, "step": cfg.step.name, "seed": cfg.seed,
         "model": model_dir, "data": data_info, "eval": {k: v["accuracy"] for k, v in evals.items()},
