@@ -127,6 +127,47 @@ def test_select_stage_outputs(tmp_path):
     assert diag["scorers"]["mean_abs/last3"]["auroc"] == pytest.approx(auroc(np.arange(9.0), np.arange(9) % 3 == 0))
     assert (out / "roc.png").stat().st_size > 0 and (out / "score_hist.png").exists()
     assert manifest["n_out"] == 5 and manifest["n_in"] == 9
+    # confounds: loss = [1, .01, .02, 1.03, .04, .05, 1.06, .07, .08] against n_tokens 0..8 → ρ by hand
+    r_loss = [7, 1, 2, 8, 3, 4, 9, 5, 6]
+    rho = np.corrcoef(r_loss, np.arange(1, 10))[0, 1]
+    assert diag["selected_confounds"]["response_tokens"] == pytest.approx(rho)
+    assert diag["selected_confounds"]["loss"] == pytest.approx(1.0) and manifest["confounds"]["loss"] == 1.0
+    assert diag["confounds"]["mean_abs/last3"]["response_tokens"] == pytest.approx(1.0)  # both 0..8
+    # response_chars: "r0".."r8" are all 2 characters: constant, no correlation defined
+    assert diag["confounds"]["loss"]["response_chars"] is None
+    # groups: kept s1, s2, s4, s5, s7 → garbled (s0, s3, s6) 0 of 3; clean 5 of 6
+    assert diag["groups"]["meta.noise_kind"] == {"clean": {"n": 6, "kept": 5 / 6}, "garbled": {"n": 3, "kept": 0.0}}
+    assert diag["scorers"]["loss"]["auroc_by_kind"] == {"garbled": 1.0}
+    assert (out / "confounds.png").stat().st_size > 0
+
+
+def test_confounds_and_groups_without_noise_labels(tmp_path):
+    """Every selection reports what its scores rank by and whom it keeps, labels or not."""
+    from resofilter.commands import select as select_cmd
+
+    cfg, _ = _stage_cfg(tmp_path, "scorer=length", "selection.keep_ratio=0.5", "data.label_field=null",
+                        "data.group_fields=[extra]")
+    manifest = select_cmd(cfg)
+    diag = json.loads((tmp_path / "out" / "diagnostics.json").read_text())
+    assert "scorers" not in diag and "diagnostics" not in manifest  # nothing to score noise against
+    assert diag["selected_confounds"]["response_tokens"] == pytest.approx(1.0)  # length is n_tokens
+    assert diag["groups"]["extra"]["0"] == {"n": 1, "kept": 1.0} and diag["groups"]["extra"]["8"]["kept"] == 0.0
+    with pytest.raises(ConfigError, match=r"data.group_fields.*'s0' has no field 'nope'"):
+        (tmp_path / "b").mkdir()
+        select_cmd(_stage_cfg(tmp_path / "b", "data.group_fields=[nope]")[0])
+
+
+def test_auroc_by_kind_leaves_other_kinds_out():
+    from resofilter.selection.diagnostics import auroc_by_kind, group_retention, spearman
+
+    bad = np.array([0.1, 0.2, 0.9, 0.3, 0.05, 0.8])
+    kinds = ["clean", "clean", "a", "b", "b", "a"]
+    y = np.array([k != "clean" for k in kinds])
+    # a: 0.9, 0.8 vs clean 0.1, 0.2 → 4/4 pairs; b: 0.3 beats both, 0.05 beats none → 2/4
+    assert auroc_by_kind(bad, y, kinds) == {"a": 1.0, "b": 0.5}
+    assert group_retention(np.array([1, 0, 1], bool), {"f": ["x", "y", "x"]}) == {
+        "f": {"x": {"n": 2, "kept": 1.0}, "y": {"n": 1, "kept": 0.0}}}
+    assert spearman(np.array([1.0, 2, 3]), np.array([3.0, 2, 1])) == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("extra,err,match", [

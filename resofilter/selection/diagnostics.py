@@ -57,6 +57,67 @@ def drop_report(kept: np.ndarray, is_noise: np.ndarray, kinds: Sequence[str] | N
     return out
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's ρ (Pearson correlation of the average ranks); None when either side is constant."""
+    ra, rb = rankdata(a), rankdata(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def confounds(badness: dict[str, np.ndarray], covariates: dict[str, np.ndarray]) -> dict[str, dict[str, float | None]]:
+    """For every scorer, Spearman's ρ of its badness with each covariate (response length, loss…).
+
+    A score that mostly tracks length or loss shows it here: |ρ| near 1 means ranking by it is
+    nearly ranking by the covariate.
+    """
+    return {name: {cov: spearman(b, v) for cov, v in covariates.items()} for name, b in badness.items()}
+
+
+def group_retention(kept: np.ndarray, groups: dict[str, Sequence[Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """For every metadata field, each value's sample count and the fraction of them kept."""
+    kept = np.asarray(kept, dtype=bool)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for field, values in groups.items():
+        arr = np.asarray([str(v) for v in values])
+        out[field] = {v: {"n": int((arr == v).sum()), "kept": float(kept[arr == v].mean())}
+                      for v in sorted(set(arr.tolist()))}
+    return out
+
+
+def auroc_by_kind(badness: np.ndarray, is_noise: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
+    """AUROC of each noise kind against the clean samples alone (other kinds left out)."""
+    y = np.asarray(is_noise, dtype=bool)
+    k = np.asarray(kinds)
+    return {str(kind): auroc(badness[(k == kind) | ~y], (k == kind)[(k == kind) | ~y])
+            for kind in sorted(set(k[y].tolist()))}
+
+
+def plot_confounds(path: Path, table: dict[str, dict[str, float | None]]) -> None:
+    """Heatmap of Spearman's ρ, scorers × covariates (diverging, −1…1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    covs = list(next(iter(table.values()))) if table else []
+    m = np.array([[np.nan if table[n][c] is None else table[n][c] for c in covs] for n in names], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.6 * len(covs) + 3, 0.32 * len(names) + 1.2))
+    im = ax.imshow(m, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(covs)), covs)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    for i in range(len(names)):
+        for j in range(len(covs)):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:+.2f}", ha="center", va="center", fontsize=6)
+    fig.colorbar(im, ax=ax, label="Spearman ρ with the score's badness")
+    ax.set_title("What each score ranks by", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_histogram(path: Path, badness: np.ndarray, kept: np.ndarray, is_noise: np.ndarray | None,
                    title: str) -> None:
     import matplotlib

@@ -66,7 +66,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         sel = run_selection(SelectSpec.from_cfg(cfg), feat_dir, records, out / "select")
         stages["select"] = {
             "n_in": sel["n_in"], "n_out": sel["n_out"], "dedup_removed": sel["dedup_removed"],
-            "time_s": time.perf_counter() - t0,
+            "time_s": time.perf_counter() - t0, "confounds": sel.get("confounds"),
             **({"noise_auroc": sel["diagnostics"]["auroc"],
                 "noise_rate_kept": sel["diagnostics"]["noise_rate_kept"]} if "diagnostics" in sel else {})}
     distributed.barrier()  # the subset exists

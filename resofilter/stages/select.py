@@ -21,7 +21,18 @@ from resofilter._io import (
 )
 from resofilter.data.records import Record, get_field, record_hashes
 from resofilter.errors import ConfigError, ResoFilterError
-from resofilter.selection.diagnostics import auprc, auroc, drop_report, plot_histogram, plot_roc, roc_curve
+from resofilter.selection.diagnostics import (
+    auprc,
+    auroc,
+    auroc_by_kind,
+    confounds,
+    drop_report,
+    group_retention,
+    plot_confounds,
+    plot_histogram,
+    plot_roc,
+    roc_curve,
+)
 from resofilter.selection.scorers import (
     BASELINE_COLUMNS,
     ColumnScorer,
@@ -104,6 +115,7 @@ class SelectSpec:
     allow_unscored: bool = False
     label_field: str | None = None
     kind_field: str | None = None
+    group_fields: tuple[str, ...] = ()
     seed: int = 0
     declared_depth: int | None = None  # model.num_hidden_layers, if the config states it
 
@@ -114,7 +126,8 @@ class SelectSpec:
                    layers=OmegaConf.to_container(cfg.layers, resolve=True), statistic=cfg.statistic.name,
                    keep_ratio=sel.keep_ratio, direction=sel.direction, dedup=sel.get("dedup"),
                    diagnostics=sel.get("diagnostics", "auto"), allow_unscored=bool(sel.get("allow_unscored", False)),
-                   label_field=cfg.data.get("label_field"), kind_field=cfg.data.get("kind_field"), seed=cfg.seed,
+                   label_field=cfg.data.get("label_field"), kind_field=cfg.data.get("kind_field"),
+                   group_fields=tuple(cfg.data.get("group_fields") or ()), seed=cfg.seed,
                    declared_depth=cfg.model.get("num_hidden_layers"))
 
     def as_dict(self) -> dict[str, Any]:
@@ -167,6 +180,66 @@ def panel(features: pd.DataFrame, n_layers: int, modules: list[str], seed: int) 
     return out
 
 
+def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_layers: int, selected: str,
+             bad: np.ndarray, kept: np.ndarray, y: np.ndarray | None, out_dir: Path) -> dict[str, Any]:
+    """What every scorer of the panel ranks by and whom the selection keeps; with noise labels, how
+    well each flags noise overall and per kind. Writes ``confounds.png`` (and ``roc.png`` with labels).
+
+    - ``confounds``: Spearman ρ of each scorer's badness with response tokens, response
+      characters and the loss (``selected_confounds``: the selection's own scorer);
+    - ``groups``: per value of every ``data.group_fields`` field, its count and kept fraction;
+    - labels only: ``scorers`` (AUROC, AUPRC and, with ``data.kind_field``, AUROC per noise
+      kind against the clean samples), ``selected_scorer`` (precision/recall of the dropped set).
+    """
+    scorers = panel(features, n_layers, list(spec.layers["modules"]), spec.seed)
+    bads = {name: badness(s, features) for name, s in scorers.items()}
+    covariates = {"response_tokens": features["n_tokens"].to_numpy(dtype=float),
+                  "response_chars": np.array([len(r.response) for r in recs], dtype=float),
+                  "loss": features["loss"].to_numpy(dtype=float)}
+    groups = {}
+    for field in spec.group_fields:
+        try:
+            groups[field] = [get_field(r.raw, field) for r in recs]
+        except KeyError:
+            missing = next(r.sample_id for r in recs if _lacks(r, field))
+            raise ConfigError("data.group_fields", f"record {missing!r} has no field {field!r}") from None
+    diag: dict[str, Any] = {
+        "selected_confounds": confounds({selected: bad}, covariates)[selected],
+        "confounds": confounds(bads, covariates), "groups": group_retention(kept, groups)}
+    plot_confounds(out_dir / "confounds.png", {f"selected: {selected}": diag["selected_confounds"],
+                                               **diag["confounds"]})
+    if y is None:
+        return diag
+    kinds = None
+    if spec.kind_field:
+        try:
+            kinds = [str(get_field(r.raw, spec.kind_field)) for r in recs]
+        except KeyError:
+            kinds = None
+    table, curves = {}, {}
+    for name, b in bads.items():
+        table[name] = {"auroc": auroc(b, y), "auprc": auprc(b, y)}
+        if kinds is not None:
+            table[name]["auroc_by_kind"] = auroc_by_kind(b, y, kinds)
+        fp, tp = roc_curve(b, y)
+        curves[name] = (fp, tp, table[name]["auroc"])
+    diag["selected_scorer"] = {"auroc": auroc(bad, y), "auprc": auprc(bad, y), **drop_report(kept, y, kinds),
+                               **({"auroc_by_kind": auroc_by_kind(bad, y, kinds)} if kinds is not None else {})}
+    diag["noise_rate"] = float(y.mean())
+    diag["scorers"] = table
+    keep_main = {k: v for k, v in curves.items() if "/" not in k or k.split("/")[1] == "last3"}
+    plot_roc(out_dir / "roc.png", keep_main)
+    return diag
+
+
+def _lacks(record: Record, field: str) -> bool:
+    try:
+        get_field(record.raw, field)
+    except KeyError:
+        return True
+    return False
+
+
 def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Record],
                   out_dir: str | Path) -> dict[str, Any]:
     """Rank ``records`` by ``spec.scorer`` on the features in ``features_dir``; keep ``spec.keep_ratio``.
@@ -200,25 +273,9 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     y = labels_of(recs, label_field) if label_field and want not in (False, "false") else None
     if y is None and (want is True or want == "true"):
         raise ConfigError("data.label_field", f"records have no field {label_field!r} (needed by diagnostics)")
+    if want not in (False, "false"):
+        diag = diagnose(spec, features, recs, n_layers, scorer.name, bad, sel.kept, y, out_dir)
     if y is not None:
-        kinds = None
-        if spec.kind_field:
-            try:
-                kinds = [str(get_field(r.raw, spec.kind_field)) for r in recs]
-            except KeyError:
-                kinds = None
-        scorers = panel(features, n_layers, list(spec.layers["modules"]), spec.seed)
-        table = {}
-        curves = {}
-        for name, s in scorers.items():
-            b = badness(s, features)
-            table[name] = {"auroc": auroc(b, y), "auprc": auprc(b, y)}
-            fp, tp = roc_curve(b, y)
-            curves[name] = (fp, tp, table[name]["auroc"])
-        diag = {"selected_scorer": {"auroc": auroc(bad, y), "auprc": auprc(bad, y), **drop_report(sel.kept, y, kinds)},
-                "noise_rate": float(y.mean()), "scorers": table}
-        keep_main = {k: v for k, v in curves.items() if "/" not in k or k.split("/")[1] == "last3"}
-        plot_roc(out_dir / "roc.png", keep_main)
         plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y,
                        f"{scorer.name} ({spec.statistic}) keep {spec.keep_ratio:g}")
     else:
@@ -243,11 +300,13 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     }
     if diag is not None:
         write_json_atomic(out_dir / "diagnostics.json", diag)
+        manifest["confounds"] = diag["selected_confounds"]
+    if diag is not None and "selected_scorer" in diag:
         manifest["diagnostics"] = diag["selected_scorer"]
     write_json_atomic(out_dir / "manifest.json", manifest)
     log.info("kept %d of %d (keep_ratio %g, %s, dedup removed %d) → %s", sel.n_kept, len(recs),
              spec.keep_ratio, spec.direction, sel.dedup_removed, out_dir / "subset.jsonl")
-    if diag is not None:
+    if diag is not None and "selected_scorer" in diag:
         log.info("noise AUROC of %s: %.3f; dropped-set precision %.3f recall %.3f", scorer.name,
                  diag["selected_scorer"]["auroc"], diag["selected_scorer"]["precision"],
                  diag["selected_scorer"]["recall"])
