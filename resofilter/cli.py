@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         # Hydra has parsed its arguments; restore the real command line, which Lightning's
         # DDP launcher re-runs for ranks > 0.
         sys.argv = _rank_argv(full_argv)
-        return _guard(_function(name), cfg)
+        return _guard(_configured(_function(name)), cfg)
 
     sys.argv = [f"resofilter {name}", *rest]
     _app()
@@ -118,6 +118,44 @@ def _rank_argv(argv: list[str]) -> list[str]:
     if hc.mode != RunMode.MULTIRUN:
         return argv
     return [a for a in argv if not a.startswith("hydra.sweep.dir=")] + [f"hydra.sweep.dir={hc.sweep.dir}"]
+
+
+# Lightning's start-up chatter that says nothing about this run: an advertisement and the
+# accelerator banner (the run's device is in its config); matched by message, nothing else hidden.
+_LIGHTNING_NOISE = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+# Known-harmless warnings raised inside libraries on every run, matched by their text.
+_HARMLESS_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
+
+
+class _DropLightningNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(_LIGHTNING_NOISE)
+
+
+def quiet_third_party() -> None:
+    """Keep Lightning's tips/banner and known-harmless deprecation warnings out of the user's log."""
+    import warnings
+
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningNoise) for f in logger.filters):
+            logger.addFilter(_DropLightningNoise())
+    for message in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _configured(fn: Callable[[DictConfig], object]) -> Callable[[DictConfig], object]:
+    """The command, after the process-wide settings of its config (how progress is shown)."""
+    def run(cfg: DictConfig) -> object:
+        from resofilter import progress
+
+        p = cfg.get("progress") or {}
+        progress.configure(p.get("bars", "auto"), p.get("log_every_s", 30.0))
+        quiet_third_party()
+        return fn(cfg)
+
+    return run
 
 
 def _guard(fn: Callable[[object], object], arg: object) -> object:

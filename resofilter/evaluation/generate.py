@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
+from resofilter.progress import iterate
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def generate(
     outputs: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths together
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+        for start in iterate(range(0, len(order), batch_size), -(-len(order) // batch_size), "generation", "batches",
+                             enabled=progress):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
                             add_special_tokens=add_special_tokens).to(device)

@@ -27,6 +27,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
+from resofilter import progress
 from resofilter._io import (
     environment_info,
     file_hash,
@@ -367,9 +368,10 @@ def extract_features(
     writer = ShardWriter(shard_dir, shard_size, len(samples))
     make_trainer = make_trainer or functools.partial(pl.Trainer, accelerator="cpu", devices=1)
     # inference_mode=False: predict runs under no_grad, which the scorer lifts for its truncated backward
+    shown = progress.trainer_progress(settings.progress_bar, "scoring")
     trainer = make_trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, inference_mode=False,
-                           use_distributed_sampler=False, callbacks=[writer],
-                           enable_progress_bar=settings.progress_bar)
+                           use_distributed_sampler=False, callbacks=[writer, *shown["callbacks"]],
+                           enable_progress_bar=shown["enable_progress_bar"])
     t0 = time.perf_counter()
     if len(done) < dm.n_shards():
         with warnings.catch_warnings():

@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
+from resofilter import progress
 from resofilter._io import stable_hash, temporary_dir, write_json_atomic
 from resofilter.data.records import load_records
 from resofilter.data.synthetic import SyntheticConfig, write_benchmark
@@ -104,10 +105,11 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
     schedule = functools.partial(get_scheduler, name="cosine_with_min_lr",
                                  scheduler_specific_kwargs={"min_lr_rate": bt["min_lr_ratio"]})
     module = SFTModule(model, optimizer, schedule, bt["warmup_ratio"])
+    shown = progress.trainer_progress(bt.get("progress_bar", True), "base-model training")
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_steps=bt["steps"], max_epochs=-1, logger=False,
         enable_checkpointing=False, enable_model_summary=False, gradient_clip_val=1.0,
-        log_every_n_steps=50, enable_progress_bar=bt.get("progress_bar", True),
+        log_every_n_steps=50, **shown,
     )
     trainer.fit(module, SFTDataModule(samples, tokenizer.pad_token_id, bt["batch_size"], seed=bt["seed"]))
     train_time = time.perf_counter() - t0

@@ -15,7 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from resofilter import distributed
+from resofilter import distributed, progress
 from resofilter._io import file_hash, read_json, remove_orphans, stable_hash, temporary_dir, write_json_atomic
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
@@ -193,7 +193,8 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     optimizer = instantiate(ft.optimizer)
     module = SFTModule(model, optimizer, instantiate(ft.scheduler), ft.warmup_ratio, seed=ft.seed)
     trainer_cfg = dict(spec.trainer)
-    callbacks = list(instantiate(trainer_cfg.pop("callbacks", None) or []))
+    shown = progress.trainer_progress(trainer_cfg.pop("enable_progress_bar", True), "fine-tuning")
+    callbacks = [*instantiate(trainer_cfg.pop("callbacks", None) or []), *shown["callbacks"]]
     periodic = None
     if ft.checkpoint_every_n_steps:
         periodic = PeriodicCheckpoint(resume / LAST_CKPT, ft.checkpoint_every_n_steps)
@@ -205,6 +206,7 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         trainer_cfg, **ft.limits, accumulate_grad_batches=ft.accumulate_grad_batches,
         gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,
         enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
+        enable_progress_bar=shown["enable_progress_bar"],
         deterministic=True, callbacks=callbacks,
         use_distributed_sampler=False)  # the data module deals the ranks' batches itself
     if resume_from is not None:
