@@ -293,7 +293,7 @@ class PeriodicCheckpoint(pl.Callback):
         if 0 < trainer.max_steps <= step:
             return
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        trainer.save_checkpoint(tmp)  # collective under DDP: rank 0 writes, every rank waits
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state; collective under DDP: rank 0 writes
         if trainer.is_global_zero:
             follow_umask(tmp)
             os.replace(tmp, self.path)
