@@ -70,7 +70,9 @@ def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: li
         "variant": variant, "scorer": scorer, "keep_ratio": keep, "direction": "drop_high",
         "layers": {"indices": [-1]}, "statistic": "mean_abs", "step": "adamw", "seed": seed,
         "eval": {"gsm8k": sum(correct) / len(correct)}, "total_time_s": 1.0, "setting": setting,
-        "stages": {"select": {"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6}, "score": {"cached": True}}}))
+        "stages": {"select": {"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6,
+                              "confounds": {"response_tokens": 0.25 if scorer == "resofilter" else -0.1}},
+                   "score": {"cached": True}}}))
     (d / "eval").mkdir()
     (d / "eval" / "metrics.json").write_text(json.dumps({"eval": "gsm8k", "accuracy": sum(correct) / len(correct)}))
     (d / "eval" / "predictions.jsonl").write_text("".join(
@@ -111,3 +113,4 @@ def test_table_differences_are_paired_by_seed_and_problem(tmp_path):
     assert t.loc["resofilter", "acc/gsm8k Δrandom"] == pytest.approx(
         t.loc["resofilter", "acc/gsm8k mean"] - t.loc["random50", "acc/gsm8k mean"])
     assert "3 seeds × 200 problems" in md and "detectable at 80 % power" in md
+    assert t.loc["resofilter", "rho_length"] == 0.25 and "| +0.25 |" in md

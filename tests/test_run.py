@@ -105,8 +105,9 @@ def test_table_numbers_by_hand(tmp_path):
     assert md[0].startswith("| variant | keep_ratio | gsm8k % [95 % CI] | Δ full | Δ random | math % [95 % CI] |")
     rows = {line.split(" | ")[0].strip("| "): line for line in md[2:] if line.startswith("|")}
     # no predictions kept: mean ± sd over seeds; std of (20, 40) with ddof 1 = 14.14…; of (10, 30) the same
-    assert "| 30.0 ± 14.1 (sd) | – | – | 20.0 ± 14.1 (sd) | – | – | 2 | 50 | 30.0 | 0.600 | 10 |" in rows["resofilter"]
-    assert "| 10.0 ± 0.0 (sd) | – | – | 0.0 ± 0.0 (sd) | – | – | 1 | 50 | 30.0 | – | 10 |" in rows["random"]
+    assert "| 30.0 ± 14.1 (sd) | – | – | 20.0 ± 14.1 (sd) | – | – | 2 | 50 | 30.0 | 0.600 | – | 10 |" in \
+        rows["resofilter"]
+    assert "| 10.0 ± 0.0 (sd) | – | – | 0.0 ± 0.0 (sd) | – | – | 1 | 50 | 30.0 | – | – | 10 |" in rows["random"]
 
 
 def test_table_on_empty_dir_is_an_error(tmp_path):

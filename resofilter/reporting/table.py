@@ -46,6 +46,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "step": r["step"], "seed": r["seed"], "n_kept": r["stages"]["select"]["n_out"],
             "noise_rate_kept": r["stages"]["select"].get("noise_rate_kept"),
             "noise_auroc": r["stages"]["select"].get("noise_auroc"),
+            # what the score ranks by: Spearman ρ of its badness with response length (1: length itself)
+            "rho_length": ((r["stages"]["select"].get("confounds") or {}).get("response_tokens")),
             "score_cached": r["stages"]["score"]["cached"], "time_s": r["total_time_s"],
             "scorer": r.get("scorer"), "budget": r.get("budget") or _budget(r.get("setting") or {}),
             "_dir": str(d),
@@ -131,10 +133,10 @@ def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> p
     varying = ["variant", "keep_ratio", "setting", "setting_key"]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
     # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
-    numeric = ["n_kept", "noise_rate_kept", "noise_auroc", "time_s", *acc_cols]
+    numeric = ["n_kept", "noise_rate_kept", "noise_auroc", "rho_length", "time_s", *acc_cols]
     per_seed = runs.groupby([*varying, "seed"], dropna=False)[numeric].mean().reset_index()
     agg: dict[str, Any] = {"seed": "nunique", "n_kept": "mean", "noise_rate_kept": "mean", "noise_auroc": "mean",
-                           "time_s": "mean"}
+                           "rho_length": "mean", "time_s": "mean"}
     out = per_seed.groupby(varying, dropna=False).agg(agg).rename(columns={"seed": "seeds"})
     for c in acc_cols:
         g = per_seed.groupby(varying, dropna=False)[c]
@@ -206,7 +208,7 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     header = list(keys)
     for c in acc_cols:
         header += [f"{c[4:]} % [95 % CI]", "Δ full", "Δ random"]
-    header += ["seeds", "kept", "noise kept (%)", "noise AUROC", "time/run (s)"]
+    header += ["seeds", "kept", "noise kept (%)", "noise AUROC", "ρ length", "time/run (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in summary.iterrows():
         cells = [f"{r[k]:g}" if k == "keep_ratio" else ("" if pd.isna(r[k]) else str(r[k])) for k in keys]
@@ -226,8 +228,9 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
         nr, auc = r["noise_rate_kept"], r["noise_auroc"]
         if r["keep_ratio"] >= 1:
             auc = float("nan")  # nothing is dropped: the (placeholder) scorer's AUROC says nothing
+        rho = float("nan") if r["keep_ratio"] >= 1 or pd.isna(r["rho_length"]) else r["rho_length"]
         cells += [str(int(r["seeds"])), f"{r['n_kept']:.0f}", "–" if pd.isna(nr) else f"{100 * nr:.1f}",
-                  "–" if pd.isna(auc) else f"{auc:.3f}", f"{r['time_s']:.0f}"]
+                  "–" if pd.isna(auc) else f"{auc:.3f}", "–" if pd.isna(rho) else f"{rho:+.2f}", f"{r['time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for c in acc_cols:
