@@ -224,7 +224,7 @@ def test_f6_table_keeps_settings_apart_and_labels_them(tmp_path):
     assert set(rows) == {"layers=last3_up_proj", "layers=last3_mlp"}
     assert rows["layers=last3_up_proj"]["seeds"] == 2 and rows["layers=last3_mlp"]["seeds"] == 1
     assert rows["layers=last3_up_proj"]["acc/math_synth mean"] == pytest.approx(0.30)
-    assert "| resofilter | 0.5 | layers=last3_mlp | 25.0 ± 0.0 | 1 |" in t["markdown"]
+    assert "| resofilter | 0.5 | layers=last3_mlp | 25.0 ± 0.0 (sd) | – | – | 1 |" in t["markdown"]
 
 
 # F7: memory bounded at gemma-2 scale -------------------------------------------------------------------

@@ -94,6 +94,9 @@ def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
     return None
 
 
+_OWN_COLUMNS = {"finetune.budget"}  # shown in a column of its own
+
+
 def setting_labels(runs: pd.DataFrame) -> pd.Series:
     """What distinguishes each run's setting beyond variant and keep ratio, as ``key=value`` text.
 
@@ -107,17 +110,22 @@ def setting_labels(runs: pd.DataFrame) -> pd.Series:
     pair = settings["variant"].astype(str) + "|" + settings["keep_ratio"].astype(str)
     shown = []
     for k in varying:
+        if k in _OWN_COLUMNS:
+            continue
         per_pair = {}
         for p, s in zip(pair, settings["_setting"], strict=True):
             per_pair.setdefault(p, set()).add(json.dumps(s.get(k), sort_keys=True))
         if any(len(v) > 1 for v in per_pair.values()):
             shown.append(k)
+    # a group is named by its option only where the options differ; else the key that does
+    chosen = {g for g in {k.split(".")[0] for k in shown}
+              if len({json.dumps(c.get(g)) for c in settings["_choices"]}) > 1}
     labels = {}
     for key, s, choices in zip(settings["setting_key"], settings["_setting"], settings["_choices"], strict=True):
         parts, groups = [], set()
         for k in shown:
             group = k.split(".")[0]
-            if group in choices:
+            if group in choices and group in chosen:
                 if group not in groups:
                     groups.add(group)
                     parts.append(f"{group}={choices[group]}")
