@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,10 +53,17 @@ def test_run_end_to_end(tmp_path):
 def test_multirun_shares_features_and_table(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # progress shown as a log file shows it (issue 16): bars on, one line per update, output not a terminal
     cmd = [sys.executable, "-m", "resofilter.cli", "run", "-m", "variant=reso50,random50", f"hydra.sweep.dir={sweep}",
-           *overrides(tmp_path)]
+           *overrides(tmp_path), "score.progress_bar=true", "trainer.enable_progress_bar=true",
+           "model.embedded.base_training.progress_bar=true", "progress.log_every_s=0"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
+    log = p.stdout + p.stderr
+    for stage in ("base-model training", "scoring", "fine-tuning", "generation"):
+        assert re.search(rf"{stage}[^\n]*: \d+/\d+ \w+ \(\d+%\), [\d.]+ \w+/s, elapsed \w+, ETA \w+", log), stage
+    for noise in ("💡 Tip", "GPU available", "LeafSpec", "\r"):
+        assert noise not in log, noise
     results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
     cached = [r["stages"]["score"]["cached"] for r in results]
     assert cached == [False, True], "the second member must reuse the first member's features"
