@@ -266,10 +266,13 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
-    fig, axes = plt.subplots(1, len(acc_cols), figsize=(6 * len(acc_cols), 4), squeeze=False)
-    for ax, c in zip(axes[0], acc_cols, strict=True):
-        full = summary[summary["keep_ratio"] == 1.0]
-        for name, g in summary[summary["keep_ratio"] < 1.0].groupby("variant"):
+    budgets = sorted(summary["budget"].dropna().unique()) if "budget" in summary.columns else []
+    panels = [(c, b) for c in acc_cols for b in (budgets or [None])]  # one panel per eval set and budget
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (c, budget) in zip(axes[0], panels, strict=True):
+        rows = summary if budget is None else summary[summary["budget"] == budget]
+        full = rows[rows["keep_ratio"] == 1.0]
+        for name, g in rows[rows["keep_ratio"] < 1.0].groupby("variant"):
             g = g.sort_values("keep_ratio")
             mean = 100 * g[f"{c} mean"]
             lo = (mean - 100 * g[f"{c} lo"]).fillna(100 * g[f"{c} std"])
@@ -282,7 +285,8 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
                 ax.axhspan(100 * full[f"{c} lo"].iloc[0], 100 * full[f"{c} hi"].iloc[0], color="k", alpha=0.08)
         ax.set_xlabel("keep ratio")
         ax.set_ylabel(f"{c[4:]} accuracy (%)")
-        ax.set_title(f"{c[4:]}: mean over seeds, 95 % interval (seeds × problems)", fontsize=9)
+        where = "" if budget is None else f", budget={budget}"
+        ax.set_title(f"{c[4:]}{where}: mean over seeds, 95 % interval (seeds × problems)", fontsize=9)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
