@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 
+from resofilter.errors import ConfigError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -25,12 +27,8 @@ _SETTINGS: dict[str, Any] = {"bars": "auto", "log_every_s": 30.0}
 def configure(bars: Any = "auto", log_every_s: float = 30.0) -> None:
     """Set from the ``progress`` config section (the CLI does, once per command)."""
     if bars not in ("auto", True, False):
-        from resofilter.errors import ConfigError
-
         raise ConfigError("progress.bars", f"must be auto, true or false, got {bars!r}")
     if not log_every_s >= 0:
-        from resofilter.errors import ConfigError
-
         raise ConfigError("progress.log_every_s", f"must be ≥ 0 seconds, got {log_every_s!r}")
     _SETTINGS.update(bars=bars, log_every_s=float(log_every_s))
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from resofilter._io import stable_hash, write_text_atomic
+from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.intervals import Z_80_POWER, Z_95, paired_matrix, row_matrix, two_way_bootstrap
 
@@ -39,7 +39,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
         if not f.exists():
             incomplete.append(str(d.relative_to(root)))
             continue
-        r = json.loads(f.read_text())
+        r = read_json(f)
         row: dict[str, Any] = {
             "run": str(d.relative_to(root)), "variant": r["variant"], "keep_ratio": r["keep_ratio"],
             "direction": r["direction"], "layers": str(r["layers"]["indices"]), "statistic": r["statistic"],
@@ -89,8 +89,8 @@ def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
     d = Path(run_dir) / "eval"
     for cand in (d / eval_name, d):
         metrics, preds = cand / "metrics.json", cand / "predictions.jsonl"
-        if metrics.exists() and preds.exists() and json.loads(metrics.read_text()).get("eval") == eval_name:
-            return {p["sample_id"]: float(p["correct"]) for p in map(json.loads, preds.read_text().splitlines())}
+        if metrics.exists() and preds.exists() and read_json(metrics).get("eval") == eval_name:
+            return {p["sample_id"]: float(p["correct"]) for p in read_jsonl(preds)}
     return None
 
 

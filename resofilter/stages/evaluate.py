@@ -128,14 +128,14 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     ``metrics.json``, and returns the metrics; the other ranks return ``None``.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    records, golds, extractor = load_eval_set(ev)
     rank, world = distributed.rank(), distributed.world_size()
     key = stable_hash([asdict(ev), template.render_prompt("{q}", None, None), model_id])
     finished = _finished(out_dir, key)
-    if finished is not None:
+    if finished is not None:  # before reading the eval set: nothing of it is needed
         log.info("%s: already evaluated in %s, reusing it", ev.name, out_dir)
         return finished if rank == 0 else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, golds, extractor = load_eval_set(ev)
     earlier = {f: _read_partial(f, key) for f in sorted(out_dir.glob(PARTIAL.format(rank="*")))}  # each read once
     done = {p["sample_id"]: p for rows in earlier.values() for p in rows}
     mine = [i for i in range(rank, len(records), world) if records[i].sample_id not in done]

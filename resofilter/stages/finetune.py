@@ -164,7 +164,6 @@ def run_finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], temp
 
 def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], template: Template,
               out_dir: Path) -> dict[str, Any]:
-    ft = spec
     tok = load_tokenizer(model_dir)
     samples, stats = tokenize_records(records, template, tok, spec.tokenize["max_length"],
                                       spec.tokenize["prompt_overflow"], spec.tokenize["append_eos"])
@@ -182,29 +181,27 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
             resume.mkdir(parents=True, exist_ok=True)
             write_json_atomic(resume / "key.json", {"key": key})
     distributed.barrier()
-    pl.seed_everything(ft.seed, workers=True, verbose=False)
+    pl.seed_everything(spec.seed, workers=True, verbose=False)
     model = load_causal_lm(model_dir, training_load_dtype(spec.model_dtype, spec.mode), spec.attn_implementation)
-    if ft.mode == "lora":
-        model = wrap_lora(model, ft.lora)
-    check_master_weights(model, ft.precision)
-    if ft.gradient_checkpointing:
+    if spec.mode == "lora":
+        model = wrap_lora(model, spec.lora)
+    check_master_weights(model, spec.precision)
+    if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()  # from_pretrained returns eval mode: dropout (attention, LoRA) must be on while fitting
-    optimizer = instantiate(ft.optimizer)
-    module = SFTModule(model, optimizer, instantiate(ft.scheduler), ft.warmup_ratio, seed=ft.seed)
+    optimizer = instantiate(spec.optimizer)
+    module = SFTModule(model, optimizer, instantiate(spec.scheduler), spec.warmup_ratio, seed=spec.seed)
     trainer_cfg = dict(spec.trainer)
     shown = progress.trainer_progress(trainer_cfg.pop("enable_progress_bar", True), "fine-tuning")
     callbacks = [*instantiate(trainer_cfg.pop("callbacks", None) or []), *shown["callbacks"]]
-    periodic = None
-    if ft.checkpoint_every_n_steps:
-        periodic = PeriodicCheckpoint(resume / LAST_CKPT, ft.checkpoint_every_n_steps)
-        callbacks.append(periodic)
+    if spec.checkpoint_every_n_steps:
+        callbacks.append(PeriodicCheckpoint(resume / LAST_CKPT, spec.checkpoint_every_n_steps))
     # a resumed run logs beside the killed one's metrics, which the CSV logger would otherwise delete
     log_kwargs = ({"version": f"resumed-at-step-{resume_from['step']}"}
                   if resume_from and "version" in spec.logger else {})
     trainer = instantiate(
-        trainer_cfg, **ft.limits, accumulate_grad_batches=ft.accumulate_grad_batches,
-        gradient_clip_val=ft.gradient_clip_val, precision=ft.precision, enable_checkpointing=False,
+        trainer_cfg, **spec.limits, accumulate_grad_batches=spec.accumulate_grad_batches,
+        gradient_clip_val=spec.gradient_clip_val, precision=spec.precision, enable_checkpointing=False,
         enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
         enable_progress_bar=shown["enable_progress_bar"],
         deterministic=True, callbacks=callbacks,
@@ -213,13 +210,13 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         log.info("resuming fine-tuning from %s (step %d)", resume_from["path"], resume_from["step"])
     t0 = time.perf_counter()
     with quiet_resume_warning():
-        trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, ft.batch_size, seed=ft.seed),
+        trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, spec.batch_size, seed=spec.seed),
                     ckpt_path=resume_from["path"] if resume_from else None, weights_only=False)
     train_s = time.perf_counter() - t0
     if trainer.interrupted:  # Ctrl-C / SIGTERM: Lightning returns normally; the model is not finished
-        raise ResoFilterError(f"fine-tuning was interrupted at step {trainer.global_step}; rerun the same "
-                              f"command to resume from {resume / LAST_CKPT}" if periodic and periodic.saves
-                              else f"fine-tuning was interrupted at step {trainer.global_step}")
+        then = (f"; rerun the same command to resume from {resume / LAST_CKPT}" if (resume / LAST_CKPT).exists()
+                else "")
+        raise ResoFilterError(f"fine-tuning was interrupted at step {trainer.global_step}{then}")
     if not trainer.is_global_zero:  # rank 0 saves; the others wait for it, then know where it is
         trainer.strategy.barrier("checkpoint-saved")
         return {"checkpoint": str(final), "steps": trainer.global_step, "n_records": len(records)}
@@ -227,7 +224,7 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        if ft.mode == "lora" and ft.merge_lora:
+        if spec.mode == "lora" and spec.merge_lora:
             merged = model.merge_and_unload()
             merged.save_pretrained(tmp / "merged")
             tok.save_pretrained(tmp / "merged")
@@ -238,8 +235,8 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         if tmp.exists():
             shutil.rmtree(tmp)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = {"checkpoint": str(final), "base_model": model_dir, "mode": ft.mode, "n_records": len(records),
-              "budget": ft.budget,
+    result = {"checkpoint": str(final), "base_model": model_dir, "mode": spec.mode, "n_records": len(records),
+              "budget": spec.budget,
               "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
               "tokens_per_s": (module.tokens_seen - (resume_from or {}).get("tokens_seen", 0)) / max(train_s, 1e-9),
               "final_metrics": metrics, "key": key,

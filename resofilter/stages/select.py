@@ -196,13 +196,13 @@ def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_lay
     covariates = {"response_tokens": features["n_tokens"].to_numpy(dtype=float),
                   "response_chars": np.array([len(r.response) for r in recs], dtype=float),
                   "loss": features["loss"].to_numpy(dtype=float)}
-    groups = {}
-    for field in spec.group_fields:
-        try:
-            groups[field] = [get_field(r.raw, field) for r in recs]
-        except KeyError:
-            missing = next(r.sample_id for r in recs if _lacks(r, field))
-            raise ConfigError("data.group_fields", f"record {missing!r} has no field {field!r}") from None
+    groups: dict[str, list[Any]] = {field: [] for field in spec.group_fields}
+    for field, values in groups.items():
+        for r in recs:
+            try:
+                values.append(get_field(r.raw, field))
+            except KeyError:
+                raise ConfigError("data.group_fields", f"record {r.sample_id!r} has no field {field!r}") from None
     diag: dict[str, Any] = {
         "selected_confounds": confounds({selected: bad}, covariates)[selected],
         "confounds": confounds(bads, covariates), "groups": group_retention(kept, groups)}
@@ -230,14 +230,6 @@ def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_lay
     keep_main = {k: v for k, v in curves.items() if "/" not in k or k.split("/")[1] == "last3"}
     plot_roc(out_dir / "roc.png", keep_main)
     return diag
-
-
-def _lacks(record: Record, field: str) -> bool:
-    try:
-        get_field(record.raw, field)
-    except KeyError:
-        return True
-    return False
 
 
 def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Record],

@@ -279,7 +279,6 @@ class PeriodicCheckpoint(pl.Callback):
         self.path = Path(path)
         self.every_n_steps = every_n_steps
         self._last_step: int | None = None
-        self.saves = 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step  # a resumed run does not re-save the step it resumed from
@@ -298,5 +297,4 @@ class PeriodicCheckpoint(pl.Callback):
             follow_umask(tmp)
             os.replace(tmp, self.path)
         trainer.strategy.barrier("periodic-checkpoint")
-        self.saves += 1
         log.debug("training state at step %d → %s", step, self.path)
