@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 
@@ -86,6 +87,11 @@ def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, An
 def write_parquet_atomic(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_npy_atomic(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _json_default(obj: Any) -> Any:

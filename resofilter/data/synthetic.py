@@ -279,6 +279,33 @@ def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def reference_split(cfg: SyntheticConfig, n: int, taken: set[str]) -> list[dict[str, Any]]:
+    """``n`` clean problems of the fine-tuning skill for a trusted reference set.
+
+    Drawn from their own random stream (seeded by ``cfg.seed`` and "reference"), so the
+    benchmark's splits — and the base model trained on them — are the same with or without
+    it; ``taken`` (every query of those splits) is avoided, so no reference problem is a
+    pool, test or base-training problem.
+    """
+    cfg.validate()
+    rng = random.Random(f"{cfg.seed}/reference")
+    gen = _Gen(cfg, rng)
+    avoid, rows = set(taken), []
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ConfigError("scorer.reference.n", f"cannot draw {n} new distinct problems; widen the ranges")
+        p = gen.problem(rng.choice(list(cfg.finetune_steps)))
+        q, r = gen.record(p)
+        if q in avoid:
+            continue
+        avoid.add(q)
+        rows.append({"id": f"reference-{len(rows):05d}", "query": q, "response": r, "answer": str(p.answer),
+                     "meta": {"n_steps": len(p.ops), "answer": p.answer, "noisy": False, "noise_kind": "clean"}})
+    return rows
+
+
 def write_benchmark(cfg: SyntheticConfig, out_dir: str | Path) -> dict[str, Any]:
     """Generate and write ``<split>.jsonl`` + ``manifest.json`` into ``out_dir``; return the manifest."""
     out_dir = Path(out_dir)

@@ -34,6 +34,7 @@ from resofilter._io import (
     read_json,
     stable_hash,
     write_json_atomic,
+    write_npy_atomic,
     write_parquet_atomic,
 )
 from resofilter.data.tokenize import Collator, TokenizedSample, length_buckets
@@ -41,7 +42,9 @@ from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.exact import ExactScorer
 from resofilter.features.fast import FastScorer, ppl, response_losses
+from resofilter.features.sketch import SKETCH_COLUMN, SKETCH_FILE, SketchSpec, sketch_layout
 from resofilter.features.targets import Target
+from resofilter.features.tokens import TokenSignalSpec, token_signals
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +66,11 @@ class FeatureDataModule(pl.LightningDataModule):
 
     def __init__(self, samples: Sequence[TokenizedSample], pad_token_id: int, shard_size: int,
                  batch_size: int, max_tokens: int | None, done: set[int],
-                 alone: Sequence[TokenizedSample] | None = None) -> None:
+                 alone: Sequence[TokenizedSample] | None = None,
+                 spans: dict[str, tuple[int, int]] | None = None) -> None:
         super().__init__()
         self.samples = list(samples)
+        self.spans = spans
         self.alone = list(alone) if alone is not None else None
         self.collate = Collator(pad_token_id, "right")
         self.shard_size, self.batch_size, self.max_tokens = shard_size, batch_size, max_tokens
@@ -100,6 +105,8 @@ class FeatureDataModule(pl.LightningDataModule):
         batch["index"] = torch.tensor(indices)
         if self.alone is not None:
             batch["alone"] = self.collate([self.alone[i] for i in indices])
+        if self.spans is not None:
+            batch["answer_span"] = torch.tensor([self.spans[self.samples[i].sample_id] for i in indices])
         return batch
 
     def predict_dataloader(self) -> DataLoader:
@@ -111,17 +118,20 @@ class FeatureDataModule(pl.LightningDataModule):
 class FeatureModule(pl.LightningModule):
     """``predict_step`` returns one feature row per sample of the batch."""
 
-    def __init__(self, model: torch.nn.Module, scorer: FastScorer | ExactScorer, ifd: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, scorer: FastScorer | ExactScorer, ifd: bool = False,
+                 topk: int = 4) -> None:
         super().__init__()
         self.model = model
         self.scorer = scorer
         self.ifd = ifd
+        self.topk = topk
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         if not len(batch["index"]):
             return []
-        stats, losses, n_tok = self.scorer(batch)
-        losses = losses.to(torch.float64).cpu()
+        scored = self.scorer.score_batch(batch)
+        stats, n_tok = scored.stats, scored.n_tokens
+        losses = scored.losses.to(torch.float64).cpu()
         rows = [{"index": int(i), "sample_id": sid, "loss": float(loss), "ppl": float(ppl(loss)),
                  "n_tokens": int(n), "truncated": bool(tr)}
                 for i, sid, loss, n, tr in zip(batch["index"], batch["sample_ids"], losses, n_tok,
@@ -131,11 +141,17 @@ class FeatureModule(pl.LightningModule):
             for row, la in zip(rows, loss_alone.to(torch.float64).cpu(), strict=True):
                 row["loss_alone"] = float(la)
                 row["ifd"] = float(np.exp(row["loss"] - float(la)))  # ppl(r|q) / ppl(r)
-        for target, by_stat in stats.items():
-            for stat, values in by_stat.items():
-                vals = values.cpu().tolist()
-                for row, v in zip(rows, vals, strict=True):
-                    row[column(target, stat)] = v
+        signals = token_signals(scored.token_losses, batch["labels"].to(scored.token_losses.device), self.topk,
+                                batch.get("answer_span"))
+        columns = {name: values for name, values in signals.items()}
+        columns.update({column(target, stat): values for target, by_stat in stats.items()
+                        for stat, values in by_stat.items()})
+        for name, values in columns.items():
+            for row, v in zip(rows, values.to(torch.float64).cpu().tolist(), strict=True):
+                row[name] = v
+        if scored.sketch is not None:
+            for row, sk in zip(rows, scored.sketch.to(torch.float32).cpu().numpy(), strict=True):
+                row[SKETCH_COLUMN] = sk
         return rows
 
 
@@ -278,6 +294,8 @@ class ScoreSettings:
     max_tokens_per_batch: int | None = None
     shard_size: int = 256
     progress_bar: bool = True
+    tokens: TokenSignalSpec = TokenSignalSpec()
+    sketch: SketchSpec = SketchSpec()
 
 
 @dataclass(frozen=True)
@@ -321,7 +339,8 @@ def completed_features(out_dir: str | Path, identity: FeaturesIdentity) -> tuple
 def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
                   settings: ScoreSettings) -> FastScorer | ExactScorer:
     """The per-sample update scorer of ``settings.mode`` (fast closed form, or the literal loop)."""
-    common = dict(statistics=settings.statistics, quantiles=settings.quantiles, count_above=settings.count_above)
+    common = dict(statistics=settings.statistics, quantiles=settings.quantiles, count_above=settings.count_above,
+                  sketch=settings.sketch)
     if settings.mode == "literal":
         return ExactScorer(model, targets, step, dtype=settings.literal_dtype, **common)
     return FastScorer(model, targets, step, chunk_elements=settings.chunk_elements,
@@ -340,6 +359,7 @@ def extract_features(
     make_trainer: Callable[..., pl.Trainer] | None = None,
     alone: Sequence[TokenizedSample] | None = None,
     finalize: Callable[[pd.DataFrame], tuple[pd.DataFrame, dict[str, Any]]] | None = None,
+    spans: dict[str, tuple[int, int]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]] | None:
     """Score every sample; returns (features, manifest) on rank 0, ``None`` on the other ranks.
 
@@ -361,10 +381,11 @@ def extract_features(
     shard_size = check_or_claim(shard_dir, key, identity.description, settings.shard_size)
     done = finished_shards(shard_dir, samples, shard_size)
     dm = FeatureDataModule(samples, pad_token_id, shard_size, settings.batch_size, settings.max_tokens_per_batch,
-                           done, alone)
+                           done, alone, spans)
     if done:
         log.info("resuming: %d of %d shards already done in %s", len(done), dm.n_shards(), shard_dir)
-    module = FeatureModule(model, update_scorer(model, targets, step, settings), ifd=alone is not None)
+    scorer = update_scorer(model, targets, step, settings)
+    module = FeatureModule(model, scorer, ifd=alone is not None, topk=settings.tokens.topk)
     writer = ShardWriter(shard_dir, shard_size, len(samples))
     make_trainer = make_trainer or functools.partial(pl.Trainer, accelerator="cpu", devices=1)
     # inference_mode=False: predict runs under no_grad, which the scorer lifts for its truncated backward
@@ -385,6 +406,9 @@ def extract_features(
     if writer.pending:
         raise ResoFilterError(f"incomplete shards {sorted(writer.pending)} after scoring (a bug)")
     features = merge_shards(shard_dir, samples, shard_size)
+    sketches = None
+    if scorer.projector is not None:
+        sketches = np.stack(features.pop(SKETCH_COLUMN).to_numpy()).astype(np.float32)
     n_scored = len(samples) - sum(len(dm.shard_range(k)) for k in done)
     features, extra = finalize(features) if finalize is not None else (features, {})
     manifest = {
@@ -396,9 +420,14 @@ def extract_features(
         "columns": list(features.columns),
         "timing": {"score_s": elapsed, "samples_scored": n_scored, "samples_per_s": n_scored / max(elapsed, 1e-9)},
         "world_size": trainer.world_size,
+        "tokens": settings.tokens.describe(),
         **extra,
         **environment_info(),
     }
+    if sketches is not None:
+        write_npy_atomic(out_dir / SKETCH_FILE, sketches)
+        manifest["sketch"] = {**sketch_layout(settings.sketch, scorer.projector),
+                              "sha256": file_hash(out_dir / SKETCH_FILE, length=64)}
     write_parquet_atomic(final, features)
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)  # the last write: the stage is complete
     shutil.rmtree(shard_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,21 +28,40 @@ import torch
 from resofilter.data.tokenize import IGNORE_INDEX
 from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig, one_step_update
+from resofilter.features.sketch import Projector, SketchSpec
 from resofilter.features.statistics import UpdateStatistics
-from resofilter.features.targets import Target, decoder_layers
+from resofilter.features.targets import Target, decoder_layers, resolve_indices
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Response-token cross-entropy (B, T−1) in fp32+ (0 at prompt and padding positions)."""
+    shift_logits = logits[:, :-1]
+    if shift_logits.dtype not in (torch.float32, torch.float64):
+        shift_logits = shift_logits.float()
+    return torch.nn.functional.cross_entropy(
+        shift_logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean response-token cross-entropy per sample (B,) in fp32+, and token counts (B,)."""
-    shift_logits = logits[:, :-1]
-    shift_labels = labels[:, 1:]
-    if shift_logits.dtype not in (torch.float32, torch.float64):
-        shift_logits = shift_logits.float()
-    tok = torch.nn.functional.cross_entropy(
-        shift_logits.transpose(1, 2), shift_labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, T-1)
-    n = (shift_labels != IGNORE_INDEX).sum(dim=1)  # (B,)
+    tok = token_losses(logits, labels)
+    n = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,)
     return tok.sum(dim=1) / n.clamp_min(1), n
+
+
+@dataclass
+class BatchScores:
+    """Everything one scoring pass gives for a batch.
+
+    ``stats``: ``{target: {statistic: (B,)}}``; ``losses``/``n_tokens`` (B,); ``token_losses``
+    (B, T−1) (0 off the response); ``sketch`` (B, D) when sketches are on.
+    """
+
+    stats: dict[str, dict[str, torch.Tensor]]
+    losses: torch.Tensor
+    n_tokens: torch.Tensor
+    token_losses: torch.Tensor
+    sketch: torch.Tensor | None = None
 
 
 class ChunkedHeadLoss:
@@ -64,11 +84,11 @@ class ChunkedHeadLoss:
             logits = torch.tanh(logits / self.cap) * self.cap
         return logits
 
-    def __call__(self, h: torch.Tensor, labels: torch.Tensor,
-                 grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(losses (B,), token counts (B,), ∂Σlosses/∂h (B, T, d)) for hidden states ``h`` (B, T, d).
+    def __call__(self, h: torch.Tensor, labels: torch.Tensor, grad: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(losses (B,), token counts (B,), ∂Σlosses/∂h (B, T, d), token losses (B, T−1)) for ``h`` (B, T, d).
 
-        ``grad=False``: the losses alone (no gradient; the third item is ``None``).
+        ``grad=False``: no gradient (the third item is ``None``).
         """
         B, T, _ = h.shape
         shift_labels = labels[:, 1:]
@@ -76,7 +96,7 @@ class ChunkedHeadLoss:
         loss_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         weight = 1.0 / n.clamp_min(1).to(loss_dtype)  # d(mean over sample b)/d(token loss)
         dh = torch.zeros_like(h) if grad else None
-        losses = h.new_zeros(B, dtype=loss_dtype)  # the logits below are cast to this dtype too
+        tok = h.new_zeros(B, max(T - 1, 0), dtype=loss_dtype)  # the logits below are cast to this dtype too
         span = max(1, self.chunk_elements // max(1, B * self.vocab))
         for t0 in range(0, T - 1, span):
             t1 = min(T - 1, t0 + span)
@@ -89,11 +109,11 @@ class ChunkedHeadLoss:
                 if logits.dtype not in (torch.float32, torch.float64):
                     logits = logits.float()
                 part = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab, ignore_index=IGNORE_INDEX,
-                                                         reduction="none").sum(dim=1)  # (B,)
+                                                         reduction="none")  # (B, span)
                 if dh is not None:
-                    (dh[:, t0:t1],) = torch.autograd.grad((part * weight).sum(), hc)
-            losses += part.detach()
-        return losses * weight, n, dh
+                    (dh[:, t0:t1],) = torch.autograd.grad((part.sum(dim=1) * weight).sum(), hc)
+            tok[:, t0:t1] = part.detach()
+        return tok.sum(dim=1) * weight, n, dh, tok
 
 
 @torch.no_grad()
@@ -110,7 +130,7 @@ def response_losses(model: torch.nn.Module, batch: dict[str, Any],
     if head_loss is None:
         return per_sample_loss(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, labels)
     h = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    losses, n, _ = head_loss(h, labels, grad=False)
+    losses, n, _, _ = head_loss(h, labels, grad=False)
     return losses, n
 
 
@@ -139,7 +159,7 @@ class FastScorer:
     def __init__(self, model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
                  statistics: Sequence[str], quantiles: Sequence[float] = (),
                  count_above: Sequence[float] = (), chunk_elements: int = 1 << 21,
-                 logits_chunk_elements: int = 1 << 24) -> None:
+                 logits_chunk_elements: int = 1 << 24, sketch: SketchSpec | None = None) -> None:
         self.model = model
         self.targets = list(targets)
         self.step = step
@@ -157,6 +177,16 @@ class FastScorer:
         # 0: the model's own forward and whole logits; >0: the head runs on slices of positions
         self.head_loss = ChunkedHeadLoss(model, logits_chunk_elements) if logits_chunk_elements > 0 else None
         self._head_checked = False
+        self.sketch_spec = sketch if sketch is not None and sketch.enabled else None
+        self.projector = None
+        if self.sketch_spec is not None:
+            n_layers = len(decoder_layers(model)[1])
+            chosen = set(resolve_sketch_layers(self.sketch_spec, n_layers))
+            shapes = {t.name: tuple(t.module.weight.shape) for t in self.targets if t.layer in chosen}
+            if not shapes:
+                raise ResoFilterError(f"score.sketch.indices {self.sketch_spec.indices} selects none of the scored "
+                                      f"layers {sorted({t.layer for t in self.targets})} (score.candidates)")
+            self.projector = Projector(self.sketch_spec, shapes, self.work, self.weights[self.targets[0].name].device)
 
     def check_head(self, batch: dict[str, Any], positions: int = 8) -> None:
         """Once: the chunked head's logits of the first sample's last positions equal the model's own."""
@@ -175,8 +205,9 @@ class FastScorer:
 
     def _activations(
         self, batch: dict[str, Any]
-    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
-        """One forward + truncated backward: ``{target: (δ, x)}`` (padding zeroed), losses, token counts."""
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One forward + truncated backward: ``{target: (δ, x)}`` (padding zeroed), losses, token counts,
+        token losses."""
         model = self.model
         device = next(model.parameters()).device
         ids = batch["input_ids"].to(device)
@@ -200,13 +231,15 @@ class FastScorer:
                 kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
                 if self.head_loss is None:
                     logits = model(**kw).logits
-                    losses, n_tok = per_sample_loss(logits, labels)
+                    tok = token_losses(logits, labels)
+                    n_tok = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+                    losses = tok.sum(dim=1) / n_tok.clamp_min(1)
                     del logits
                     # Sum of per-sample means: ∂/∂(sample b's activations) is exactly ∂loss_b.
                     deltas = torch.autograd.grad(losses.sum(), [outputs[t.name] for t in self.targets])
                 else:
                     h = model.get_decoder()(**kw).last_hidden_state
-                    losses, n_tok, dh = self.head_loss(h, labels)
+                    losses, n_tok, dh, tok = self.head_loss(h, labels)
                     deltas = torch.autograd.grad(h, [outputs[t.name] for t in self.targets], grad_outputs=dh)
                     del h, dh
         finally:
@@ -222,18 +255,35 @@ class FastScorer:
         # the graph is freed, so these buffers (fresh gradients, hooked inputs) belong to us alone.
         acts = {t.name: (d.masked_fill_(pad, 0), inputs.pop(t.name).masked_fill_(pad, 0))
                 for t, d in zip(self.targets, deltas, strict=True)}
-        return acts, losses.detach(), n_tok
+        return acts, losses.detach(), n_tok, tok.detach()
 
     def __call__(self, batch: dict[str, Any]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        out = self.score_batch(batch)
+        return out.stats, out.losses, out.n_tokens
+
+    def score_batch(self, batch: dict[str, Any]) -> BatchScores:
+        """Statistics, losses, token losses and (if on) sketches of a batch, from one pass."""
         if self.head_loss is not None and not self._head_checked:
             self.check_head(batch)
-        acts, losses, n_tok = self._activations(batch)
-        stats = {t.name: self._statistics(t, *acts.pop(t.name)) for t in self.targets}
-        return stats, losses, n_tok
+        acts, losses, n_tok, tok = self._activations(batch)
+        proj = self.projector
+        sketches: dict[str, torch.Tensor] = {}
+        stats = {}
+        for t in self.targets:
+            delta, x = acts.pop(t.name)
+            sketched = proj is not None and t.name in proj.p_out
+            if sketched and self.sketch_spec.of == "gradient":
+                sketches[t.name] = proj.of_factors(t.name, delta, x)
+            parts: list[torch.Tensor] | None = [] if sketched and self.sketch_spec.of == "update" else None
+            stats[t.name] = self._statistics(t, delta, x, parts)
+            if parts is not None:
+                sketches[t.name] = torch.stack(parts).sum(dim=0)
+        sketch = torch.cat([sketches[n] for n in proj.names], dim=1) if proj is not None else None
+        return BatchScores(stats, losses, n_tok, tok, sketch)
 
     def per_sample_grads(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Full per-sample weight gradients ``{target: (B, d_out, d_in)}`` (tests and analysis)."""
-        acts, _, _ = self._activations(batch)
+        acts, _, _, _ = self._activations(batch)
         return {name: torch.cat([g for _, _, g in self._grad_blocks(d, x)], dim=1) for name, (d, x) in acts.items()}
 
     def _grad_blocks(self, delta: torch.Tensor, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -247,8 +297,12 @@ class FastScorer:
             r1 = min(d_out, r0 + rows)
             yield r0, r1, torch.bmm(delta_t[:, r0:r1], x)  # (B, r, d_in)
 
-    def _statistics(self, target: Target, delta: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Stats of ΔW_b for every sample, built in row blocks of per-sample gradients."""
+    def _statistics(self, target: Target, delta: torch.Tensor, x: torch.Tensor,
+                    sketch_parts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Stats of ΔW_b for every sample, built in row blocks of per-sample gradients.
+
+        ``sketch_parts``: receives each row block's contribution to the sketch of ΔW_b.
+        """
         w = self.weights[target.name]  # (d_out, d_in) in the work dtype
         acc = UpdateStatistics(delta.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above,
                                hold_elements=self.chunk_elements)
@@ -259,6 +313,8 @@ class FastScorer:
 
         for r0, r1, dw in updates():
             acc.update(dw, w[r0:r1])
+            if sketch_parts is not None:
+                sketch_parts.append(self.projector.of_rows(target.name, r0, r1, dw))
         # quantiles take more passes over the same blocks, recomputed: ΔW is never held whole
         return acc.result(blocks=lambda: (dw for *_, dw in updates()), gather_elements=self.chunk_elements)
 
@@ -270,3 +326,7 @@ def chunk_rows(d_out: int, d_in: int, batch: int, chunk_elements: int) -> int:
 
 def ppl(loss: torch.Tensor) -> torch.Tensor:
     return torch.exp(loss.clamp(max=math.log(torch.finfo(torch.float64).max)))
+
+
+def resolve_sketch_layers(spec: SketchSpec, n_layers: int) -> list[int]:
+    return resolve_indices(spec.indices, n_layers, "score.sketch.indices")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from resofilter.errors import ConfigError
+from resofilter.features.sketch import check_comparable, cosine_rows, load_sketches
 from resofilter.features.targets import resolve_indices
 
 _COLUMN = re.compile(r"^(?P<prefix>.*\.)(?P<layer>\d+)\.(?P<module>[^/]+(?:\.[^/]+)*)/(?P<stat>.+)$")
@@ -81,7 +82,11 @@ class ResoFilterScorer:
 
 @dataclass
 class ColumnScorer:
-    """A per-sample column of the features file: loss, ppl, n_tokens (length), ifd."""
+    """A per-sample column of the features file: loss, ppl, n_tokens (length), ifd, token-level losses.
+
+    A missing value (``answer_loss`` of a response with no answer span) ranks at the bad end:
+    a response without the expected final answer is the suspect one.
+    """
 
     name: str
     column: str
@@ -89,9 +94,64 @@ class ColumnScorer:
 
     def scores(self, features: pd.DataFrame) -> np.ndarray:
         if self.column not in features.columns:
-            hint = " (score with score.ifd=true)" if self.column == "ifd" else ""
+            hint = {"ifd": " (score with score.ifd=true)",
+                    "answer_loss": " (score with data.answer_pattern set)"}.get(self.column, "")
             raise ConfigError("scorer", f"features have no column {self.column!r}{hint}")
-        return features[self.column].to_numpy(dtype=np.float64)
+        x = features[self.column].to_numpy(dtype=np.float64)
+        missing = np.isnan(x)
+        if missing.any():
+            finite = x[~missing]
+            lo, hi = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
+            x = np.where(missing, hi + 1.0 if self.bad_end == "high" else lo - 1.0, x)
+        return x
+
+
+def sketches_of(features: pd.DataFrame, who: str) -> np.ndarray:
+    """The gradient sketches of ``features``' rows, in row order (``features.attrs["sketches"]``)."""
+    sk = features.attrs.get("sketches")
+    if sk is None:
+        raise ConfigError("scorer", f"{who} needs gradient sketches and these features have none: score with "
+                          "score.sketch.enabled=true")
+    return sk.rows(features["sample_id"].tolist())
+
+
+@dataclass
+class ConsensusScorer:
+    """Cosine of each sample's gradient sketch to the pool's mean sketch: low agreement is bad.
+
+    With ``score.sketch.of=update`` the sketches are of the one-step update, for Adam the
+    Adam-normalized gradient.
+    """
+
+    name: str = "consensus"
+    bad_end: str = "low"
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        s = sketches_of(features, self.name)
+        return cosine_rows(s, s.mean(axis=0, keepdims=True))[:, 0]
+
+
+@dataclass
+class TargetScorer:
+    """LESS-style: the mean (or max) cosine of a sample's sketch to those of a trusted reference set.
+
+    ``reference_dir``: a finished features dir of the reference records, scored by the same
+    model with the same sketch projections (checked). Low similarity is bad.
+    """
+
+    reference_dir: str
+    reduce: str = "mean"
+    name: str = "target"
+    bad_end: str = "low"
+
+    def scores(self, features: pd.DataFrame) -> np.ndarray:
+        if self.reduce not in ("mean", "max"):
+            raise ConfigError("scorer.reduce", f"expected mean|max, got {self.reduce!r}")
+        pool = sketches_of(features, self.name)
+        ref = load_sketches(self.reference_dir)
+        check_comparable(features.attrs["sketches"].layout, ref.layout)
+        cos = cosine_rows(pool, ref.matrix)
+        return cos.mean(axis=1) if self.reduce == "mean" else cos.max(axis=1)
 
 
 @dataclass
@@ -147,7 +207,8 @@ class CombinedScorer:
         raise ConfigError("scorer.method", f"unknown method {self.method!r}; expected topsis|rank_mean")
 
 
-BASELINE_COLUMNS = {"loss": "loss", "ppl": "ppl", "length": "n_tokens", "ifd": "ifd"}
+BASELINE_COLUMNS = {"loss": "loss", "ppl": "ppl", "length": "n_tokens", "ifd": "ifd",
+                    "tok_max": "tok_max", "tok_topk": "tok_topk_mean", "answer_loss": "answer_loss"}
 
 
 def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int, seed: int = 0) -> Scorer:
@@ -177,6 +238,16 @@ def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int
         return ColumnScorer(name, BASELINE_COLUMNS[name], bad_end)
     if name == "random":
         return RandomScorer(int(scorer_cfg.get("seed", seed)))
+    if name == "consensus":
+        return ConsensusScorer(bad_end=bad_end)
+    if name == "target":
+        ref = (scorer_cfg.get("reference") or {}).get("features_dir")
+        if not ref:
+            raise ConfigError("scorer.reference.features_dir",
+                              "scorer=target needs the reference set's features: a `resofilter score` dir of the "
+                              "reference records scored by the same model (`resofilter run` scores "
+                              "scorer.reference.path, or the benchmark's reference split, itself)")
+        return TargetScorer(str(ref), scorer_cfg.get("reduce", "mean"), bad_end=bad_end)
     if name == "combined":
         parts: list[tuple[Scorer, float]] = []
         for i, ind in enumerate(scorer_cfg["indicators"]):
@@ -186,8 +257,10 @@ def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int
                                                name=f"{ind['statistic']}@{list(ind['indices'])}")
             elif ind.get("baseline") in BASELINE_COLUMNS:
                 sub = ColumnScorer(ind["baseline"], BASELINE_COLUMNS[ind["baseline"]], ind.get("bad_end", "high"))
+            elif "scorer" in ind:  # any scorer config (consensus, target, a user's _target_ class)
+                sub = build_scorer(ind["scorer"], layers_cfg, statistic, n_layers, seed)
             else:
-                raise ConfigError(f"scorer.indicators[{i}]", "needs `statistic` + `indices` or `baseline`")
+                raise ConfigError(f"scorer.indicators[{i}]", "needs `statistic` + `indices`, `baseline` or `scorer`")
             parts.append((sub, float(ind.get("weight", 1.0))))
         return CombinedScorer(parts, scorer_cfg.get("method", "topsis"), bad_end=bad_end)
     raise ConfigError("scorer.name", f"unknown scorer {name!r}")

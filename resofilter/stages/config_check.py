@@ -15,8 +15,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from resofilter.errors import ConfigError
+from resofilter.features.sketch import SketchSpec
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import resolve_indices
+from resofilter.features.tokens import TokenSignalSpec
 from resofilter.models.loading import resolve_dtype
 from resofilter.selection.select import check_keep_ratio
 from resofilter.stages import context
@@ -24,7 +26,8 @@ from resofilter.stages import context
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 STEP_OPTIMIZERS = ("sgd", "adam", "adamw")
-SCORERS = ("resofilter", "loss", "ppl", "length", "random", "ifd", "combined")
+SCORERS = ("resofilter", "loss", "ppl", "length", "random", "ifd", "combined", "tok_max", "tok_topk", "answer_loss",
+           "consensus", "target")
 DIRECTIONS = ("drop_high", "drop_low")
 SCORE_MODES = ("fast", "literal")
 FINETUNE_PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed")
@@ -155,6 +158,14 @@ def validate(cfg: DictConfig) -> None:
         v = cfg.score[k]
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"score.{k}", f"must be a positive integer, got {v!r}")
+    sketch = SketchSpec.from_cfg(cfg.score.get("sketch"))  # kind and sizes
+    if n_layers is not None and sketch.enabled:
+        resolve_indices(sketch.indices, n_layers, "score.sketch.indices")
+    TokenSignalSpec.from_cfg(cfg)  # topk and the answer pattern (a regex with a group)
+    if cfg.scorer.get("name") in ("consensus", "target") and not sketch.enabled:
+        raise ConfigError("score.sketch.enabled", f"scorer={cfg.scorer.name} ranks by gradient sketches: set it true")
+    if cfg.scorer.get("name") == "answer_loss" and not cfg.data.get("answer_pattern"):
+        raise ConfigError("data.answer_pattern", "scorer=answer_loss needs the answer's regex (its first group)")
     v = cfg.score.logits_chunk_elements
     if not isinstance(v, int) or v < 0:
         raise ConfigError("score.logits_chunk_elements", f"must be an integer ≥ 0 (0 = whole logits), got {v!r}")

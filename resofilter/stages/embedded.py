@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
 from resofilter import progress
-from resofilter._io import stable_hash, temporary_dir, write_json_atomic
+from resofilter._io import read_jsonl, stable_hash, temporary_dir, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import load_records
-from resofilter.data.synthetic import SyntheticConfig, write_benchmark
+from resofilter.data.synthetic import SyntheticConfig, reference_split, write_benchmark
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.evaluation.extract import SyntheticExtractor
@@ -54,6 +54,18 @@ def ensure_benchmark(synth_cfg: Any, cache_dir: str | Path) -> Path:
         return out
     write_benchmark(sc, out)  # manifest is written last: its presence marks completion
     return out
+
+
+def ensure_reference(synth_cfg: Any, bench_dir: str | Path, n: int) -> Path:
+    """``<bench>/reference-<n>.jsonl``: clean fine-tuning-skill problems disjoint from every split."""
+    path = Path(bench_dir) / f"reference-{n}.jsonl"
+    if path.exists():
+        return path
+    taken = {r["query"] for split in ("test", "base_test", "pool", "base_train")
+             for r in read_jsonl(Path(bench_dir) / f"{split}.jsonl")}
+    write_jsonl_atomic(path, reference_split(synthetic_config(synth_cfg), n, taken))
+    log.info("synthetic reference split: %d clean problems → %s", n, path)
+    return path
 
 
 # base_training settings that change how a build is shown, never its weights.

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +63,14 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
                            "time_s": time.perf_counter() - t0, "scoring_time_s": fman["timing"]["score_s"]}
         log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,
                  stages["score"]["time_s"])
+    select_spec = SelectSpec.from_cfg(cfg)
+    if needs_reference(cfg):  # every rank scores the reference set (sharded under DDP), as the pool
+        ref_dir, stages["reference"] = score_reference(cfg, template, model_dir)
+        select_spec = replace(select_spec, scorer={**select_spec.scorer, "reference": {
+            **select_spec.scorer["reference"], "features_dir": str(ref_dir)}})
+    if distributed.is_rank_zero():
         t0 = time.perf_counter()
-        sel = run_selection(SelectSpec.from_cfg(cfg), feat_dir, records, out / "select")
+        sel = run_selection(select_spec, feat_dir, records, out / "select")
         stages["select"] = {
             "n_in": sel["n_in"], "n_out": sel["n_out"], "dedup_removed": sel["dedup_removed"],
             "time_s": time.perf_counter() - t0, "confounds": sel.get("confounds"),
@@ -108,6 +115,37 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
              cfg.selection.keep_ratio, cfg.seed, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
              results["total_time_s"])
     return results
+
+
+def needs_reference(cfg: DictConfig) -> bool:
+    """``scorer=target`` without a scored reference dir: the run scores the reference records."""
+    ref = cfg.scorer.get("reference") if cfg.scorer.get("name") == "target" else None
+    return ref is not None and not ref.get("features_dir")
+
+
+def score_reference(cfg: DictConfig, template: Any, model_dir: str) -> tuple[Path, dict[str, Any]]:
+    """Score the reference records (``scorer.reference.path``, or the synthetic benchmark's reference
+    split) with the pool's model and settings into the features cache; (dir, summary)."""
+    t0 = time.perf_counter()
+    ref = cfg.scorer.reference
+    if ref.get("path"):
+        path = Path(ref.path)
+    elif (bench := context.benchmark_dir(cfg)) is not None:
+        from resofilter.stages.embedded import ensure_reference
+
+        path = ensure_reference(cfg.data.synthetic, bench, int(ref.n))
+    else:
+        raise ResoFilterError("scorer=target needs its reference records: set scorer.reference.path (records with "
+                              "the data's fields) or scorer.reference.features_dir (their `resofilter score` dir)")
+    records, info = context.load_data(cfg, path)
+    prepared = prepare_scoring(cfg, records, template, model_dir)
+    ref_dir = Path(cfg.paths.cache_dir) / "features" / prepared.identity.key
+    cached = (ref_dir / "features.parquet").exists()
+    score_records(cfg, records, template, model_dir, ref_dir, info, prepared, wait_for_lock=True)
+    log.info("reference set %s: %d records, features %s (%s)", path, len(records), ref_dir,
+             "cached" if cached else "scored")
+    return ref_dir, {"path": str(path), "n": len(records), "features_dir": str(ref_dir), "cached": cached,
+                     "time_s": time.perf_counter() - t0}
 
 
 def _finished_run(out: Path, setting: dict[str, Any]) -> dict[str, Any] | None:

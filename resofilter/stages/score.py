@@ -32,8 +32,10 @@ from resofilter.features.extract import (
     extract_features,
 )
 from resofilter.features.fast import FastScorer
+from resofilter.features.sketch import SketchSpec
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
+from resofilter.features.tokens import NO_SPAN, TokenSignalSpec, answer_spans
 from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
 from resofilter.selection.scorers import layer_columns
 from resofilter.stages.config_check import (
@@ -64,7 +66,8 @@ def settings_from(cfg: DictConfig) -> ScoreSettings:
         statistics=tuple(s.statistics), quantiles=tuple(s.quantiles), count_above=tuple(count_above_bounds(cfg)),
         chunk_elements=s.chunk_elements,
         logits_chunk_elements=s.logits_chunk_elements, batch_size=s.batch_size,
-        max_tokens_per_batch=s.max_tokens_per_batch, shard_size=s.shard_size, progress_bar=s.progress_bar)
+        max_tokens_per_batch=s.max_tokens_per_batch, shard_size=s.shard_size, progress_bar=s.progress_bar,
+        tokens=TokenSignalSpec.from_cfg(cfg), sketch=SketchSpec.from_cfg(s.get("sketch")))
 
 
 def _plain_indices(indices: Any) -> Any:
@@ -130,6 +133,7 @@ class ScoringInput:
     samples: list[TokenizedSample]
     stats: TokenizeStats
     identity: FeaturesIdentity
+    spans: dict[str, tuple[int, int]] | None = None  # answer spans (data.answer_pattern), response-token positions
 
 
 def prepare_scoring(cfg: DictConfig, records: list[Record], template: Template, model_dir: str) -> ScoringInput:
@@ -144,7 +148,12 @@ def prepare_scoring(cfg: DictConfig, records: list[Record], template: Template, 
                                       cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
     cand = cfg.score.candidates
     names = [t.name for t in find_targets(model_skeleton(model_dir), list(cand.modules), cand.indices)]
-    return ScoringInput(tok, samples, stats, FeaturesIdentity.of(describe(cfg, model_dir), samples, names))
+    pattern = TokenSignalSpec.from_cfg(cfg).answer_pattern
+    spans = answer_spans(records, samples, template, tok, pattern) if pattern else None
+    if spans is not None:
+        found = sum(span != NO_SPAN for span in spans.values())
+        log.info("answer span %r found in %d of %d responses", pattern, found, len(samples))
+    return ScoringInput(tok, samples, stats, FeaturesIdentity.of(describe(cfg, model_dir), samples, names), spans)
 
 
 def trainer_factory(trainer: dict[str, Any]) -> Callable[..., pl.Trainer]:
@@ -165,6 +174,8 @@ def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
         "statistics": statistic_names(cfg),
         "ifd": bool(cfg.score.ifd),
         "max_length": cfg.tokenize.max_length,
+        "tokens": TokenSignalSpec.from_cfg(cfg).describe(),
+        **({"sketch": sk} if (sk := SketchSpec.from_cfg(cfg.score.get("sketch")).describe()) else {}),
     }
 
 
@@ -240,7 +251,7 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
         return features, extra
 
     return extract_features(model, samples, targets, step, spec.settings, out_dir, tok.pad_token_id,
-                            identity, trainer_factory(spec.trainer), alone, finalize)
+                            identity, trainer_factory(spec.trainer), alone, finalize, prepared.spans)
 
 
 def check_finite(model: torch.nn.Module, where: str) -> None:

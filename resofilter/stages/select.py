@@ -21,6 +21,7 @@ from resofilter._io import (
 )
 from resofilter.data.records import Record, get_field, record_hashes
 from resofilter.errors import ConfigError, ResoFilterError
+from resofilter.features.sketch import load_sketches
 from resofilter.selection.diagnostics import (
     auprc,
     auroc,
@@ -36,9 +37,11 @@ from resofilter.selection.diagnostics import (
 from resofilter.selection.scorers import (
     BASELINE_COLUMNS,
     ColumnScorer,
+    ConsensusScorer,
     RandomScorer,
     ResoFilterScorer,
     Scorer,
+    TargetScorer,
     badness,
     build_scorer,
     layer_columns,
@@ -176,11 +179,13 @@ def panel(features: pd.DataFrame, n_layers: int, modules: list[str], seed: int) 
     for name, col in BASELINE_COLUMNS.items():
         if col in features.columns:
             out[name] = ColumnScorer(name, col)
+    if features.attrs.get("sketches") is not None:
+        out["consensus"] = ConsensusScorer()
     out["random"] = RandomScorer(seed)
     return out
 
 
-def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_layers: int, selected: str,
+def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_layers: int, chosen: Scorer,
              bad: np.ndarray, kept: np.ndarray, y: np.ndarray | None, out_dir: Path) -> dict[str, Any]:
     """What every scorer of the panel ranks by and whom the selection keeps; with noise labels, how
     well each flags noise overall and per kind. Writes ``confounds.png`` (and ``roc.png`` with labels).
@@ -191,7 +196,10 @@ def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_lay
     - labels only: ``scorers`` (AUROC, AUPRC and, with ``data.kind_field``, AUROC per noise
       kind against the clean samples), ``selected_scorer`` (precision/recall of the dropped set).
     """
+    selected = chosen.name
     scorers = panel(features, n_layers, list(spec.layers["modules"]), spec.seed)
+    if isinstance(chosen, TargetScorer):  # its reference exists for this selection only
+        scorers["target"] = chosen
     bads = {name: badness(s, features) for name, s in scorers.items()}
     covariates = {"response_tokens": features["n_tokens"].to_numpy(dtype=float),
                   "response_chars": np.array([len(r.response) for r in recs], dtype=float),
@@ -246,6 +254,8 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     verify_records(features, records, fman, features_dir, spec.allow_unscored)
     features, recs, n_unscored = align(features, records)
     features.attrs["num_hidden_layers"] = n_layers  # what the artifact knows travels with it to every scorer
+    if "sketch" in fman:  # keyed by sample id, so any row order reads the right rows
+        features.attrs["sketches"] = load_sketches(features_dir)
     scorer = build_scorer(spec.scorer, spec.layers, spec.statistic, n_layers, spec.seed)
     bad = badness(scorer, features)
     raw_scores = np.asarray(scorer.scores(features), dtype=np.float64)
@@ -266,7 +276,7 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     if y is None and (want is True or want == "true"):
         raise ConfigError("data.label_field", f"records have no field {label_field!r} (needed by diagnostics)")
     if want not in (False, "false"):
-        diag = diagnose(spec, features, recs, n_layers, scorer.name, bad, sel.kept, y, out_dir)
+        diag = diagnose(spec, features, recs, n_layers, scorer, bad, sel.kept, y, out_dir)
     if y is not None:
         plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y,
                        f"{scorer.name} ({spec.statistic}) keep {spec.keep_ratio:g}")
