@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from resofilter.cli import CONF_DIR
@@ -48,6 +49,20 @@ def test_run_end_to_end(tmp_path):
     gsm = json.loads((tmp_path / "b" / "out" / "eval" / "gsm8k" / "metrics.json").read_text())
     assert gsm["eval"] == "gsm8k" and gsm["n"] == 4 and again["eval"]["gsm8k"] == gsm["accuracy"]
     assert again["stages"]["evaluate"]["more"]["gsm8k"]["n"] == 4
+    # LESS-style target: the run scores the benchmark's reference split with the same model, then ranks by it
+    target = run(shrink(compose_cfg(["variant=target50", "scorer.reference.n=8"], "run"), tmp_path / "c",
+                        **TINY_RUN, **{"paths.cache_dir": str(tmp_path / "cache"), "score.ifd": True}))
+    ref = target["stages"]["reference"]
+    assert ref["n"] == 8 and not ref["cached"] and target["stages"]["score"]["cached"]
+    ref_ids = [json.loads(x)["id"] for x in Path(ref["path"]).read_text().splitlines()]
+    pool_queries = {json.loads(x)["query"] for x in (tmp_path / "out" / "select" / "subset.jsonl").read_text()
+                    .splitlines()}
+    assert ref_ids == [f"reference-{i:05d}" for i in range(8)]
+    assert not pool_queries & {json.loads(x)["query"] for x in Path(ref["path"]).read_text().splitlines()}
+    diag = json.loads((tmp_path / "c" / "out" / "select" / "diagnostics.json").read_text())
+    assert {"target", "consensus", "answer_loss", "tok_max", "tok_topk"} <= set(diag["scorers"])
+    sel = pd.read_parquet(tmp_path / "c" / "out" / "select" / "selection.parquet")
+    assert sel["score"].between(-1, 1).all() and sel["score"].std() > 0  # mean cosines, not constant
 
 
 def test_multirun_shares_features_and_table(tmp_path):

@@ -3,6 +3,9 @@
     python experiments/benchmarks/score_speed.py                      # defaults below (~10 min on 2 cores)
     python experiments/benchmarks/score_speed.py --n 128 --layers 4   # a quick look
 
+``fast_signals`` adds the issue-15 signals (16 × 16 gradient sketches of the three matrices,
+token-level losses) to ``fast``: their cost is ``fast+signals / fast``.
+
 Model: a random-init tiny Llama (12 layers, d_model 256, a BPE vocabulary of a few
 thousand trained on GSM8K text) scoring GSM8K train samples, last-3-layer up_proj, AdamW.
 Every mode runs in its own subprocess (so peak RSS is that mode's own) on the same
@@ -75,15 +78,25 @@ def run_mode(args: argparse.Namespace) -> dict:
             for b in batches:
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
     else:
-        if args.mode == "fast":
+        if args.mode in ("fast", "fast_signals"):
             if args.dtype == "float64":
                 model = model.to(torch.float64)  # in place: targets keep pointing at its Linears
-            scorer = FastScorer(model, targets, step, stats)
+            from resofilter.features.sketch import SketchSpec
+
+            # fast_signals: + 16×16 gradient sketches of the 3 matrices and the token-level signals
+            sketch = SketchSpec(enabled=True, k_out=16, k_in=16) if args.mode == "fast_signals" else None
+            scorer = FastScorer(model, targets, step, stats, sketch=sketch)
         else:  # the literal loop: fresh AdamW over all parameters, step, diff, restore
             scorer = ExactScorer(model, targets, step, stats,
                                  dtype=torch.float64 if args.dtype == "float64" else torch.float32)
+        from resofilter.features.tokens import token_signals
+
         for b in batches:
-            out, _, _ = scorer(b)
+            scored = scorer.score_batch(b)
+            out = scored.stats
+            if args.mode == "fast_signals":  # what the feature module adds per batch
+                token_signals(scored.token_losses, b["labels"], 4, None)
+                scored.sketch.to(torch.float32).numpy()
             per = np.mean([out[t.name]["mean_abs"].numpy() for t in targets], axis=0)
             scores.update(zip(b["sample_ids"], per.tolist(), strict=True))
     elapsed = time.perf_counter() - t0
@@ -110,7 +123,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--modes", default="forward,fast,fast_quarter,fast64,literal,exact64",
+    p.add_argument("--modes", default="forward,fast,fast_signals,fast_quarter,fast64,literal,exact64",
                    help="which measurements to run (ratios need their inputs)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="fast", help=argparse.SUPPRESS)
@@ -125,6 +138,7 @@ def main() -> None:
     n = args.n
     plan = {
         "forward": ("forward", "float32", n), "fast": ("fast", "float32", n),
+        "fast_signals": ("fast_signals", "float32", n),
         "fast_quarter": ("fast", "float32", n // 4), "fast64": ("fast", "float64", n // 4),
         "literal": ("literal", "float32", n), "exact64": ("literal", "float64", args.exact_n),
     }
@@ -137,6 +151,10 @@ def main() -> None:
     print(f"fast / forward-only time            {f / fw:6.2f}   (target ≤ 1.8)")
     print(f"fast peak RSS / forward peak RSS    {res['fast']['peak_rss_mb'] / res['forward']['peak_rss_mb']:6.2f}"
           "   (target ≤ 1.5)")
+    if "fast_signals" in res:
+        fs = res["fast_signals"]["seconds"]
+        print(f"fast+signals / forward-only time    {fs / fw:6.2f}   (sketches 16×16 + token signals)")
+        print(f"fast+signals / fast time            {fs / f:6.2f}   (the extra cost of the new signals)")
     if "fast_quarter" in res:
         print(f"fast time N/4 → N                   {f / res['fast_quarter']['seconds']:6.2f}x  (target ≤ 4.4x)")
     if "fast64" in res and "fast_quarter" in res:

@@ -77,7 +77,8 @@ def _budget(setting: dict[str, Any]) -> str | None:
 
 # Setting keys that say how a subset was chosen; the rest (model, data, fine-tuning, evaluation)
 # is the context a row is compared within: its `full` and `random` references share it.
-_SELECTION_KEYS = ("selection.", "scorer.", "layers.", "statistic.", "step.", "score.", "variant_name")
+_SELECTION_KEYS = ("selection.", "scorer.", "layers.", "statistic.", "step.", "score.", "variant_name",
+                   "data.answer_pattern")  # the answer span is a scoring input (answer_loss), not the data
 
 
 def context_key(setting: dict[str, Any]) -> str:
