@@ -21,7 +21,7 @@ from resofilter.stages.evaluate import run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune, trained_template
 from resofilter.stages.run import run_pipeline
 from resofilter.stages.score import score_records
-from resofilter.stages.select import SelectSpec, run_selection
+from resofilter.stages.select import SelectSpec, features_manifest, run_selection
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,9 @@ def select(cfg: DictConfig) -> dict:
     validate(cfg)
     if not cfg.get("features_dir"):
         raise ConfigError("features_dir", "set it to a `resofilter score` output directory")
+    fman = features_manifest(Path(cfg.features_dir))
+    cfg = context.adopt_recorded_data(cfg, (fman.get("config") or {}).get("data"), (fman.get("data") or {}).get("path"),
+                                      Path(cfg.features_dir) / "manifest.json")
     records, _ = context.load_data(cfg)
     return run_selection(SelectSpec.from_cfg(cfg), cfg.features_dir, records, context.output_dir(cfg))
 
@@ -80,7 +83,11 @@ def finetune(cfg: DictConfig) -> dict:
     validate(cfg)
     out = context.output_dir(cfg)
     model_dir = context.model_dir(cfg)
-    records, _ = context.load_data(cfg, cfg.get("subset_path"))
+    subset = cfg.get("subset_path")
+    if subset and (Path(subset).parent / "manifest.json").exists():  # a `select` output: read as it was written
+        sman = read_json(Path(subset).parent / "manifest.json")
+        cfg = context.adopt_recorded_data(cfg, sman.get("data"), None, Path(subset).parent / "manifest.json")
+    records, _ = context.load_data(cfg, subset)
     return run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, records, context.template(cfg), out)
 
 

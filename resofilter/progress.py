@@ -31,6 +31,7 @@ def configure(bars: Any = "auto", log_every_s: float = 30.0) -> None:
     if not log_every_s >= 0:
         raise ConfigError("progress.log_every_s", f"must be ≥ 0 seconds, got {log_every_s!r}")
     _SETTINGS.update(bars=bars, log_every_s=float(log_every_s))
+    _third_party_bars()
 
 
 def bars() -> bool:
@@ -38,6 +39,16 @@ def bars() -> bool:
     if _SETTINGS["bars"] == "auto":
         return sys.stderr.isatty()
     return bool(_SETTINGS["bars"])
+
+
+def _third_party_bars() -> None:
+    """transformers' own tqdm bars (weight loading) draw ``\r`` lines into a log file: only in a terminal."""
+    from transformers.utils import logging as hf_logging
+
+    if bars():
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
 
 
 def _duration(s: float) -> str:

@@ -45,6 +45,20 @@ def test_score_writes_features_and_manifest(tmp_path, tiny_model_dir):
     assert on_disk["precision_check"]["n_samples"] == 6
     assert manifest["config"]["step"]["name"] == "adamw"
     assert not (tmp_path / "o" / "shards").exists()
+    # issue 15: token-level columns (GSM8K's answer follows `#### `) and the gradient sketches beside them
+    assert (df["tok_max"] >= df["tok_topk_mean"]).all() and (df["tok_topk_mean"] >= 0).all()
+    assert df.loc[~df["truncated"], "answer_loss"].notna().all()  # every whole GSM8K answer ends in `#### N`
+    assert manifest["tokens"]["answer_pattern"] == "#### (.*)"
+    sk = np.load(tmp_path / "o" / "sketches.npy")
+    assert sk.shape == (len(df), 3 * 16 * 16) and sk.dtype == np.float32 and np.isfinite(sk).all()
+    assert manifest["sketch"]["targets"] == [f"model.layers.{i}.mlp.up_proj" for i in (1, 2, 3)]
+    # `select features_dir=…` alone (issue 16): the data config comes from the features' manifest
+    p = subprocess.run([sys.executable, "-m", "resofilter.cli", "select", f"features_dir={tmp_path / 'o'}",
+                        f"output_dir={tmp_path / 's'}", "scorer=answer_loss"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "data config as recorded in" in p.stderr
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["n_ranked"] == len(df)
 
 
 def test_changed_config_in_same_dir_is_an_error(tmp_path, tiny_model_dir, monkeypatch):

@@ -82,12 +82,14 @@ def test_target_mean_and_max_by_hand_and_layout_checks(tmp_path):
 
 
 def test_combined_takes_any_scorer_config():
-    f = _with_sketches(pd.DataFrame({"sample_id": ["a", "b", "c"], "loss": [1.0, 3.0, 2.0]}), [[1, 0], [1, 0.1], [0, 1]])
+    f = _with_sketches(pd.DataFrame({"sample_id": ["a", "b", "c"], "loss": [1.0, 3.0, 2.0]}),
+                       [[1, 0], [1, 0.1], [0, 1]])
     combo = build_scorer({"name": "combined", "method": "rank_mean", "indicators": [
         {"baseline": "loss", "weight": 1.0}, {"scorer": {"name": "consensus", "bad_end": "low"}, "weight": 1.0}]},
         {"modules": ["mlp.up_proj"]}, "mean_abs", 4)
     assert isinstance(combo, CombinedScorer)
-    # loss ranks 1,3,2; consensus badness (−cos to the mean (2/3, 1.1/3)) ranks a,b,c = 2,1,3 → (1+2)/6, (3+1)/6, (2+3)/6
+    # loss ranks 1,3,2; consensus badness (−cos to the mean (2/3, 1.1/3)) ranks a,b,c = 2,1,3
+    # → (1+2)/6, (3+1)/6, (2+3)/6
     np.testing.assert_allclose(combo.scores(f), [3 / 6, 4 / 6, 5 / 6])
 
 

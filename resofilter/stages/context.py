@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from resofilter.data.records import Record, dedup_records, load_records
 from resofilter.data.templates import Template
@@ -106,4 +106,38 @@ def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Rec
     records, removed = dedup_records(records, d.get("dedup"))
     if removed:
         log.info("dedup=%s removed %d records with repeated queries", d.dedup, removed)
-    return records, {"path": str(src), "n_records": len(records) + removed, "dedup_removed": removed}
+    # absolute: a manifest or results.json read from another directory still names the file
+    return records, {"path": str(src.resolve()), "n_records": len(records) + removed, "dedup_removed": removed}
+
+
+def overridden_on_command_line(group: str) -> bool | None:
+    """Whether the command line set ``group`` or any of its keys; ``None`` outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    task = HydraConfig.get().overrides.task
+    return any(o.lstrip("+~").startswith((f"{group}=", f"{group}.", f"{group}@")) for o in task)
+
+
+def adopt_recorded_data(cfg: DictConfig, recorded: dict[str, Any] | None, path: str | None,
+                        where: Path) -> DictConfig:
+    """``cfg`` with the data config an artifact was made from (``recorded``, reading ``path``).
+
+    A ``select`` pointed at features (or a ``finetune`` at a subset) reads the records the way
+    they were scored — field names, ids, labels, the very file — unless the command line sets
+    ``data`` itself, which then wins (and a mismatch with the artifact is a named error later).
+    """
+    if recorded is None or overridden_on_command_line("data") in (True, None):
+        return cfg
+    data = dict(recorded)
+    if path:
+        data["path"] = path
+    if OmegaConf.to_container(cfg.data, resolve=True) == data:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.data = OmegaConf.create(data)
+    log.info("data config as recorded in %s (reading %s); set data.* on the command line to change it", where,
+             data.get("path"))
+    return cfg

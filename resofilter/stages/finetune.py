@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -111,14 +112,20 @@ class FinetuneSpec:
     checkpoint_every_n_steps: int | None = None
     budget: str = "steps"
 
-    @property
-    def limits(self) -> dict[str, int]:
+    def limits(self, n_samples: int, world_size: int = 1) -> dict[str, int]:
         """Lightning's ``max_epochs``/``max_steps`` for the budget: ``epochs`` passes over the subset
         (the paper: half the data, half the steps), or ``max_steps`` optimizer steps whatever its
-        size (compute-matched)."""
+        size (compute-matched).
+
+        For ``steps``, ``max_epochs`` is the passes those steps take plus one — an upper bound
+        that never binds (:func:`run_finetune` checks the step count), so that the progress bar
+        reads ``Epoch 3/7`` rather than Lightning's ``3/-2`` for an unbounded run.
+        """
         if self.budget == "epochs":
             return {"max_epochs": self.epochs, "max_steps": -1}
-        return {"max_epochs": -1, "max_steps": self.max_steps}
+        batches = math.ceil(math.ceil(n_samples / max(1, world_size)) / self.batch_size)
+        per_epoch = max(1, math.ceil(batches / self.accumulate_grad_batches))
+        return {"max_epochs": math.ceil(self.max_steps / per_epoch) + 1, "max_steps": self.max_steps}
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> FinetuneSpec:
@@ -200,7 +207,8 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     log_kwargs = ({"version": f"resumed-at-step-{resume_from['step']}"}
                   if resume_from and "version" in spec.logger else {})
     trainer = instantiate(
-        trainer_cfg, **spec.limits, accumulate_grad_batches=spec.accumulate_grad_batches,
+        trainer_cfg, **spec.limits(len(samples), distributed.world_size()),
+        accumulate_grad_batches=spec.accumulate_grad_batches,
         gradient_clip_val=spec.gradient_clip_val, precision=spec.precision, enable_checkpointing=False,
         enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
         enable_progress_bar=shown["enable_progress_bar"],
@@ -217,6 +225,9 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         then = (f"; rerun the same command to resume from {resume / LAST_CKPT}" if (resume / LAST_CKPT).exists()
                 else "")
         raise ResoFilterError(f"fine-tuning was interrupted at step {trainer.global_step}{then}")
+    if spec.budget == "steps" and trainer.global_step != spec.max_steps:
+        raise ResoFilterError(f"fine-tuning stopped at step {trainer.global_step} of finetune.max_steps="
+                              f"{spec.max_steps} (a bug in the epoch bound: please report it)")
     if not trainer.is_global_zero:  # rank 0 saves; the others wait for it, then know where it is
         trainer.strategy.barrier("checkpoint-saved")
         return {"checkpoint": str(final), "steps": trainer.global_step, "n_records": len(records)}
