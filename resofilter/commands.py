@@ -120,5 +120,6 @@ def table(argv: list[str]) -> dict:
     result = write_table(args.root, args.out)
     out = Path(args.out or args.root)
     # the command's output: the table itself, and where its files are (the library only logs)
-    sys.stdout.write(result["markdown"] + f"\nwritten: {out / 'table.md'}, {out / 'table.csv'}, {out / 'table.png'}\n")
+    files = ", ".join(str(out / f) for f in ("table.md", "table.csv", "table.png", "table.html"))
+    sys.stdout.write(result["markdown"] + f"\nwritten: {files}\n")
     return result

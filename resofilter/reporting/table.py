@@ -20,6 +20,7 @@ import pandas as pd
 
 from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
 from resofilter.errors import ResoFilterError
+from resofilter.reporting.html import table_report
 from resofilter.reporting.intervals import Z_80_POWER, Z_95, paired_matrix, row_matrix, two_way_bootstrap
 
 log = logging.getLogger(__name__)
@@ -289,6 +290,7 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
         where = "" if budget is None else f", budget={budget}"
         ax.set_title(f"{c[4:]}{where}: mean over seeds, 95 % interval (seeds × problems)", fontsize=9)
         ax.legend(fontsize=8)
+    fig.suptitle("Accuracy by subset: every row's mean over seeds with its 95 % interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -307,6 +309,8 @@ def write_table(root: str | Path, out: str | Path | None = None) -> dict[str, An
     write_text_atomic(out / "table.csv", summary.to_csv(index=False))
     write_text_atomic(out / "runs.csv", runs.drop(columns=["_setting", "_choices"]).to_csv(index=False))
     plot(summary, out / "table.png")
+    shown = [c for c in summary.columns if not c.startswith("_") and c != "setting_key"]
+    table_report(out, md, summary[shown].to_dict("records"), shown, str(root))
     log.info("table of %d runs (%d rows) → %s\n%s", len(runs), len(summary), out / "table.md", md)
     return {"n_runs": len(runs), "incomplete": incomplete, "rows": summary.to_dict("records"), "markdown": md}
 

@@ -120,26 +120,44 @@ def plot_confounds(path: Path, table: dict[str, dict[str, float | None]]) -> Non
 
 def plot_histogram(path: Path, badness: np.ndarray, kept: np.ndarray, is_noise: np.ndarray | None,
                    title: str) -> None:
+    """The oriented score's histogram (clean/noisy stacked with labels) and the cut.
+
+    The x-range is the 0.5–99.5 % quantiles: a long tail would squeeze the data into a few bins,
+    so values beyond are counted in the edge bins (the axis label says how many). Plain tick
+    labels, no offset notation.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
+    badness = np.asarray(badness, dtype=float)
+    lo, hi = np.quantile(badness, [0.005, 0.995])
+    if not hi > lo:
+        lo, hi = badness.min(), badness.max() + (1.0 if badness.max() == badness.min() else 0.0)
+    clipped = np.clip(badness, lo, hi)
+    beyond = int(((badness < lo) | (badness > hi)).sum())
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = np.histogram_bin_edges(badness, bins=60)
+    bins = np.linspace(lo, hi, 61)
     if is_noise is not None:
         y = np.asarray(is_noise, dtype=bool)
-        ax.hist([badness[~y], badness[y]], bins=bins, stacked=True, label=["clean", "noisy"],
+        ax.hist([clipped[~y], clipped[y]], bins=bins, stacked=True, label=["clean", "noisy"],
                 color=["tab:blue", "tab:red"])
-        ax.legend()
     else:
-        ax.hist(badness, bins=bins, color="tab:blue")
+        ax.hist(clipped, bins=bins, color="tab:blue", label="samples")
     if (~kept).any() and kept.any():
-        ax.axvline(badness[kept].max() if badness[kept].max() < badness[~kept].min() else badness[kept].min(),
-                   color="k", ls="--", label="cut")
-    ax.set_xlabel("score (oriented: higher = dropped first)")
+        cut = badness[kept].max() if badness[kept].max() < badness[~kept].min() else badness[kept].min()
+        ax.axvline(float(np.clip(cut, lo, hi)), color="k", ls="--",
+                   label=f"cut: {int(kept.sum())} kept left, {int((~kept).sum())} dropped right")
+    fmt = ScalarFormatter(useOffset=False, useMathText=True)
+    fmt.set_powerlimits((-3, 4))
+    ax.xaxis.set_major_formatter(fmt)
+    ax.set_xlabel("score, oriented: higher = dropped first"
+                  + (f" ({beyond} beyond the range, in the edge bins)" if beyond else ""))
     ax.set_ylabel("samples")
     ax.set_title(title)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,14 +169,18 @@ def plot_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for name, (fp, tp, a) in sorted(curves.items(), key=lambda kv: -kv[1][2]):
-        ax.plot(fp, tp, label=f"{name} (AUROC {a:.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    fig, ax = plt.subplots(figsize=(9.5, 6))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours, then line styles tell apart the rest
+    styles = ["-", "--", "-.", ":"]
+    for i, (name, (fp, tp, a)) in enumerate(sorted(curves.items(), key=lambda kv: -kv[1][2])):
+        ax.plot(fp, tp, color=colours[i % len(colours)], ls=styles[(i // len(colours)) % len(styles)],
+                label=f"{name} (AUROC {a:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", label="chance")
     ax.set_xlabel("false positive rate (clean flagged)")
     ax.set_ylabel("true positive rate (noise flagged)")
     ax.set_title("Which score flags the labeled noise")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_aspect("equal")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the curves, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

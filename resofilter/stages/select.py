@@ -22,6 +22,7 @@ from resofilter._io import (
 from resofilter.data.records import Record, get_field, record_hashes
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features.sketch import load_sketches
+from resofilter.reporting.html import selection_report
 from resofilter.selection.diagnostics import (
     auprc,
     auroc,
@@ -121,6 +122,8 @@ class SelectSpec:
     group_fields: tuple[str, ...] = ()
     seed: int = 0
     declared_depth: int | None = None  # model.num_hidden_layers, if the config states it
+    report_k: int = 10  # report.html: the k highest- and k lowest-scored samples
+    report_excerpt_chars: int = 300
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> SelectSpec:
@@ -131,7 +134,9 @@ class SelectSpec:
                    diagnostics=sel.get("diagnostics", "auto"), allow_unscored=bool(sel.get("allow_unscored", False)),
                    label_field=cfg.data.get("label_field"), kind_field=cfg.data.get("kind_field"),
                    group_fields=tuple(cfg.data.get("group_fields") or ()), seed=cfg.seed,
-                   declared_depth=cfg.model.get("num_hidden_layers"))
+                   declared_depth=cfg.model.get("num_hidden_layers"),
+                   report_k=int(sel.get("report", {}).get("k", 10)),
+                   report_excerpt_chars=int(sel.get("report", {}).get("excerpt_chars", 300)))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,6 +160,16 @@ def align(features: pd.DataFrame, records: list[Record]) -> tuple[pd.DataFrame, 
     ordered = [r for r in records if r.sample_id in scored]
     features = features.set_index("sample_id").loc[[r.sample_id for r in ordered]].reset_index()
     return features, ordered, len(records) - len(ordered)
+
+
+def kinds_of(records: list[Record], field: str | None) -> list[str] | None:
+    """Each record's noise kind (``data.kind_field``); ``None`` without the field."""
+    if not field:
+        return None
+    try:
+        return [str(get_field(r.raw, field)) for r in records]
+    except KeyError:
+        return None
 
 
 def labels_of(records: list[Record], field: str) -> np.ndarray | None:
@@ -218,12 +233,7 @@ def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_lay
                                                **diag["confounds"]})
     if y is None:
         return diag
-    kinds = None
-    if spec.kind_field:
-        try:
-            kinds = [str(get_field(r.raw, spec.kind_field)) for r in recs]
-        except KeyError:
-            kinds = None
+    kinds = kinds_of(recs, spec.kind_field)
     table, curves = {}, {}
     for name, b in bads.items():
         table[name] = {"auroc": auroc(b, y), "auprc": auprc(b, y)}
@@ -277,11 +287,8 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
         raise ConfigError("data.label_field", f"records have no field {label_field!r} (needed by diagnostics)")
     if want not in (False, "false"):
         diag = diagnose(spec, features, recs, n_layers, scorer, bad, sel.kept, y, out_dir)
-    if y is not None:
-        plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y,
-                       f"{scorer.name} ({spec.statistic}) keep {spec.keep_ratio:g}")
-    else:
-        plot_histogram(out_dir / "score_hist.png", bad, sel.kept, None, f"{scorer.name} keep {spec.keep_ratio:g}")
+    what = f"{scorer.name} ({spec.statistic})" if isinstance(scorer, ResoFilterScorer) else scorer.name
+    plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y, f"{what}: keep {spec.keep_ratio:g}")
 
     kept_records = [r for r, k in zip(recs, sel.kept, strict=True) if k]
     table = pd.DataFrame({"sample_id": features["sample_id"], "score": raw_scores, "badness": bad,
@@ -301,6 +308,20 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
         "n_keep_before_dedup": sel.n_keep_before_dedup, "dedup_removed": sel.dedup_removed,
         "n_out": sel.n_kept,
     }
+    kinds = kinds_of(recs, spec.kind_field) if y is not None else None
+    selection_report(out_dir, scorer=scorer.name, diag=diag, k=spec.report_k, excerpt_chars=spec.report_excerpt_chars,
+                     summary={"scorer": what, "keep ratio": spec.keep_ratio,
+                              "direction": spec.direction, "records in": len(records), "ranked": len(recs),
+                              "never scored (dropped)": n_unscored, "kept before dedup": sel.n_keep_before_dedup,
+                              "removed by dedup": sel.dedup_removed, "kept": sel.n_kept,
+                              "features": str(features_dir)},
+                     samples=[{"sample_id": r.sample_id, "query": r.query, "response": r.response, "score": sc,
+                               "badness": b, "loss": float(lo), "n_tokens": int(nt),
+                               "label": None if y is None else bool(y[i]), "kind": None if kinds is None else kinds[i],
+                               "kept": bool(kp)}
+                              for i, (r, sc, b, lo, nt, kp) in enumerate(zip(
+                                  recs, raw_scores, bad, features["loss"], features["n_tokens"], sel.kept,
+                                  strict=True))])
     if diag is not None:
         write_json_atomic(out_dir / "diagnostics.json", diag)
         manifest["confounds"] = diag["selected_confounds"]
