@@ -47,6 +47,7 @@ def prepare(cfg: DictConfig) -> dict:
     except FileNotFoundError:
         pass
     write_json_atomic(out / "prepare.json", report)
+    log.info("model: %s (reuse it anywhere with model.name_or_path=%s)", model_dir, Path(model_dir).resolve())
     log.info("data: %d records from %s; tokenized: %s", len(records), data_info["path"], stats.as_dict())
     log.info("prepare report: %s", out / "prepare.json")
     return report

@@ -19,6 +19,8 @@ from resofilter.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the shipped config tree (also the CLI's)
+
 
 def output_dir(cfg: DictConfig) -> Path:
     """``cfg.output_dir`` or Hydra's run dir for this job."""
@@ -55,13 +57,17 @@ def model_dir(cfg: DictConfig) -> str:
     if cfg.model.get("embedded") is None:
         raise ConfigError("model.name_or_path", "is null and the model has no `embedded` recipe")
     synth = cfg.data.get("synthetic")
-    if synth is None:
-        raise ConfigError("data.synthetic", "the embedded model is trained on the synthetic benchmark; "
-                          "use data=math_synth or set model.name_or_path")
+    if synth is None:  # own data: the embedded model is still the one trained on the default benchmark
+        synth = OmegaConf.load(CONF_DIR / "data" / "math_synth.yaml").synthetic
     from resofilter.stages.embedded import ensure_base_model, ensure_benchmark
 
     bench = ensure_benchmark(synth, cfg.paths.cache_dir)
-    return str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))
+    built = str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))
+    if cfg.data.get("synthetic") is None:
+        log.warning("model.name_or_path is null: using the embedded base model (%s), a 1 M-parameter toy trained on "
+                    "synthetic one-step arithmetic, on data=%s. The pipeline runs, but its scores say little about "
+                    "other text: set model.name_or_path to a real model", built, cfg.data.get("path"))
+    return built
 
 
 def _path_or_benchmark(cfg: DictConfig, key: str, split: str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -244,6 +245,7 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
             "data": data_info, "tokenized": tstats.as_dict(),
             "config": spec.config,
         }
+        warn_unlearned(features, model, model_dir)
         if spec.check.n_samples:
             extra["precision_check"] = report = precision_check(
                 model, samples, targets, step, features, spec.check, tok.pad_token_id)
@@ -252,6 +254,19 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
 
     return extract_features(model, samples, targets, step, spec.settings, out_dir, tok.pad_token_id,
                             identity, trainer_factory(spec.trainer), alone, finalize, prepared.spans)
+
+
+def warn_unlearned(features: pd.DataFrame, model: torch.nn.Module, model_dir: str) -> float:
+    """Warn when the model's mean loss on the data exceeds ln(vocabulary): worse than a uniform guess,
+    it has not learned this kind of text and its scores say little about the samples."""
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    mean_loss = float(features["loss"].mean())
+    if vocab > 1 and mean_loss > math.log(vocab):
+        log.warning("mean loss %.2f nats/token on these data is above ln(vocabulary %d) = %.2f, a uniform guess: "
+                    "%s has not learned this kind of text, so its per-sample scores mostly measure that. Score "
+                    "with a model trained on similar data (model.name_or_path)", mean_loss, vocab, math.log(vocab),
+                    model_dir)
+    return mean_loss
 
 
 def check_finite(model: torch.nn.Module, where: str) -> None:

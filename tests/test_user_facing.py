@@ -1,0 +1,76 @@
+"""What a user sees (issue 16): warnings that explain, the embedded model on own data, sane epoch counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from resofilter.stages import context
+from resofilter.stages.finetune import FinetuneSpec
+from resofilter.stages.score import warn_unlearned
+from tests.conftest import GSM8K_TRAIN, compose_cfg
+
+
+def test_warns_when_the_model_has_not_learned_the_text(caplog):
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=505))
+    with caplog.at_level("WARNING"):
+        assert warn_unlearned(pd.DataFrame({"loss": [14.0, 13.0]}), model, "tiny") == 13.5
+    assert "above ln(vocabulary 505) = 6.22" in caplog.text and "tiny has not learned" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_unlearned(pd.DataFrame({"loss": [2.0, 6.2]}), model, "tiny")  # 4.1 < ln 505: nothing to say
+    assert not caplog.text
+
+
+def test_embedded_model_serves_own_data_with_a_warning(monkeypatch, tmp_path, caplog):
+    """data=gsm8k with the embedded default: the base model of the default benchmark, not an error."""
+    import resofilter.stages.embedded as embedded
+
+    seen = {}
+    monkeypatch.setattr(embedded, "ensure_benchmark", lambda synth, cache: seen.setdefault("synth", synth) and
+                        tmp_path / "bench")
+    monkeypatch.setattr(embedded, "ensure_base_model", lambda *a: tmp_path / "models" / "base-x")
+    cfg = compose_cfg(["data=gsm8k", f"data.path={GSM8K_TRAIN}", f"paths.cache_dir={tmp_path}"], "score")
+    with caplog.at_level("WARNING"):
+        assert context.model_dir(cfg) == str(tmp_path / "models" / "base-x")
+    default = compose_cfg([], "score").data.synthetic
+    assert dict(seen["synth"]) == dict(default)  # the very benchmark the default base model is built on
+    assert "toy trained on synthetic" in caplog.text and "model.name_or_path" in caplog.text
+
+
+@pytest.mark.parametrize("n,world,batch,accum,steps,epochs", [
+    (1000, 1, 8, 1, 400, 5),    # 125 batches an epoch: 400 steps take 4 epochs (3.2), bound 4 + 1
+    (1000, 2, 8, 1, 400, 8),    # 500 per rank → 63 batches: 7 epochs (6.3), bound 8
+    (30, 1, 4, 3, 7, 4),        # 8 batches → 3 steps an epoch (the last partial accumulation steps too): 3 + 1
+])
+def test_steps_budget_epoch_bound_by_hand(n, world, batch, accum, steps, epochs):
+    spec = FinetuneSpec.from_cfg(compose_cfg(["finetune.budget=steps", f"finetune.max_steps={steps}",
+                                              f"finetune.batch_size={batch}",
+                                              f"finetune.accumulate_grad_batches={accum}"], "finetune"))
+    assert spec.limits(n, world) == {"max_epochs": epochs, "max_steps": steps}
+    spec = FinetuneSpec.from_cfg(compose_cfg(["finetune.budget=epochs", "finetune.epochs=3"], "finetune"))
+    assert spec.limits(n, world) == {"max_epochs": 3, "max_steps": -1}
+
+
+def test_transformers_bars_follow_the_progress_setting():
+    from transformers.utils import logging as hf_logging
+
+    from resofilter import progress
+
+    try:
+        progress.configure(bars=False)
+        assert not hf_logging.is_progress_bar_enabled()
+        progress.configure(bars=True)
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        progress.configure()
+
+
+def test_data_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(GSM8K_TRAIN.parent)
+    cfg = compose_cfg(["data=gsm8k", "data.path=train.jsonl"], "score")
+    _, info = context.load_data(cfg)
+    assert Path(info["path"]).is_absolute() and Path(info["path"]) == GSM8K_TRAIN.resolve()
