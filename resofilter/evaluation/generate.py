@@ -77,16 +77,17 @@ def predict_records(
     batch_size: int = 32,
     max_new_tokens: int = 64,
     stop_strings: Sequence[str] = (),
-    few_shot_prefix: str = "",
     progress: bool = True,
     min_new_tokens: int = 0,
+    prompts: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """One prediction row per record: prompt, generation, extracted answer, gold, correct.
 
     Metrics over the rows: :func:`accuracy_metrics` (kept apart so that ranks can each
     predict a share and one process can score the merged rows).
     """
-    prompts = [few_shot_prefix + template.render_prompt(r.query, r.input, tokenizer) for r in records]
+    if prompts is None:  # the training template (protocol zero_shot)
+        prompts = [template.render_prompt(r.query, r.input, tokenizer) for r in records]
     gens = generate(model, tokenizer, prompts, template.add_special_tokens, batch_size,
                     max_new_tokens, stop_strings, progress, min_new_tokens) if prompts else []
     preds = []

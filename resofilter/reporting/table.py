@@ -51,6 +51,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "rho_length": ((r["stages"]["select"].get("confounds") or {}).get("response_tokens")),
             "score_cached": r["stages"]["score"]["cached"], "time_s": r["total_time_s"],
             "scorer": r.get("scorer"), "budget": r.get("budget") or _budget(r.get("setting") or {}),
+            "protocols": json.dumps(r.get("eval_protocols") or {}, sort_keys=True),
             "_dir": str(d),
         }
         if r.get("setting") is not None:
@@ -153,7 +154,7 @@ def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> p
         out[f"{c} mean"] = g.mean()
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
     out = out.reset_index()
-    first = runs.groupby("setting_key")[["scorer", "budget", "context"]].first()
+    first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols"]].first()
     out = out.join(first, on="setting_key")
     for c in acc_cols:
         _intervals(out, runs, c, n_resamples, seed)
@@ -253,6 +254,11 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
                          "over seeds and problems, differences paired by seed and problem (\\*: the interval "
                          f"excludes 0); a difference of ≥ {mde:.1f} points is detectable at 80 % power "
                          "((1.96 + 0.84) × the median bootstrap SE of the differences).")
+    protocols = {k: v for p in summary.get("protocols", pd.Series(dtype=object)).dropna()
+                 for k, v in json.loads(p).items()}
+    if protocols:
+        notes.append("Evaluation protocols: " + "; ".join(f"{k} {v}" for k, v in sorted(protocols.items()))
+                     + " (zero_shot: the training template; few_shot_cot: k exemplars, chain of thought).")
     if notes:
         lines += ["", *notes]
     if incomplete:

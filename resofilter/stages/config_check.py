@@ -217,6 +217,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("finetune.checkpoint_every_n_steps", f"must be a whole number ≥ 1, or null, got {every!r}")
     if not 0 <= cfg.finetune.warmup_ratio < 1:
         raise ConfigError("finetune.warmup_ratio", f"must be in [0, 1), got {cfg.finetune.warmup_ratio}")
+    from resofilter.evaluation.protocols import ProtocolSpec
+
     for ev, key in context.eval_sets(cfg).values():
         answer_extractor(ev.extractor, f"{key}.extractor")
+        ProtocolSpec.from_cfg(ev, key)  # a known protocol, with the exemplars it needs
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")

@@ -19,6 +19,7 @@ from resofilter.data.templates import Template
 from resofilter.errors import ConfigError, DataError, ResoFilterError
 from resofilter.evaluation.extract import AnswerExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
+from resofilter.evaluation.protocols import ProtocolSpec, build_prompts, draw_exemplars, stop_strings
 from resofilter.stages import context
 
 log = logging.getLogger(__name__)
@@ -53,19 +54,18 @@ class EvalSpec:
     save_every: int | None = 64
     max_new_tokens: int = 512
     min_new_tokens: int = 0
-    few_shot: int = 0
-    few_shot_path: str | None = None
     stop_strings: tuple[str, ...] = ()
+    protocol: ProtocolSpec = ProtocolSpec()
 
     @classmethod
-    def from_cfg(cls, ev: DictConfig, path: str | Path) -> EvalSpec:
+    def from_cfg(cls, ev: DictConfig, path: str | Path, key: str = "eval") -> EvalSpec:
         extractor = ev.extractor
         return cls(name=ev.name, path=str(path), query_field=ev.query_field, answer_field=ev.answer_field,
                    extractor=OmegaConf.to_container(extractor, resolve=True) if isinstance(extractor, DictConfig)
                    else extractor, id_field=ev.get("id_field"), max_samples=ev.get("max_samples"),
                    batch_size=ev.batch_size, save_every=ev.get("save_every"), max_new_tokens=ev.max_new_tokens,
-                   min_new_tokens=ev.get("min_new_tokens", 0), few_shot=ev.get("few_shot") or 0,
-                   few_shot_path=ev.get("few_shot_path"), stop_strings=tuple(ev.get("stop_strings") or ()))
+                   min_new_tokens=ev.get("min_new_tokens", 0), stop_strings=tuple(ev.get("stop_strings") or ()),
+                   protocol=ProtocolSpec.from_cfg(ev, key))
 
 
 def load_eval_set(ev: EvalSpec) -> tuple[list[Record], list[str], Any]:
@@ -79,15 +79,6 @@ def load_eval_set(ev: EvalSpec) -> tuple[list[Record], list[str], Any]:
         except ValueError as e:
             raise DataError(r.source, None, f"cannot read a gold answer: {e}") from None
     return records, golds, extractor
-
-
-def few_shot_prefix(ev: EvalSpec, template: Template, tokenizer: Any) -> str:
-    if not ev.few_shot:
-        return ""
-    if not ev.few_shot_path:
-        raise ResoFilterError("eval.few_shot > 0 needs eval.few_shot_path (solved examples)")
-    shots = load_records(ev.few_shot_path, ev.query_field, ev.answer_field, max_samples=ev.few_shot)
-    return "".join(template.render_prompt(s.query, s.input, tokenizer) + s.response + "\n\n" for s in shots)
 
 
 PARTIAL = ".predictions.rank{rank}.partial.jsonl"
@@ -143,7 +134,10 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
         log.info("%s: %d predictions already done, %d to go on rank %d", ev.name, len(done), len(mine), rank)
     own = out_dir / PARTIAL.format(rank=rank)
     kept = earlier.get(own, [])
-    prefix = few_shot_prefix(ev, template, tokenizer)
+    spec = ev.protocol
+    exemplars = (draw_exemplars(spec, ev.query_field, ev.answer_field, extractor, {r.query for r in records})
+                 if spec.name == "few_shot_cot" else [])
+    prompts = build_prompts(spec, records, template, tokenizer, exemplars)
     step = int(ev.save_every or len(records) or 1)
     with open(own, "w", encoding="utf-8") as f:  # rewritten: header, then what this rank already had
         f.write(json.dumps({"key": key}) + "\n")
@@ -154,7 +148,8 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
             for p in predict_records(
                     model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
                     batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                    stop_strings=list(ev.stop_strings), few_shot_prefix=prefix, min_new_tokens=ev.min_new_tokens):
+                    stop_strings=stop_strings(spec, ev.stop_strings), min_new_tokens=ev.min_new_tokens,
+                    prompts=[prompts[i] for i in chunk]):
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -169,7 +164,8 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     preds = [by_id[r.sample_id] for r in records]
     if sum(not p["generation"].strip() for p in preds) == len(preds):
         raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
-    metrics = {"eval": ev.name, "path": ev.path, "world_size": world, "resumed": len(done),
+    metrics = {"eval": ev.name, "protocol": spec.name, "few_shot": spec.k, "path": ev.path, "world_size": world,
+               "resumed": len(done),
                **accuracy_metrics(preds), "key": key}
     write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
     write_json_atomic(out_dir / "metrics.json", metrics)  # the last write: this eval set is complete
@@ -200,7 +196,7 @@ def _evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template
                  model_id: str) -> dict[str, dict[str, Any]]:
     results = {}
     for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):
-        metrics = run_evaluation(model, tokenizer, EvalSpec.from_cfg(ev, context.eval_path(cfg, key)), template,
+        metrics = run_evaluation(model, tokenizer, EvalSpec.from_cfg(ev, context.eval_path(cfg, key), key), template,
                                  out_dir if i == 0 else out_dir / name, model_id)
         if metrics is not None:  # rank 0
             results[name] = metrics

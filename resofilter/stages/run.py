@@ -105,6 +105,8 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
         "statistic": cfg.statistic.name, "step": cfg.step.name, "seed": cfg.seed,
         "model": model_dir, "data": data_info, "eval": {k: v["accuracy"] for k, v in evals.items()},
+        "eval_protocols": {k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
+                           for k, v in evals.items()},
         "stages": stages, "total_time_s": time.perf_counter() - t_start,
         "base_model": _base_accuracy(model_dir),
         "setting": run_setting(cfg), "choices": _hydra_choices(),

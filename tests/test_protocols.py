@@ -1,0 +1,105 @@
+"""Evaluation protocols by name: prompts by hand, exemplar drawing, and extraction of canned generations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from resofilter.commands import evaluate
+from resofilter.data.records import load_records
+from resofilter.errors import ConfigError
+from resofilter.evaluation.extract import GSM8KExtractor, MathExtractor
+from resofilter.evaluation.protocols import ProtocolSpec, build_prompts, draw_exemplars, reasoning_of
+from resofilter.stages import context
+from tests.conftest import FIXTURES, compose_cfg
+
+GSM_TRAIN = FIXTURES / "gsm8k" / "train.jsonl"
+
+
+def _gsm(extra=()):
+    return compose_cfg(["eval=gsm8k", *extra], "evaluate")
+
+
+def test_zero_shot_is_the_training_template():
+    cfg = _gsm()
+    spec = ProtocolSpec.from_cfg(cfg.eval)
+    recs = load_records(FIXTURES / "gsm8k" / "test.jsonl", "question", "answer", max_samples=2)
+    assert spec.name == "zero_shot"
+    assert build_prompts(spec, recs, context.template(cfg), None) == [
+        context.template(cfg).render_prompt(r.query, None, None) for r in recs]
+
+
+def test_few_shot_cot_prompt_by_hand():
+    cfg = _gsm(["eval.protocol=few_shot_cot", "eval.few_shot=2", f"eval.few_shot_path={GSM_TRAIN}",
+                "eval.few_shot_seed=3"])
+    spec = ProtocolSpec.from_cfg(cfg.eval)
+    pool = load_records(GSM_TRAIN, "question", "answer")
+    evaluated = pool[:5]  # evaluated questions are never exemplars
+    shots = draw_exemplars(spec, "question", "answer", GSM8KExtractor(), {r.query for r in evaluated})
+    assert len(shots) == 2 and not {q for q, _ in shots} & {r.query for r in evaluated}
+    assert shots == draw_exemplars(spec, "question", "answer", GSM8KExtractor(), {r.query for r in evaluated})
+    # Natalia's answer, written as open-instruct writes an exemplar: one line, no <<…>>, "So the answer is N."
+    natalia = json.loads(GSM_TRAIN.read_text().splitlines()[0])["answer"]
+    assert (reasoning_of(natalia, spec.cot) + f" So the answer is {GSM8KExtractor().gold(natalia)}." ==
+            "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May. "
+            "So the answer is 72.")
+    for q, sol in shots:
+        assert "<<" not in sol and sol.startswith(" ") and sol.rstrip().endswith(".") and "So the answer is" in sol
+    prompts = build_prompts(spec, evaluated[:1], context.template(cfg), None, shots)
+    expected = "".join(f"Question: {q}\nAnswer:{s}\n\n" for q, s in shots) + f"Question: {evaluated[0].query}\nAnswer:"
+    assert prompts == [expected]
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["eval.protocol=chain"], "eval.protocol"),
+    (["eval.few_shot=4"], "few_shot_cot"),  # exemplars under zero_shot: a contradiction, named
+    (["eval.protocol=few_shot_cot", "eval.few_shot=0"], "few_shot"),
+])
+def test_protocol_config_errors(extra, match):
+    from resofilter.stages.config_check import validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(_gsm(extra))
+
+
+@pytest.mark.parametrize("protocol", ["zero_shot", "few_shot_cot"])
+def test_gsm8k_canned_generations_per_protocol(tmp_path, tiny_model_dir, monkeypatch, protocol):
+    """Right (`The answer is`, few-shot's `So the answer is N.`, a bare `#### N`), wrong and unparsable."""
+    from resofilter.evaluation import generate as gen_mod
+
+    golds = [GSM8KExtractor().gold(json.loads(x)["answer"])
+             for x in (FIXTURES / "gsm8k" / "test.jsonl").read_text().splitlines()[:6]]
+    canned = [f"… The answer is: {golds[0]}", f"… So the answer is {golds[1]}.", f"…\n#### {golds[2]}",
+              f"The answer is: {int(golds[3]) + 1}", "I cannot tell.", f"So the answer is {int(golds[5]) - 1}."]
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, add_special, batch_size, max_new, stops, *a, **k):
+        seen.append((prompts, stops))
+        return canned[:len(prompts)]
+
+    monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    extra = ["eval.protocol=few_shot_cot", "eval.few_shot=2", f"eval.few_shot_path={GSM_TRAIN}"] \
+        if protocol == "few_shot_cot" else []
+    m = evaluate(compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k",
+                              "eval.max_samples=6", f"output_dir={tmp_path}", "template=plain", *extra],
+                             "evaluate"))["gsm8k"]
+    assert (m["n_correct"], m["n"]) == (3, 6) and m["protocol"] == protocol
+    # "I cannot tell." has no number at all; every other generation commits to one
+    assert m["extraction_failures"] == 1
+    prompts, stops = seen[0]
+    if protocol == "few_shot_cot":
+        assert prompts[0].count("Question: ") == 3 and "\n\nQuestion:" in stops
+    else:
+        assert prompts[0].count("Question: ") == 1 and "\n\nQuestion:" not in stops
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["protocol"] == protocol
+
+
+def test_math_extraction_on_canned_generations():
+    ex = MathExtractor()
+    gold = ex.gold(r"so the area is $\boxed{\frac{1}{2}}$.")
+    assert ex.equal(ex.extract(r"Solution: ... $\boxed{\dfrac{1}{2}}$"), gold)  # boxed, equivalent form
+    assert ex.equal(ex.extract("The answer is: 0.5"), gold)  # `The answer is` without a box
+    assert not ex.equal(ex.extract(r"$\boxed{2}$"), gold)
+    assert ex.extract("no idea") is None
