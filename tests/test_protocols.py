@@ -44,7 +44,7 @@ def test_few_shot_cot_prompt_by_hand():
     assert (reasoning_of(natalia, spec.cot) + f" So the answer is {GSM8KExtractor().gold(natalia)}." ==
             "Natalia sold 48/2 = 24 clips in May. Natalia sold 48+24 = 72 clips altogether in April and May. "
             "So the answer is 72.")
-    for q, sol in shots:
+    for _q, sol in shots:
         assert "<<" not in sol and sol.startswith(" ") and sol.rstrip().endswith(".") and "So the answer is" in sol
     prompts = build_prompts(spec, evaluated[:1], context.template(cfg), None, shots)
     expected = "".join(f"Question: {q}\nAnswer:{s}\n\n" for q, s in shots) + f"Question: {evaluated[0].query}\nAnswer:"
