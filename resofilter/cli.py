@@ -22,6 +22,20 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 OmegaConf.register_new_resolver("if_set", lambda value, default: default if value is None else value, replace=True)
 
 
+def _run_group() -> str | None:
+    """``${run_group:}``: the sweep of a multirun (``run/2026-11-28_22-44-09``), ``None`` for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep = Path(HydraConfig.get().sweep.dir)
+    return f"{sweep.parent.name}/{sweep.name}"
+
+
+OmegaConf.register_new_resolver("run_group", _run_group, replace=True)
+
+
 # name → help line; the functions live in resofilter.commands (imported only to run one,
 # so `--help` and shell completion stay fast).
 COMMANDS = {

@@ -117,8 +117,16 @@ def table(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="resofilter table", description=table.__doc__)
     p.add_argument("root", help="a multirun (or any) directory holding run dirs with results.json")
     p.add_argument("--out", default=None, help="where to write table.md/csv/png (default: root)")
+    p.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table as a wandb.Table")
+    p.add_argument("--online", action="store_true", help="with --wandb: log online (default: offline)")
     args = p.parse_args(argv)
     result = write_table(args.root, args.out)
+    if args.wandb:
+        from resofilter.reporting.wandb_log import log_table
+
+        columns = [c for c in result["rows"][0] if not c.startswith("_") and c != "setting_key"]
+        result["wandb_dir"] = log_table(result["rows"], columns, args.wandb, f"table {Path(args.root).name}",
+                                        Path(args.out or args.root), offline=not args.online)
     out = Path(args.out or args.root)
     # the command's output: the table itself, and where its files are (the library only logs)
     files = ", ".join(str(out / f) for f in ("table.md", "table.csv", "table.png", "table.html"))

@@ -50,7 +50,9 @@ def test_run_end_to_end(tmp_path):
     assert gsm["eval"] == "gsm8k" and gsm["n"] == 4 and again["eval"]["gsm8k"] == gsm["accuracy"]
     assert again["stages"]["evaluate"]["more"]["gsm8k"]["n"] == 4
     # LESS-style target: the run scores the benchmark's reference split with the same model, then ranks by it
-    target = run(shrink(compose_cfg(["variant=target50", "scorer.reference.n=8"], "run"), tmp_path / "c",
+    # … logged to W&B (offline): the fine-tuning's run gets the selection diagnostics and final accuracies
+    target = run(shrink(compose_cfg(["variant=target50", "scorer.reference.n=8", "logger=wandb"], "run"),
+                        tmp_path / "c",
                         **TINY_RUN, **{"paths.cache_dir": str(tmp_path / "cache"), "score.ifd": True}))
     ref = target["stages"]["reference"]
     assert ref["n"] == 8 and not ref["cached"] and target["stages"]["score"]["cached"]
@@ -63,6 +65,11 @@ def test_run_end_to_end(tmp_path):
     assert {"target", "consensus", "answer_loss", "tok_max", "tok_topk"} <= set(diag["scorers"])
     sel = pd.read_parquet(tmp_path / "c" / "out" / "select" / "selection.parquet")
     assert sel["score"].between(-1, 1).all() and sel["score"].std() > 0  # mean cosines, not constant
+    [record] = (tmp_path / "c" / "out" / "finetune" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = record.read_bytes()  # the run's protobuf records: keys and strings appear verbatim
+    for key in (b"target-seed0", b"eval/math_synth/accuracy", b"select/auroc", b"select/dropped/garbled",
+                b"select/rho/loss", b"variant", b"keep_ratio"):
+        assert key in logged, key
 
 
 def test_multirun_shares_features_and_table(tmp_path):

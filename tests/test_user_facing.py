@@ -74,3 +74,42 @@ def test_data_paths_are_recorded_absolute(tmp_path, monkeypatch):
     cfg = compose_cfg(["data=gsm8k", "data.path=train.jsonl"], "score")
     _, info = context.load_data(cfg)
     assert Path(info["path"]).is_absolute() and Path(info["path"]) == GSM8K_TRAIN.resolve()
+
+
+def test_a_multirun_is_one_wandb_group(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from resofilter.cli import _run_group
+
+    cfg = compose_cfg(["logger=wandb", "seed=3", "variant=reso50"], "run")
+    hc = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(tmp_path / "run" / "2026-11-28")}}})
+    old = HydraConfig.instance().cfg
+    try:
+        HydraConfig.instance().cfg = hc
+        assert _run_group() == "run/2026-11-28"
+        logger = OmegaConf.to_container(cfg.logger, resolve=True)
+        assert logger["group"] == "run/2026-11-28" and logger["name"] == "resofilter-seed3"
+        assert logger["config"] == {"variant": "resofilter", "seed": 3, "keep_ratio": 0.5, "scorer": "resofilter",
+                                    "budget": "steps"}
+        with open_dict(hc):
+            hc.hydra.mode = RunMode.RUN
+        assert _run_group() is None  # a single run is no group
+    finally:
+        HydraConfig.instance().cfg = old
+
+
+def test_table_logs_a_wandb_table_offline(tmp_path, monkeypatch):
+    import json
+
+    from resofilter.commands import table
+    from tests.test_run import _fake_result
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for i, (variant, seed, acc) in enumerate([("full", 0, 0.30), ("resofilter", 0, 0.28)]):
+        _fake_result(tmp_path / "sweep" / str(i), variant, seed, {"math_synth": acc})
+    out = table([str(tmp_path / "sweep"), "--wandb", "resofilter-test"])
+    [saved] = (tmp_path / "sweep" / "wandb").glob("offline-run-*/files/media/table/*.table.json")
+    t = json.loads(saved.read_text())
+    assert len(t["data"]) == 2 and "variant" in t["columns"] and out["wandb_dir"]

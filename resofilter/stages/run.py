@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from resofilter import distributed
 from resofilter._io import read_json, write_json_atomic
 from resofilter.errors import ResoFilterError
+from resofilter.reporting.wandb_log import is_wandb, log_run_summary
 from resofilter.stages import context
 from resofilter.stages.evaluate import run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune
@@ -112,6 +113,11 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "setting": run_setting(cfg), "choices": _hydra_choices(),
     }
     write_json_atomic(out / "resolved_config.json", OmegaConf.to_container(cfg, resolve=True))
+    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
+    if is_wandb(logger_cfg):
+        diag_file = out / "select" / "diagnostics.json"
+        results["wandb_dir"] = log_run_summary(logger_cfg, out / "finetune", results,
+                                               read_json(diag_file) if diag_file.exists() else None)
     write_json_atomic(out / "results.json", results)
     log.info("%s keep %.2f seed %d: %s accuracy %.4f (%d/%d kept) in %.0f s", cfg.variant_name,
              cfg.selection.keep_ratio, cfg.seed, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
