@@ -112,6 +112,10 @@ def test_multirun_shares_features_and_table(tmp_path):
         del os.environ["RESOFILTER_RUN_DIR"]
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "AUROC of this score" in outputs and "resofilter" in outputs
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 2  # the histogram and the accuracy plot show inline
+    assert (sweep / "accuracy_vs_keep_ratio.png").exists() and not list(tmp_path.glob("*.png"))  # none in the cwd
 
 
 def _fake_result(d: Path, variant: str, seed: int, accs: dict, auroc: float | None = 0.6) -> None:

@@ -113,3 +113,30 @@ def test_table_logs_a_wandb_table_offline(tmp_path, monkeypatch):
     [saved] = (tmp_path / "sweep" / "wandb").glob("offline-run-*/files/media/table/*.table.json")
     t = json.loads(saved.read_text())
     assert len(t["data"]) == 2 and "variant" in t["columns"] and out["wandb_dir"]
+
+
+def test_data_by_datasets_name_offline(tmp_path, monkeypatch):
+    """data.hf_name through datasets.load_dataset, offline: a local dataset directory (never a download)."""
+    import json
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    ds = tmp_path / "my_math"
+    ds.mkdir()
+    rows = [{"question": f"What is {i}+1?", "answer": f"{i}+1={i + 1}\n#### {i + 1}"} for i in range(5)]
+    (ds / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (ds / "test.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    cfg = compose_cfg(["data=gsm8k", "data.path=null", f"data.hf_name={ds}"], "score")
+    records, info = context.load_data(cfg)
+    assert [r.query for r in records] == [r["question"] for r in rows]
+    assert info["path"] == f"hf://{ds}[train]"
+    test, _ = context.load_data(compose_cfg(["data=gsm8k", "data.path=null", f"data.hf_name={ds}",
+                                             "data.split=test"], "score"))
+    assert len(test) == 1
+    from resofilter.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match=r"load_dataset\(.*nope.*failed"):
+        context.load_data(compose_cfg(["data=gsm8k", "data.path=null", f"data.hf_name={tmp_path / 'nope'}"],
+                                      "score"))
+    with pytest.raises(ConfigError, match="data.hf_name"):
+        context.load_data(compose_cfg(["data=gsm8k", f"data.hf_name={ds}"], "score"))  # path and name: which?

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,9 +173,40 @@ def load_records(
     non-string fields, empty responses or queries, duplicate ids and empty files.
     """
     path = Path(path)
+    return records_from_rows(iter_rows(path, format), path, query_field, response_field, input_field, id_field,
+                             max_samples)
+
+
+def hf_rows(name: str, config: str | None, split: str, revision: str | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a ``datasets.load_dataset`` split: a hub name (from the local cache when offline,
+    ``HF_DATASETS_OFFLINE=1``) or a local dataset directory / loading script."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split, revision=revision)
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (connection, missing split, script errors)
+        raise DataError(name, None, f"datasets.load_dataset({name!r}, {config!r}, split={split!r}, "
+                        f"revision={revision!r}) failed: {type(e).__name__}: {e}") from None
+    for i, row in enumerate(ds, start=1):
+        yield i, dict(row)
+
+
+def load_hf_records(name: str, config: str | None, split: str, revision: str | None, query_field: str = "query",
+                    response_field: str = "response", input_field: str | None = None, id_field: str | None = None,
+                    max_samples: int | None = None) -> list[Record]:
+    """:func:`load_records` for ``data.hf_name``: errors name ``<name>[<split>]:<row>``."""
+    where = Path(f"{name}[{split}]")
+    return records_from_rows(hf_rows(name, config, split, revision), where, query_field, response_field,
+                             input_field, id_field, max_samples)
+
+
+def records_from_rows(rows: Iterable[tuple[int, dict[str, Any]]], path: Path, query_field: str,
+                      response_field: str, input_field: str | None, id_field: str | None,
+                      max_samples: int | None) -> list[Record]:
+    """Validate and map ``(line, row)`` pairs into records; ``path`` names them in errors."""
     records: list[Record] = []
     seen: dict[str, int] = {}
-    for line, row in iter_rows(path, format):
+    for line, row in rows:
         query = _text(row, query_field, path, line, required=True)
         response = _text(row, response_field, path, line, required=True)
         input_ = _text(row, input_field, path, line, required=False) if input_field else None

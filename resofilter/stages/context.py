@@ -13,7 +13,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from resofilter.data.records import Record, dedup_records, load_records
+from resofilter.data.records import Record, dedup_records, load_hf_records, load_records
 from resofilter.data.templates import Template
 from resofilter.errors import ConfigError
 
@@ -77,7 +77,8 @@ def _path_or_benchmark(cfg: DictConfig, key: str, split: str) -> Path:
         return Path(node.path)
     bench = benchmark_dir(cfg)
     if bench is None:
-        raise ConfigError(f"{key}.path", "is required (no synthetic benchmark in this config)")
+        raise ConfigError(f"{key}.path", "is required (no synthetic benchmark in this config)"
+                          + (" or set data.hf_name (a datasets name)" if key == "data" else ""))
     return bench / f"{split}.jsonl"
 
 
@@ -104,16 +105,30 @@ def eval_path(cfg: DictConfig, key: str = "eval") -> Path:
 
 
 def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Record], dict[str, Any]]:
-    """Records of ``cfg.data`` (or ``path`` read with the same field mapping), deduplicated per config."""
+    """Records of ``cfg.data`` (or ``path`` read with the same field mapping), deduplicated per config.
+
+    ``data.hf_name`` reads a ``datasets.load_dataset`` split (hub name, local cache or local
+    dataset dir; ``data.hf_config``, ``data.split`` default ``train``, ``data.revision``) instead
+    of a file.
+    """
     d = cfg.data
-    src = Path(path) if path is not None else data_path(cfg)
-    records = load_records(src, d.query_field, d.response_field, d.get("input_field"), d.get("id_field"),
-                           d.get("format", "auto"), d.get("max_samples"))
+    fields = (d.query_field, d.response_field, d.get("input_field"), d.get("id_field"))
+    if path is None and d.get("hf_name"):
+        if d.get("path"):
+            raise ConfigError("data.hf_name", f"is set together with data.path={d.path}: name one source")
+        split = d.get("split") or "train"
+        records = load_hf_records(d.hf_name, d.get("hf_config"), split, d.get("revision"), *fields,
+                                  max_samples=d.get("max_samples"))
+        where = f"hf://{d.hf_name}" + (f"/{d.hf_config}" if d.get("hf_config") else "") + f"[{split}]" + (
+            f"@{d.revision}" if d.get("revision") else "")
+    else:
+        src = Path(path) if path is not None else data_path(cfg)
+        records = load_records(src, *fields, d.get("format", "auto"), d.get("max_samples"))
+        where = str(src.resolve())  # absolute: a manifest or results.json read elsewhere still names the file
     records, removed = dedup_records(records, d.get("dedup"))
     if removed:
         log.info("dedup=%s removed %d records with repeated queries", d.dedup, removed)
-    # absolute: a manifest or results.json read from another directory still names the file
-    return records, {"path": str(src.resolve()), "n_records": len(records) + removed, "dedup_removed": removed}
+    return records, {"path": where, "n_records": len(records) + removed, "dedup_removed": removed}
 
 
 def overridden_on_command_line(group: str) -> bool | None:
