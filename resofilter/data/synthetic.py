@@ -279,29 +279,30 @@ def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-def reference_split(cfg: SyntheticConfig, n: int, taken: set[str]) -> list[dict[str, Any]]:
-    """``n`` clean problems of the fine-tuning skill for a trusted reference set.
+def heldout_split(cfg: SyntheticConfig, kind: str, n: int, taken: set[str]) -> list[dict[str, Any]]:
+    """``n`` clean problems of the fine-tuning skill, ids ``<kind>-00000``…, for a held-out set.
 
-    Drawn from their own random stream (seeded by ``cfg.seed`` and "reference"), so the
+    Drawn from their own random stream (seeded by ``cfg.seed`` and ``kind``), so the
     benchmark's splits — and the base model trained on them — are the same with or without
-    it; ``taken`` (every query of those splits) is avoided, so no reference problem is a
-    pool, test or base-training problem.
+    it; ``taken`` (every query of those splits) is avoided, so no held-out problem is a pool,
+    test or base-training problem. Kinds: ``reference`` (a trusted set for ``scorer=target``),
+    ``test_extra`` (more test problems: ``eval=math_synth_2000``).
     """
     cfg.validate()
-    rng = random.Random(f"{cfg.seed}/reference")
+    rng = random.Random(f"{cfg.seed}/{kind}")
     gen = _Gen(cfg, rng)
     avoid, rows = set(taken), []
     attempts = 0
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise ConfigError("scorer.reference.n", f"cannot draw {n} new distinct problems; widen the ranges")
+            raise ConfigError(f"{kind} split", f"cannot draw {n} new distinct problems; widen the ranges")
         p = gen.problem(rng.choice(list(cfg.finetune_steps)))
         q, r = gen.record(p)
         if q in avoid:
             continue
         avoid.add(q)
-        rows.append({"id": f"reference-{len(rows):05d}", "query": q, "response": r, "answer": str(p.answer),
+        rows.append({"id": f"{kind}-{len(rows):05d}", "query": q, "response": r, "answer": str(p.answer),
                      "meta": {"n_steps": len(p.ops), "answer": p.answer, "noisy": False, "noise_kind": "clean"}})
     return rows
 

@@ -101,6 +101,13 @@ def eval_sets(cfg: DictConfig) -> dict[str, tuple[DictConfig, str]]:
 
 
 def eval_path(cfg: DictConfig, key: str = "eval") -> Path:
+    """The eval set's file; the synthetic test split, extended by ``extra_problems`` held-out problems if set."""
+    node = OmegaConf.select(cfg, key)
+    extra = node.get("extra_problems")
+    if extra and not node.get("path") and (bench := benchmark_dir(cfg)) is not None:
+        from resofilter.stages.embedded import ensure_extended_test
+
+        return ensure_extended_test(cfg.data.synthetic, bench, int(extra))
     return _path_or_benchmark(cfg, key, "test")
 
 

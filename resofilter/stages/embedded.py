@@ -24,7 +24,7 @@ from transformers import get_scheduler
 from resofilter import progress
 from resofilter._io import read_jsonl, stable_hash, temporary_dir, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import load_records
-from resofilter.data.synthetic import SyntheticConfig, reference_split, write_benchmark
+from resofilter.data.synthetic import SyntheticConfig, heldout_split, write_benchmark
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.evaluation.extract import SyntheticExtractor
@@ -56,16 +56,34 @@ def ensure_benchmark(synth_cfg: Any, cache_dir: str | Path) -> Path:
     return out
 
 
-def ensure_reference(synth_cfg: Any, bench_dir: str | Path, n: int) -> Path:
-    """``<bench>/reference-<n>.jsonl``: clean fine-tuning-skill problems disjoint from every split."""
-    path = Path(bench_dir) / f"reference-{n}.jsonl"
+SPLITS = ("test", "base_test", "pool", "base_train")
+
+
+def _heldout(synth_cfg: Any, bench_dir: Path, kind: str, n: int, path: Path, head: list[dict[str, Any]]) -> Path:
+    """Write ``head`` + ``n`` held-out problems of ``kind`` to ``path`` once; disjoint from every split
+    and from the other held-out files present (a collision is ~1e-4 likely; it would only redraw)."""
     if path.exists():
         return path
-    taken = {r["query"] for split in ("test", "base_test", "pool", "base_train")
-             for r in read_jsonl(Path(bench_dir) / f"{split}.jsonl")}
-    write_jsonl_atomic(path, reference_split(synthetic_config(synth_cfg), n, taken))
-    log.info("synthetic reference split: %d clean problems → %s", n, path)
+    taken = {r["query"] for split in SPLITS for r in read_jsonl(bench_dir / f"{split}.jsonl")}
+    others = [f for f in bench_dir.glob("*.jsonl") if f.stem not in SPLITS and f != path]
+    taken |= {r["query"] for f in others for r in read_jsonl(f)}
+    write_jsonl_atomic(path, [*head, *heldout_split(synthetic_config(synth_cfg), kind, n, taken)])
+    log.info("synthetic %s split: %d clean problems → %s", kind, n, path)
     return path
+
+
+def ensure_reference(synth_cfg: Any, bench_dir: str | Path, n: int) -> Path:
+    """``<bench>/reference-<n>.jsonl``: clean fine-tuning-skill problems disjoint from every split."""
+    bench_dir = Path(bench_dir)
+    return _heldout(synth_cfg, bench_dir, "reference", n, bench_dir / f"reference-{n}.jsonl", [])
+
+
+def ensure_extended_test(synth_cfg: Any, bench_dir: str | Path, n_extra: int) -> Path:
+    """``<bench>/test-plus-<n>.jsonl``: the 500 test problems, then ``n_extra`` more of the same skill
+    (ids ``test_extra-…``), for intervals narrower than 500 problems allow."""
+    bench_dir = Path(bench_dir)
+    return _heldout(synth_cfg, bench_dir, "test_extra", n_extra, bench_dir / f"test-plus-{n_extra}.jsonl",
+                    read_jsonl(bench_dir / "test.jsonl"))
 
 
 # base_training settings that change how a build is shown, never its weights.
