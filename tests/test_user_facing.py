@@ -140,3 +140,12 @@ def test_data_by_datasets_name_offline(tmp_path, monkeypatch):
                                       "score"))
     with pytest.raises(ConfigError, match="data.hf_name"):
         context.load_data(compose_cfg(["data=gsm8k", f"data.hf_name={ds}"], "score"))  # path and name: which?
+
+
+def test_time_per_run_leaves_out_the_base_model_build():
+    from resofilter.reporting.table import _run_time
+
+    built = {"total_time_s": 700.0, "stages": {"score": {"time_s": 50.0}, "select": {"time_s": 2.0},
+                                               "finetune": {"time_s": 60.0}, "evaluate": {"time_s": 8.0}}}
+    assert _run_time(built) == 120.0  # not the 580 s the first run spent building the base model
+    assert _run_time({"total_time_s": 33.0, "stages": {"score": {"cached": True}}}) == 33.0  # older results

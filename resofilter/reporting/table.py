@@ -49,7 +49,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "noise_auroc": r["stages"]["select"].get("noise_auroc"),
             # what the score ranks by: Spearman ρ of its badness with response length (1: length itself)
             "rho_length": ((r["stages"]["select"].get("confounds") or {}).get("response_tokens")),
-            "score_cached": r["stages"]["score"]["cached"], "time_s": r["total_time_s"],
+            "score_cached": r["stages"]["score"]["cached"], "time_s": _run_time(r),
             "scorer": r.get("scorer"), "budget": r.get("budget") or _budget(r.get("setting") or {}),
             "protocols": json.dumps(r.get("eval_protocols") or {}, sort_keys=True),
             "_dir": str(d),
@@ -67,6 +67,13 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     if not rows and not incomplete:
         raise ResoFilterError(f"no run directories (results.json or .hydra/) under {root}")
     return pd.DataFrame(rows), incomplete
+
+
+def _run_time(r: dict[str, Any]) -> float:
+    """The run's own stages (score, select, finetune, evaluate), without a base-model build that the
+    first run of a sweep pays for every other; older results without stage times: the total."""
+    stages = [v.get("time_s") for v in r.get("stages", {}).values() if isinstance(v, dict)]
+    return float(sum(stages)) if stages and all(t is not None for t in stages) else float(r["total_time_s"])
 
 
 def _budget(setting: dict[str, Any]) -> str | None:
