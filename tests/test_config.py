@@ -48,8 +48,12 @@ def test_paper_experiment_evaluates_gsm8k_and_math():
     cfg = compose_cfg(["experiment=paper_gemma2_2b_metamathqa", "data.path=/d.json"])
     validate(cfg)
     sets = eval_sets(cfg)
-    assert list(sets) == ["gsm8k", "math"] and sets["math"][1] == "evals.math"
+    assert list(sets) == ["gsm8k", "math", "gsm8k_cot"] and sets["math"][1] == "evals.math"
     assert sets["math"][0].extractor._target_.endswith("MathExtractor")
+    # GSM8K under both protocols: zero-shot in the training template, and 8-shot chain of thought
+    assert sets["gsm8k"][0].protocol == "zero_shot" and sets["math"][0].protocol == "zero_shot"
+    cot = sets["gsm8k_cot"][0]
+    assert (cot.protocol, cot.few_shot, cot.path) == ("few_shot_cot", 8, sets["gsm8k"][0].path)
 
 
 def test_two_eval_sets_with_one_name_are_refused():
