@@ -297,13 +297,13 @@ def test_f8_finetune_fits_in_train_mode_and_scoring_runs_in_eval_mode(tmp_path, 
     from resofilter.features import fast
 
     seen = []
-    real_call = fast.FastScorer.__call__
+    real_call = fast.FastScorer.score_batch
 
     def call(self, batch):
         seen.append(any(m.training for m in self.model.modules()))
         return real_call(self, batch)
 
-    monkeypatch.setattr(fast.FastScorer, "__call__", call)
+    monkeypatch.setattr(fast.FastScorer, "score_batch", call)
     score(compose_cfg(score_args(tiny_model_dir, tmp_path / "sc", "data.max_samples=8"), "score"))
     assert seen and not any(seen), "scoring runs in eval mode (no dropout)"
 
