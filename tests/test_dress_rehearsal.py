@@ -52,6 +52,7 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
               "model.num_hidden_layers=4", f"data.path={FIXTURES / 'metamathqa' / 'train.jsonl'}",
               "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_progress_bar=false",
               "score.progress_bar=false", "eval.max_new_tokens=32", "evals.math.max_new_tokens=32",
+              "evals.gsm8k_cot.max_new_tokens=16", "evals.gsm8k_cot.few_shot=1",  # tiny gemma: 512 positions
               f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"])
     wall = time.perf_counter() - t0
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
@@ -73,10 +74,12 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
     for r, run_dir in ((json.loads(f.read_text()), f.parent) for f in sorted(sweep.glob("*/results.json"))):
         for f in ("select/subset.jsonl", "select/manifest.json", "select/selection.parquet",
                   "finetune/finetune.json", "finetune/checkpoint/config.json", "eval/predictions.jsonl",
-                  "eval/metrics.json", "eval/math/metrics.json", "eval/math/predictions.jsonl"):
+                  "eval/metrics.json", "eval/math/metrics.json", "eval/math/predictions.jsonl",
+                  "eval/gsm8k_cot/metrics.json"):
             assert (run_dir / f).exists(), f"{run_dir.name}: {f}"
-        assert r["stages"]["finetune"]["world_size"] == 2 and set(r["eval"]) == {"gsm8k", "math"}
-        for name in ("", "math/"):
+        assert r["stages"]["finetune"]["world_size"] == 2 and set(r["eval"]) == {"gsm8k", "math", "gsm8k_cot"}
+        assert r["eval_protocols"] == {"gsm8k": "zero_shot", "math": "zero_shot", "gsm8k_cot": "few_shot_cot (1-shot)"}
+        for name in ("", "math/", "gsm8k_cot/"):
             m = json.loads((run_dir / f"eval/{name}metrics.json").read_text())
             assert m["world_size"] == 2 and m["n"] == 32  # sharded over both ranks, merged once
         new = load_file(str(run_dir / "finetune" / "checkpoint" / "model.safetensors"))
@@ -92,7 +95,7 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
     assert t.returncode == 0, t.stderr[-3000:]
     table = pd.read_csv(sweep / "table.csv")
     assert len(table) == len(VARIANTS) and set(table["variant"]) == {"full", "resofilter", "random"}
-    assert {"acc/gsm8k mean", "acc/math mean"} <= set(table.columns)
+    assert {"acc/gsm8k mean", "acc/math mean", "acc/gsm8k_cot mean"} <= set(table.columns)
 
 
 @pytest.mark.slow
