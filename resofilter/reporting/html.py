@@ -94,12 +94,13 @@ def excerpt(text: str, limit: int) -> str:
 
 
 def selection_report(out_dir: Path, *, scorer: str, summary: dict[str, Any], diag: dict[str, Any] | None,
-                     samples: list[dict[str, Any]], k: int, excerpt_chars: int) -> Path:
+                     samples: list[dict[str, Any]], k: int, excerpt_chars: int, n_ranked: int | None = None) -> Path:
     """``report.html`` of one selection.
 
     ``samples``: every ranked sample as ``{sample_id, query, response, score, badness, loss,
-    n_tokens, label, kind, kept}``; the report shows the k with the highest badness (dropped
-    first) and the k with the lowest (kept first).
+    n_tokens, label, kind, kept}`` — at least the k highest- and k lowest-badness ones of the
+    ``n_ranked`` samples (the caller need not build the rest); the report shows the k with the
+    highest badness (dropped first) and the k with the lowest (kept first).
     """
     path = out_dir / "report.html"
     sections = [section("summary", "Counts", table(["", ""], [[k_, v] for k_, v in summary.items()]))]
@@ -148,7 +149,7 @@ def selection_report(out_dir: Path, *, scorer: str, summary: dict[str, Any], dia
         return rows, classes
 
     top, top_cls = rows_of(ranked[:k], 1, 1)
-    bottom, bottom_cls = rows_of(ranked[::-1][:k], len(ranked), -1)
+    bottom, bottom_cls = rows_of(ranked[::-1][:k], n_ranked or len(ranked), -1)
     sections.append(section("highest", f"The {len(top)} samples dropped first (highest badness)",
                             table(header, top, top_cls, table_id="highest-samples")))
     sections.append(section("lowest", f"The {len(bottom)} samples kept first (lowest badness)",

@@ -309,19 +309,21 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
         "n_out": sel.n_kept,
     }
     kinds = kinds_of(recs, spec.kind_field) if y is not None else None
+    order = np.argsort(-bad, kind="stable")  # only the k dropped first and k kept first are shown
+    shown = sorted(set(order[:spec.report_k].tolist()) | set(order[-spec.report_k:].tolist()))
     selection_report(out_dir, scorer=scorer.name, diag=diag, k=spec.report_k, excerpt_chars=spec.report_excerpt_chars,
                      summary={"scorer": what, "keep ratio": spec.keep_ratio,
                               "direction": spec.direction, "records in": len(records), "ranked": len(recs),
                               "never scored (dropped)": n_unscored, "kept before dedup": sel.n_keep_before_dedup,
                               "removed by dedup": sel.dedup_removed, "kept": sel.n_kept,
                               "features": str(features_dir)},
-                     samples=[{"sample_id": r.sample_id, "query": r.query, "response": r.response, "score": sc,
-                               "badness": b, "loss": float(lo), "n_tokens": int(nt),
-                               "label": None if y is None else bool(y[i]), "kind": None if kinds is None else kinds[i],
-                               "kept": bool(kp)}
-                              for i, (r, sc, b, lo, nt, kp) in enumerate(zip(
-                                  recs, raw_scores, bad, features["loss"], features["n_tokens"], sel.kept,
-                                  strict=True))])
+                     n_ranked=len(recs), samples=[
+                         {"sample_id": recs[i].sample_id, "query": recs[i].query, "response": recs[i].response,
+                          "score": float(raw_scores[i]), "badness": float(bad[i]),
+                          "loss": float(features["loss"].iat[i]), "n_tokens": int(features["n_tokens"].iat[i]),
+                          "label": None if y is None else bool(y[i]), "kind": None if kinds is None else kinds[i],
+                          "kept": bool(sel.kept[i])}
+                         for i in shown])
     if diag is not None:
         write_json_atomic(out_dir / "diagnostics.json", diag)
         manifest["confounds"] = diag["selected_confounds"]
