@@ -143,12 +143,15 @@ class TargetScorer:
     reduce: str = "mean"
     name: str = "target"
     bad_end: str = "low"
+    _reference: Any = field(default=None, repr=False, compare=False)  # read once: scores() runs per use
 
     def scores(self, features: pd.DataFrame) -> np.ndarray:
         if self.reduce not in ("mean", "max"):
             raise ConfigError("scorer.reduce", f"expected mean|max, got {self.reduce!r}")
         pool = sketches_of(features, self.name)
-        ref = load_sketches(self.reference_dir)
+        if self._reference is None:
+            self._reference = load_sketches(self.reference_dir)
+        ref = self._reference
         check_comparable(features.attrs["sketches"].layout, ref.layout)
         cos = cosine_rows(pool, ref.matrix)
         return cos.mean(axis=1) if self.reduce == "mean" else cos.max(axis=1)
