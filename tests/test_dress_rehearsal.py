@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -117,8 +118,10 @@ def test_ddp_scoring_with_an_idle_rank_and_resume_after_one_rank_finished(tmp_pa
     assert _cli(["score", *common, f"output_dir={part}", "score.shard_size=16", *ddp]).returncode == 0
     manifest = json.loads((part / "manifest.json").read_text())
     full = pd.read_parquet(part / "features.parquet").drop(columns="record_hash")
+    full["sketch"] = list(np.load(part / "sketches.npy"))  # shards carry the sketches as a list column
     (part / "features.parquet").unlink()
     (part / "manifest.json").unlink()
+    (part / "sketches.npy").unlink()
     (part / "shards").mkdir()
     (part / "shards" / "key.json").write_text(json.dumps({"key": manifest["key"], "description":
                                                           manifest["description"], "shard_size": 16}))

@@ -95,3 +95,21 @@ def test_cosine_rows_by_hand():
     a = np.array([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     b = np.array([[2.0, 0.0], [0.0, -3.0]])
     np.testing.assert_allclose(cosine_rows(a, b), [[1, 0], [2 ** -0.5, -(2 ** -0.5)], [0, 0]], atol=1e-15)
+
+
+def test_merged_shards_without_sketches_are_an_error_naming_the_shards(tmp_path):
+    import pandas as pd
+
+    from resofilter.errors import ResoFilterError
+    from resofilter.features.extract import stack_sketches
+
+    good = pd.DataFrame({"sample_id": ["a", "b"], "sketch": [np.arange(4.0), np.ones(4)]})
+    out = stack_sketches(good.copy(), 4, tmp_path)
+    assert out.dtype == np.float32 and out.tolist() == [[0, 1, 2, 3], [1, 1, 1, 1]]
+    mixed = pd.DataFrame({"sample_id": ["a", "b"], "sketch": [None, np.ones(4)]})
+    with pytest.raises(ResoFilterError, match=r"1 of 2 merged rows .*row 0.*delete"):
+        stack_sketches(mixed, 4, tmp_path)
+    with pytest.raises(ResoFilterError, match="2 of 2"):
+        stack_sketches(pd.DataFrame({"sample_id": ["a", "b"]}), 4, tmp_path)
+    with pytest.raises(ResoFilterError, match="4-value"):
+        stack_sketches(pd.DataFrame({"sample_id": ["a"], "sketch": [np.ones(3)]}), 4, tmp_path)

@@ -207,6 +207,17 @@ def write_shard(shard_dir: Path, k: int, frame: pd.DataFrame) -> None:
                                         "ids": _ids_hash(frame["sample_id"].tolist())})
 
 
+def stack_sketches(features: pd.DataFrame, dim: int, shard_dir: Path) -> np.ndarray:
+    """Pop the merged shards' sketch column as an (N, dim) float32 matrix; every row must hold one."""
+    column = features.pop(SKETCH_COLUMN) if SKETCH_COLUMN in features else pd.Series([None] * len(features))
+    bad = [i for i, v in enumerate(column.to_numpy()) if v is None or np.size(v) != dim]
+    if bad:
+        raise ResoFilterError(
+            f"{len(bad)} of {len(features)} merged rows in {shard_dir} hold no {dim}-value sketch (first: row "
+            f"{bad[0]}); shards written without score.sketch cannot be resumed with it: delete {shard_dir}")
+    return np.stack(column.to_numpy()).astype(np.float32)
+
+
 def finished_shards(shard_dir: Path, samples: Sequence[TokenizedSample], shard_size: int) -> set[int]:
     """Shards whose file matches its checksum and covers exactly its samples; any other is removed.
 
@@ -408,7 +419,7 @@ def extract_features(
     features = merge_shards(shard_dir, samples, shard_size)
     sketches = None
     if scorer.projector is not None:
-        sketches = np.stack(features.pop(SKETCH_COLUMN).to_numpy()).astype(np.float32)
+        sketches = stack_sketches(features, scorer.projector.dim, shard_dir)
     n_scored = len(samples) - sum(len(dm.shard_range(k)) for k in done)
     features, extra = finalize(features) if finalize is not None else (features, {})
     manifest = {
