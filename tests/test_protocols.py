@@ -79,6 +79,8 @@ def test_gsm8k_canned_generations_per_protocol(tmp_path, tiny_model_dir, monkeyp
         return canned[:len(prompts)]
 
     monkeypatch.setattr(gen_mod, "generate", fake_generate)
+    # generation is canned: the 2-shot prompts' length (> the tiny model's 512 positions) does not matter here
+    monkeypatch.setattr("resofilter.stages.evaluate.check_context", lambda *a, **k: None)
     extra = ["eval.protocol=few_shot_cot", "eval.few_shot=2", f"eval.few_shot_path={GSM_TRAIN}"] \
         if protocol == "few_shot_cot" else []
     m = evaluate(compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k",
@@ -103,3 +105,32 @@ def test_math_extraction_on_canned_generations():
     assert ex.equal(ex.extract("The answer is: 0.5"), gold)  # `The answer is` without a box
     assert not ex.equal(ex.extract(r"$\boxed{2}$"), gold)
     assert ex.extract("no idea") is None
+
+
+def test_prompts_longer_than_the_model_context_are_refused_before_generating(tmp_path, tiny_model_dir, monkeypatch,
+                                                                            caplog):
+    """The tiny Llama has 512 positions: 8 GSM8K exemplars fill them; nothing is generated or written."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from resofilter.evaluation import generate as gen_mod
+
+    limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    exemplars = [json.loads(x)["question"] + json.loads(x)["answer"] for x in GSM_TRAIN.read_text().splitlines()]
+    assert sum(sorted(len(tok(e)["input_ids"]) for e in exemplars)[:8]) > limit  # any 8 of them overflow
+    calls = []
+    monkeypatch.setattr(gen_mod, "generate", lambda model, tokenizer, prompts, *a, **k: calls.append(prompts) or
+                        ["The answer is: 1"] * len(prompts))
+    base = [f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k", "eval.max_samples=4",
+            "template=plain", "eval.max_new_tokens=64"]
+    with pytest.raises(ConfigError, match=rf"eval.few_shot.*4 of 4 prompts leave no room .* {limit} positions"):
+        evaluate(compose_cfg([*base, f"output_dir={tmp_path / 'cot'}", "eval.protocol=few_shot_cot", "eval.few_shot=8",
+                              f"eval.few_shot_path={GSM_TRAIN}"], "evaluate"))
+    assert not calls and not (tmp_path / "cot" / "metrics.json").exists()
+    # zero-shot prompts fit; a max_new_tokens reaching past the positions is a warning, not a refusal
+    questions = [json.loads(x)["question"] for x in (FIXTURES / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]]
+    shortest = min(len(tok(f"Question: {q}")["input_ids"]) for q in questions)
+    with caplog.at_level("WARNING"):
+        evaluate(compose_cfg([*base[:-1], f"output_dir={tmp_path / 'zs'}", f"eval.max_new_tokens={limit - shortest}"],
+                             "evaluate"))
+    assert calls and "4 of 4 prompts + eval.max_new_tokens" in caplog.text

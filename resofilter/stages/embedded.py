@@ -44,13 +44,18 @@ def synthetic_config(cfg: Any) -> SyntheticConfig:
     return SyntheticConfig(**_plain(cfg))
 
 
+_ANNOUNCED: set[Path] = set()
+
+
 def ensure_benchmark(synth_cfg: Any, cache_dir: str | Path) -> Path:
     """The synthetic benchmark directory for ``synth_cfg``, generated on first use."""
     sc = synthetic_config(synth_cfg)
     sc.validate()
     out = Path(cache_dir) / "synthetic" / stable_hash(asdict(sc))
     if (out / "manifest.json").exists():
-        log.info("synthetic benchmark cached at %s", out)
+        # every stage asks for it (data, model, eval set): say it once per process
+        log.log(logging.DEBUG if out in _ANNOUNCED else logging.INFO, "synthetic benchmark cached at %s", out)
+        _ANNOUNCED.add(out)
         return out
     write_benchmark(sc, out)  # manifest is written last: its presence marks completion
     return out

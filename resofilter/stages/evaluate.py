@@ -108,6 +108,31 @@ def _read_partial(path: Path, key: str) -> list[dict[str, Any]]:
     return rows
 
 
+def check_context(model: Any, tokenizer: Any, prompts: list[str], ev: EvalSpec, add_special_tokens: bool) -> None:
+    """Refuse prompts that fill the model's positions; warn when ``eval.max_new_tokens`` may run past them.
+
+    An over-long input does not fail in ``generate``: positions past the trained ones give
+    garbage (or an index error with learned position embeddings), silently scored as wrong.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit or not prompts:
+        return
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
+    key = "eval.few_shot" if ev.protocol.name == "few_shot_cot" else "eval.max_samples"
+    full = [i for i, n in enumerate(lengths) if n + max(ev.min_new_tokens, 1) > limit]
+    if full:
+        worst = max(full, key=lengths.__getitem__)
+        raise ConfigError(key, f"eval set {ev.name!r}: {len(full)} of {len(prompts)} prompts leave no room to "
+                               f"generate within the model's {limit} positions (longest {lengths[worst]} tokens, "
+                               f"problem {worst}); lower eval.few_shot, drop those problems, or evaluate a model "
+                               "with a longer context")
+    over = [i for i, n in enumerate(lengths) if n + ev.max_new_tokens > limit]
+    if over:
+        log.warning("%s: %d of %d prompts + eval.max_new_tokens=%d exceed the model's %d positions (longest prompt "
+                    "%d tokens): a generation that long runs past the trained positions", ev.name, len(over),
+                    len(prompts), ev.max_new_tokens, limit, max(lengths[i] for i in over))
+
+
 def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
                    out_dir: str | Path, model_id: str = "") -> dict[str, Any] | None:
     """Predictions and metrics of one eval set; under DDP each rank generates every world-th problem.
@@ -138,6 +163,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     exemplars = (draw_exemplars(spec, ev.query_field, ev.answer_field, extractor, {r.query for r in records})
                  if spec.name == "few_shot_cot" else [])
     prompts = build_prompts(spec, records, template, tokenizer, exemplars)
+    check_context(model, tokenizer, prompts, ev, template.add_special_tokens)
     step = int(ev.save_every or len(records) or 1)
     with open(own, "w", encoding="utf-8") as f:  # rewritten: header, then what this rank already had
         f.write(json.dumps({"key": key}) + "\n")

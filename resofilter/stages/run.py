@@ -50,25 +50,8 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
 
-    t0 = time.perf_counter()
-    prepared = prepare_scoring(cfg, records, template, model_dir)
-    key = prepared.identity.key  # the features' identity names the shared cache dir
-    feat_dir = Path(cfg.paths.cache_dir) / "features" / key
-    cached = (feat_dir / "features.parquet").exists()
-    # Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
-    # rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
-    scored = score_records(cfg, records, template, model_dir, feat_dir, data_info, prepared, wait_for_lock=True)
-    if distributed.is_rank_zero():
-        fman = scored[1]
-        stages["score"] = {"cached": cached, "features_dir": str(feat_dir), "key": key,
-                           "time_s": time.perf_counter() - t0, "scoring_time_s": fman["timing"]["score_s"]}
-        log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,
-                 stages["score"]["time_s"])
-    select_spec = SelectSpec.from_cfg(cfg)
-    if needs_reference(cfg):  # every rank scores the reference set (sharded under DDP), as the pool
-        ref_dir, stages["reference"] = score_reference(cfg, template, model_dir)
-        select_spec = replace(select_spec, scorer={**select_spec.scorer, "reference": {
-            **select_spec.scorer["reference"], "features_dir": str(ref_dir)}})
+    feat_dir, stages["score"] = score_pool(cfg, records, template, model_dir, data_info)
+    select_spec = with_reference(cfg, SelectSpec.from_cfg(cfg), template, model_dir, stages)
     if distributed.is_rank_zero():
         t0 = time.perf_counter()
         sel = run_selection(select_spec, feat_dir, records, out / "select")
@@ -129,6 +112,38 @@ def needs_reference(cfg: DictConfig) -> bool:
     """``scorer=target`` without a scored reference dir: the run scores the reference records."""
     ref = cfg.scorer.get("reference") if cfg.scorer.get("name") == "target" else None
     return ref is not None and not ref.get("features_dir")
+
+
+def score_pool(cfg: DictConfig, records: list[Any], template: Any, model_dir: str,
+               data_info: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
+    """Score ``records`` into the shared features cache (keyed by the features' identity, so every
+    run of the same model, data and scoring settings reuses them); (dir, summary on rank 0)."""
+    t0 = time.perf_counter()
+    prepared = prepare_scoring(cfg, records, template, model_dir)
+    key = prepared.identity.key  # the features' identity names the shared cache dir
+    feat_dir = Path(cfg.paths.cache_dir) / "features" / key
+    cached = (feat_dir / "features.parquet").exists()
+    # Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
+    # rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
+    scored = score_records(cfg, records, template, model_dir, feat_dir, data_info, prepared, wait_for_lock=True)
+    if not distributed.is_rank_zero():
+        return feat_dir, None
+    summary = {"cached": cached, "features_dir": str(feat_dir), "key": key, "time_s": time.perf_counter() - t0,
+               "scoring_time_s": scored[1]["timing"]["score_s"]}
+    log.info("features %s (%s) in %.1f s", "cache hit, not rescored" if cached else "computed", feat_dir,
+             summary["time_s"])
+    return feat_dir, summary
+
+
+def with_reference(cfg: DictConfig, spec: SelectSpec, template: Any, model_dir: str,
+                   stages: dict[str, Any]) -> SelectSpec:
+    """``spec`` with its target scorer's reference features scored (when the config asks the run to)."""
+    if not needs_reference(cfg):
+        return spec
+    # every rank scores the reference set (sharded under DDP), as the pool
+    ref_dir, stages["reference"] = score_reference(cfg, template, model_dir)
+    return replace(spec, scorer={**spec.scorer, "reference": {**spec.scorer["reference"],
+                                                              "features_dir": str(ref_dir)}})
 
 
 def score_reference(cfg: DictConfig, template: Any, model_dir: str) -> tuple[Path, dict[str, Any]]:

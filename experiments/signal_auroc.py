@@ -1,0 +1,110 @@
+"""Noise AUROC of every signal, overall and per noise kind, on one embedded model (issue 15).
+
+Scores the synthetic pool (and the benchmark's reference split, for the target scorer) into
+the same features cache as ``resofilter run`` — a sweep of the same model reuses them — then
+runs each row's selection (keep 50 %) and prints one markdown table: AUROC of the scorer
+against all labelled noise and against each noise kind alone (that kind vs the clean samples).
+
+    python experiments/signal_auroc.py                          # the embedded 4-layer model
+    python experiments/signal_auroc.py model=tiny_llama_8l      # the 8-layer one
+    python experiments/signal_auroc.py model=tiny_llama_8l --out /tmp/auroc8l
+
+Any Hydra override of the ``run`` config can follow (``score.sketch.k_out=32``, ``paths.cache_dir=…``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (row label, the overrides that select its scorer); every row keeps 50 %
+ROWS: list[tuple[str, list[str]]] = [
+    ("ResoFilter (paper: mean \\|ΔW\\|, last 3 up_proj)", ["variant=reso50"]),
+    ("loss", ["variant=loss50"]),
+    ("answer_loss", ["variant=answer50"]),
+    ("tok_max", ["variant=tok_max50"]),
+    ("tok_topk (k 4)", ["variant=tok_max50", "scorer=tok_topk"]),
+    ("consensus (sketches)", ["variant=consensus50"]),
+    ("target, mean (64 reference problems)", ["variant=target50"]),
+    ("target, max", ["variant=target50", "scorer.reduce=max"]),
+    ("answer_loss + ResoFilter (TOPSIS)", ["variant=answer_reso50"]),
+    ("loss + ResoFilter (rank mean)", ["variant=loss_reso50"]),
+    ("random", ["variant=random50"]),
+]
+
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import resofilter.cli  # noqa: F401  (registers the config's resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("run", overrides=overrides)
+
+
+def row_diagnostics(overrides: list[str], out_dir: Path) -> dict[str, Any]:
+    """Score (cached) and select with one row's scorer; the selected scorer's AUROC overall and per kind."""
+    from resofilter.stages import context
+    from resofilter.stages.config_check import validate
+    from resofilter.stages.run import score_pool, with_reference
+    from resofilter.stages.select import SelectSpec, run_selection
+
+    cfg = compose(overrides)
+    validate(cfg)
+    model_dir = context.model_dir(cfg)
+    records, data_info = context.load_data(cfg)
+    template = context.template(cfg)
+    feat_dir, _ = score_pool(cfg, records, template, model_dir, data_info)
+    spec = with_reference(cfg, SelectSpec.from_cfg(cfg), template, model_dir, {})
+    manifest = run_selection(spec, feat_dir, records, out_dir)
+    if "diagnostics" not in manifest:
+        raise SystemExit(f"{overrides}: the data have no noise labels (data.label_field); nothing to measure")
+    return {"model": model_dir, "features_dir": str(feat_dir), **manifest["diagnostics"]}
+
+
+# the synthetic benchmark's noise kinds: those a mean over the response should see first, then the subtle ones
+KIND_ORDER = ["wrong_final", "corrupted_step", "truncated", "mismatched", "garbled", "easier", "near_duplicate"]
+
+
+def markdown(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    found = list(rows[0][1].get("auroc_by_kind", {}))
+    kinds = [k for k in KIND_ORDER if k in found] + sorted(k for k in found if k not in KIND_ORDER)
+    lines = ["| scorer | all | " + " | ".join(kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]
+    for label, d in rows:
+        per = d.get("auroc_by_kind", {})
+        lines.append(f"| {label} | **{d['auroc']:.3f}** | " + " | ".join(f"{per[k]:.2f}" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the run config, e.g. model=tiny_llama_8l")
+    ap.add_argument("--out", type=Path, default=None, help="where the selections go (default: a temporary dir)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("resofilter.stages.run").setLevel(logging.INFO)
+    out = args.out or Path(tempfile.mkdtemp(prefix="signal_auroc-"))
+    results = []
+    t0 = time.perf_counter()
+    for i, (label, extra) in enumerate(ROWS):
+        d = row_diagnostics([*args.overrides, *extra, "trainer.enable_progress_bar=false"], out / f"row{i:02d}")
+        results.append((label, d))
+        print(f"{label}: AUROC {d['auroc']:.3f}", file=sys.stderr)
+    (out / "auroc.json").write_text(json.dumps(dict(results), indent=1))
+    print(f"model {results[0][1]['model']}, features {results[0][1]['features_dir']} "
+          f"({time.perf_counter() - t0:.0f} s; selections in {out})\n")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
