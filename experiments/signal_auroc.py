@@ -90,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the run config, e.g. model=tiny_llama_8l")
     ap.add_argument("--out", type=Path, default=None, help="where the selections go (default: a temporary dir)")
     args = ap.parse_args(argv)
+    from resofilter import progress
+    from resofilter.cli import quiet_third_party
+
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("resofilter.stages.run").setLevel(logging.INFO)
+    for name in ("resofilter.stages.run", "resofilter.progress"):  # what is scored, and how far it got
+        logging.getLogger(name).setLevel(logging.INFO)
+    progress.configure("auto")
+    quiet_third_party()
     out = args.out or Path(tempfile.mkdtemp(prefix="signal_auroc-"))
     results = []
     t0 = time.perf_counter()

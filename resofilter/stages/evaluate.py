@@ -20,6 +20,7 @@ from resofilter.errors import ConfigError, DataError, ResoFilterError
 from resofilter.evaluation.extract import AnswerExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
 from resofilter.evaluation.protocols import ProtocolSpec, build_prompts, draw_exemplars, stop_strings
+from resofilter.progress import iterate
 from resofilter.stages import context
 
 log = logging.getLogger(__name__)
@@ -169,13 +170,16 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
         f.write(json.dumps({"key": key}) + "\n")
         for p in kept:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
-        for start in range(0, len(mine), step):
+        # one progress over the eval set, by chunks (each saved as it finishes) when there are several
+        n_chunks = -(-len(mine) // step)
+        for start in iterate(range(0, len(mine), step), n_chunks, f"generation ({ev.name}, {step} problems a chunk)",
+                             "chunks", enabled=n_chunks > 1):
             chunk = mine[start:start + step]
             for p in predict_records(
                     model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
                     batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                    stop_strings=stop_strings(spec, ev.stop_strings), min_new_tokens=ev.min_new_tokens,
-                    prompts=[prompts[i] for i in chunk]):
+                    stop_strings=stop_strings(spec, ev.stop_strings), progress=n_chunks == 1,
+                    min_new_tokens=ev.min_new_tokens, prompts=[prompts[i] for i in chunk]):
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
