@@ -125,6 +125,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--modes", default="forward,fast,fast_signals,fast_quarter,fast64,literal,exact64",
                    help="which measurements to run (ratios need their inputs)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the listed modes this many times, interleaved; times are medians, ratios the median "
+                        "of each round's ratio (this machine is shared and noisy)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="fast", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
@@ -142,10 +145,14 @@ def main() -> None:
         "fast_quarter": ("fast", "float32", n // 4), "fast64": ("fast", "float64", n // 4),
         "literal": ("literal", "float32", n), "exact64": ("literal", "float64", args.exact_n),
     }
-    res = {k: sub(args, *plan[k]) for k in args.modes.split(",")}
-    for k, r in res.items():
-        print(f"{k:>13}: n={r['n']:4d}  {r['seconds']:8.2f} s  {r['n'] / r['seconds']:7.2f} samples/s  "
-              f"peak RSS {r['peak_rss_mb']:7.0f} MB")
+    modes = args.modes.split(",")
+    rounds = [{k: sub(args, *plan[k]) for k in modes} for _ in range(max(args.repeat, 1))]
+    for i, rnd in enumerate(rounds):
+        for k, r in rnd.items():
+            print(f"{k:>13}: n={r['n']:4d}  {r['seconds']:8.2f} s  {r['n'] / r['seconds']:7.2f} samples/s  "
+                  f"peak RSS {r['peak_rss_mb']:7.0f} MB" + (f"  (round {i + 1})" if len(rounds) > 1 else ""))
+    res = {k: {**rounds[0][k], "seconds": float(np.median([r[k]["seconds"] for r in rounds])),
+               "peak_rss_mb": float(np.median([r[k]["peak_rss_mb"] for r in rounds]))} for k in modes}
     f, fw = res["fast"]["seconds"], res["forward"]["seconds"]
     print()
     print(f"fast / forward-only time            {f / fw:6.2f}   (target ≤ 1.8)")
@@ -153,8 +160,10 @@ def main() -> None:
           "   (target ≤ 1.5)")
     if "fast_signals" in res:
         fs = res["fast_signals"]["seconds"]
+        per_round = [r["fast_signals"]["seconds"] / r["fast"]["seconds"] for r in rounds]
         print(f"fast+signals / forward-only time    {fs / fw:6.2f}   (sketches 16×16 + token signals)")
-        print(f"fast+signals / fast time            {fs / f:6.2f}   (the extra cost of the new signals)")
+        print(f"fast+signals / fast time            {np.median(per_round):6.2f}   (the extra cost of the new signals; "
+              f"rounds: {', '.join(f'{x:.3f}' for x in per_round)})")
     if "fast_quarter" in res:
         print(f"fast time N/4 → N                   {f / res['fast_quarter']['seconds']:6.2f}x  (target ≤ 4.4x)")
     if "fast64" in res and "fast_quarter" in res:
