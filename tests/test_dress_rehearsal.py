@@ -53,7 +53,8 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
               "model.num_hidden_layers=4", f"data.path={FIXTURES / 'metamathqa' / 'train.jsonl'}",
               "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_progress_bar=false",
               "score.progress_bar=false", "eval.max_new_tokens=32", "evals.math.max_new_tokens=32",
-              "evals.gsm8k_cot.max_new_tokens=16", "evals.gsm8k_cot.few_shot=1",  # tiny gemma: 512 positions
+              "evals.gsm8k_cot.max_new_tokens=16", "evals.gsm8k_cot.few_shot=1",  # tiny gemma: 512 positions,
+              "evals.math.prompt_overflow=count_wrong",  # which one MATH-500 fixture problem fills (688 tokens)
               f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"])
     wall = time.perf_counter() - t0
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
@@ -83,6 +84,7 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
         for name in ("", "math/", "gsm8k_cot/"):
             m = json.loads((run_dir / f"eval/{name}metrics.json").read_text())
             assert m["world_size"] == 2 and m["n"] == 32  # sharded over both ranks, merged once
+            assert m["n_prompt_overflow"] == (1 if name == "math/" else 0), (name, m["n_prompt_overflow"])
         new = load_file(str(run_dir / "finetune" / "checkpoint" / "model.safetensors"))
         keys = [k for k in base if "up_proj" in k]
         assert new[keys[0]].dtype == torch.float32  # fp32 master weights, saved as trained

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 
 from resofilter.commands import evaluate
 from resofilter.data.records import load_records
-from resofilter.errors import ConfigError
+from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.evaluation.extract import GSM8KExtractor, MathExtractor
 from resofilter.evaluation.protocols import ProtocolSpec, build_prompts, draw_exemplars, reasoning_of
 from resofilter.stages import context
@@ -55,6 +56,8 @@ def test_few_shot_cot_prompt_by_hand():
     (["eval.protocol=chain"], "eval.protocol"),
     (["eval.few_shot=4"], "few_shot_cot"),  # exemplars under zero_shot: a contradiction, named
     (["eval.protocol=few_shot_cot", "eval.few_shot=0"], "few_shot"),
+    (["eval.prompt_overflow=truncate"], "eval.prompt_overflow"),
+    (["+eval@evals.math=math", "evals.math.prompt_overflow=skip"], "evals.math.prompt_overflow"),
 ])
 def test_protocol_config_errors(extra, match):
     from resofilter.stages.config_check import validate
@@ -80,7 +83,7 @@ def test_gsm8k_canned_generations_per_protocol(tmp_path, tiny_model_dir, monkeyp
 
     monkeypatch.setattr(gen_mod, "generate", fake_generate)
     # generation is canned: the 2-shot prompts' length (> the tiny model's 512 positions) does not matter here
-    monkeypatch.setattr("resofilter.stages.evaluate.check_context", lambda *a, **k: None)
+    monkeypatch.setattr("resofilter.stages.evaluate.check_context", lambda *a, **k: set())
     extra = ["eval.protocol=few_shot_cot", "eval.few_shot=2", f"eval.few_shot_path={GSM_TRAIN}"] \
         if protocol == "few_shot_cot" else []
     m = evaluate(compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k",
@@ -123,14 +126,51 @@ def test_prompts_longer_than_the_model_context_are_refused_before_generating(tmp
                         ["The answer is: 1"] * len(prompts))
     base = [f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k", "eval.max_samples=4",
             "template=plain", "eval.max_new_tokens=64"]
-    with pytest.raises(ConfigError, match=rf"eval.few_shot.*4 of 4 prompts leave no room .* {limit} positions"):
-        evaluate(compose_cfg([*base, f"output_dir={tmp_path / 'cot'}", "eval.protocol=few_shot_cot", "eval.few_shot=8",
-                              f"eval.few_shot_path={GSM_TRAIN}"], "evaluate"))
-    assert not calls and not (tmp_path / "cot" / "metrics.json").exists()
+    cot = ["eval.protocol=few_shot_cot", "eval.few_shot=8", f"eval.few_shot_path={GSM_TRAIN}"]
+    with pytest.raises(ConfigError, match=rf"eval.prompt_overflow.*4 of 4 prompts leave no room .* {limit} positions"
+                                          r".*eval.few_shot"):
+        evaluate(compose_cfg([*base, f"output_dir={tmp_path / 'cot'}", *cot], "evaluate"))
+    with pytest.raises(ResoFilterError, match="every one of the 4 prompts overflows"):
+        evaluate(compose_cfg([*base, f"output_dir={tmp_path / 'cot2'}", *cot, "eval.prompt_overflow=count_wrong"],
+                             "evaluate"))
+    assert not calls and not list(tmp_path.glob("cot*/metrics.json"))
     # zero-shot prompts fit; a max_new_tokens reaching past the positions is a warning, not a refusal
     questions = [json.loads(x)["question"] for x in (FIXTURES / "gsm8k" / "test.jsonl").read_text().splitlines()[:4]]
     shortest = min(len(tok(f"Question: {q}")["input_ids"]) for q in questions)
     with caplog.at_level("WARNING"):
         evaluate(compose_cfg([*base[:-1], f"output_dir={tmp_path / 'zs'}", f"eval.max_new_tokens={limit - shortest}"],
                              "evaluate"))
-    assert calls and "4 of 4 prompts + eval.max_new_tokens" in caplog.text
+    assert calls and "4 of 4 prompts + max_new_tokens" in caplog.text
+
+
+def test_prompt_overflow_count_wrong_scores_the_long_ones_wrong_without_generating(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    """Room for min_new_tokens is what a prompt needs: make the longest prompts overflow, the others not."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from resofilter.evaluation import generate as gen_mod
+
+    limit = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calls = []
+    monkeypatch.setattr(gen_mod, "generate", lambda model, tokenizer, prompts, *a, **k: calls.append(list(prompts))
+                        or ["The answer is: 1"] * len(prompts))
+    base = [f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k", "eval.max_samples=6",
+            "template=plain"]
+    evaluate(compose_cfg([*base, f"output_dir={tmp_path / 'probe'}", "eval.max_new_tokens=4"], "evaluate"))
+    prompts = calls.pop()
+    # with or without a BOS token: pick the threshold in the widest gap between two prompt lengths
+    lengths = sorted({len(tok(p, add_special_tokens=s)["input_ids"]) for p in prompts for s in (True, False)})
+    lo, hi = max(itertools.pairwise(lengths), key=lambda ab: ab[1] - ab[0])
+    assert hi - lo >= 2
+    threshold = (lo + hi) // 2  # prompts longer than this have no room for limit - threshold new tokens
+    long_ = {p for p in prompts if len(tok(p)["input_ids"]) > threshold}
+    assert 0 < len(long_) < len(prompts)
+    room = limit - threshold
+    m = evaluate(compose_cfg([*base, f"output_dir={tmp_path / 'cw'}", f"eval.min_new_tokens={room}",
+                              f"eval.max_new_tokens={room}", "eval.prompt_overflow=count_wrong"], "evaluate"))["gsm8k"]
+    assert m["n"] == 6 and m["n_prompt_overflow"] == len(long_)
+    assert set(calls[0]) == set(prompts) - long_  # the long ones were never generated
+    preds = [json.loads(x) for x in (tmp_path / "cw" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["prompt"] for p in preds if p.get("prompt_overflow")} == long_
+    assert all(not p["correct"] and p["generation"] == "" for p in preds if p.get("prompt_overflow"))

@@ -222,4 +222,5 @@ def validate(cfg: DictConfig) -> None:
     for ev, key in context.eval_sets(cfg).values():
         answer_extractor(ev.extractor, f"{key}.extractor")
         ProtocolSpec.from_cfg(ev, key)  # a known protocol, with the exemplars it needs
+        _one_of(ev.get("prompt_overflow", "error"), ("error", "count_wrong"), f"{key}.prompt_overflow")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")

@@ -57,6 +57,8 @@ class EvalSpec:
     min_new_tokens: int = 0
     stop_strings: tuple[str, ...] = ()
     protocol: ProtocolSpec = ProtocolSpec()
+    prompt_overflow: str = "error"  # error | count_wrong
+    key: str = "eval"  # the config node it came from (eval, evals.<name>), for messages
 
     @classmethod
     def from_cfg(cls, ev: DictConfig, path: str | Path, key: str = "eval") -> EvalSpec:
@@ -66,7 +68,8 @@ class EvalSpec:
                    else extractor, id_field=ev.get("id_field"), max_samples=ev.get("max_samples"),
                    batch_size=ev.batch_size, save_every=ev.get("save_every"), max_new_tokens=ev.max_new_tokens,
                    min_new_tokens=ev.get("min_new_tokens", 0), stop_strings=tuple(ev.get("stop_strings") or ()),
-                   protocol=ProtocolSpec.from_cfg(ev, key))
+                   protocol=ProtocolSpec.from_cfg(ev, key), prompt_overflow=ev.get("prompt_overflow", "error"),
+                   key=key)
 
 
 def load_eval_set(ev: EvalSpec) -> tuple[list[Record], list[str], Any]:
@@ -109,29 +112,34 @@ def _read_partial(path: Path, key: str) -> list[dict[str, Any]]:
     return rows
 
 
-def check_context(model: Any, tokenizer: Any, prompts: list[str], ev: EvalSpec, add_special_tokens: bool) -> None:
-    """Refuse prompts that fill the model's positions; warn when ``eval.max_new_tokens`` may run past them.
+def check_context(model: Any, tokenizer: Any, prompts: list[str], ev: EvalSpec, add_special_tokens: bool) -> set[int]:
+    """Prompts that fill the model's positions: an error before generating, or (``prompt_overflow:
+    count_wrong``) the indices to score wrong without generating; warns when ``max_new_tokens`` may
+    run past the positions.
 
     An over-long input does not fail in ``generate``: positions past the trained ones give
     garbage (or an index error with learned position embeddings), silently scored as wrong.
     """
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if not limit or not prompts:
-        return
+        return set()
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]]
-    key = "eval.few_shot" if ev.protocol.name == "few_shot_cot" else "eval.max_samples"
-    full = [i for i, n in enumerate(lengths) if n + max(ev.min_new_tokens, 1) > limit]
+    full = {i for i, n in enumerate(lengths) if n + max(ev.min_new_tokens, 1) > limit}
     if full:
         worst = max(full, key=lengths.__getitem__)
-        raise ConfigError(key, f"eval set {ev.name!r}: {len(full)} of {len(prompts)} prompts leave no room to "
-                               f"generate within the model's {limit} positions (longest {lengths[worst]} tokens, "
-                               f"problem {worst}); lower eval.few_shot, drop those problems, or evaluate a model "
-                               "with a longer context")
-    over = [i for i, n in enumerate(lengths) if n + ev.max_new_tokens > limit]
+        what = (f"eval set {ev.name!r}: {len(full)} of {len(prompts)} prompts leave no room to generate within the "
+                f"model's {limit} positions (longest {lengths[worst]} tokens, problem {worst})")
+        if ev.prompt_overflow == "error":
+            raise ConfigError(f"{ev.key}.prompt_overflow", f"{what}; lower {ev.key}.few_shot, set "
+                              f"{ev.key}.prompt_overflow=count_wrong to score them wrong without generating, or "
+                              "evaluate a model with a longer context")
+        log.warning("%s: scored wrong without generating (%s.prompt_overflow=count_wrong)", what, ev.key)
+    over = [i for i, n in enumerate(lengths) if i not in full and n + ev.max_new_tokens > limit]
     if over:
-        log.warning("%s: %d of %d prompts + eval.max_new_tokens=%d exceed the model's %d positions (longest prompt "
+        log.warning("%s: %d of %d prompts + max_new_tokens=%d exceed the model's %d positions (longest prompt "
                     "%d tokens): a generation that long runs past the trained positions", ev.name, len(over),
                     len(prompts), ev.max_new_tokens, limit, max(lengths[i] for i in over))
+    return full
 
 
 def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
@@ -164,7 +172,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     exemplars = (draw_exemplars(spec, ev.query_field, ev.answer_field, extractor, {r.query for r in records})
                  if spec.name == "few_shot_cot" else [])
     prompts = build_prompts(spec, records, template, tokenizer, exemplars)
-    check_context(model, tokenizer, prompts, ev, template.add_special_tokens)
+    overflow = check_context(model, tokenizer, prompts, ev, template.add_special_tokens)
     step = int(ev.save_every or len(records) or 1)
     with open(own, "w", encoding="utf-8") as f:  # rewritten: header, then what this rank already had
         f.write(json.dumps({"key": key}) + "\n")
@@ -174,12 +182,16 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
         n_chunks = -(-len(mine) // step)
         for start in iterate(range(0, len(mine), step), n_chunks, f"generation ({ev.name}, {step} problems a chunk)",
                              "chunks", enabled=n_chunks > 1):
-            chunk = mine[start:start + step]
-            for p in predict_records(
-                    model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
-                    batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                    stop_strings=stop_strings(spec, ev.stop_strings), progress=n_chunks == 1,
-                    min_new_tokens=ev.min_new_tokens, prompts=[prompts[i] for i in chunk]):
+            chunk = [i for i in mine[start:start + step] if i not in overflow]
+            rows = [{"sample_id": records[i].sample_id, "prompt": prompts[i], "generation": "", "extracted": None,
+                     "gold": golds[i], "correct": False, "prompt_overflow": True}
+                    for i in mine[start:start + step] if i in overflow]
+            rows += predict_records(
+                model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
+                batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                stop_strings=stop_strings(spec, ev.stop_strings), progress=n_chunks == 1,
+                min_new_tokens=ev.min_new_tokens, prompts=[prompts[i] for i in chunk])
+            for p in rows:
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -192,10 +204,14 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     if missing:
         raise ResoFilterError(f"{len(missing)} predictions missing after generation (e.g. {missing[:3]}); a bug")
     preds = [by_id[r.sample_id] for r in records]
-    if sum(not p["generation"].strip() for p in preds) == len(preds):
-        raise ResoFilterError(f"the model generated nothing for all {len(preds)} prompts; no metrics written")
+    generated = [p for p in preds if not p.get("prompt_overflow")]
+    if not generated:
+        raise ResoFilterError(f"{ev.name}: every one of the {len(preds)} prompts overflows the model's positions; "
+                              "no metrics written")
+    if all(not p["generation"].strip() for p in generated):
+        raise ResoFilterError(f"the model generated nothing for all {len(generated)} prompts; no metrics written")
     metrics = {"eval": ev.name, "protocol": spec.name, "few_shot": spec.k, "path": ev.path, "world_size": world,
-               "resumed": len(done),
+               "resumed": len(done), "n_prompt_overflow": sum(bool(p.get("prompt_overflow")) for p in preds),
                **accuracy_metrics(preds), "key": key}
     write_jsonl_atomic(out_dir / "predictions.jsonl", preds)
     write_json_atomic(out_dir / "metrics.json", metrics)  # the last write: this eval set is complete
