@@ -130,9 +130,9 @@ def check_context(model: Any, tokenizer: Any, prompts: list[str], ev: EvalSpec, 
         what = (f"eval set {ev.name!r}: {len(full)} of {len(prompts)} prompts leave no room to generate within the "
                 f"model's {limit} positions (longest {lengths[worst]} tokens, problem {worst})")
         if ev.prompt_overflow == "error":
-            raise ConfigError(f"{ev.key}.prompt_overflow", f"{what}; lower {ev.key}.few_shot, set "
-                              f"{ev.key}.prompt_overflow=count_wrong to score them wrong without generating, or "
-                              "evaluate a model with a longer context")
+            shots = f"lower {ev.key}.few_shot, " if ev.protocol.name == "few_shot_cot" else ""
+            raise ConfigError(f"{ev.key}.prompt_overflow", f"{what}; {shots}set {ev.key}.prompt_overflow=count_wrong "
+                              "to score them wrong without generating, or evaluate a model with a longer context")
         log.warning("%s: scored wrong without generating (%s.prompt_overflow=count_wrong)", what, ev.key)
     over = [i for i, n in enumerate(lengths) if i not in full and n + ev.max_new_tokens > limit]
     if over:
