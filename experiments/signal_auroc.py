@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # (row label, the overrides that select its scorer); every row keeps 50 %
 ROWS: list[tuple[str, list[str]]] = [
     ("ResoFilter (paper: mean \\|ΔW\\|, last 3 up_proj)", ["variant=reso50"]),
@@ -42,13 +40,9 @@ ROWS: list[tuple[str, list[str]]] = [
 
 
 def compose(overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from resofilter.cli import compose_config  # importing the CLI registers the config's resolvers
 
-    import resofilter.cli  # noqa: F401  (registers the config's resolvers)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("run", overrides=overrides)
+    return compose_config("run", overrides)
 
 
 def row_diagnostics(overrides: list[str], out_dir: Path) -> dict[str, Any]:

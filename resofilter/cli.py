@@ -18,6 +18,14 @@ from resofilter.errors import ResoFilterError
 
 log = logging.getLogger("resofilter")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_config(command: str, overrides: list[str] | None = None) -> DictConfig:
+    """``conf/<command>.yaml`` with ``overrides``, composed as the CLI composes it (no run dir, nothing run)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(command, overrides=list(overrides or []))
 # `${if_set:${output_dir},<default>}`: the value unless it is null (oc.select only covers a missing key)
 OmegaConf.register_new_resolver("if_set", lambda value, default: default if value is None else value, replace=True)
 

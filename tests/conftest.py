@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from resofilter.cli import CONF_DIR
+from resofilter.cli import compose_config
 from resofilter.data.records import load_records
 from resofilter.models.loading import build_tiny_model
 from resofilter.models.tokenizer import train_tokenizer
@@ -20,9 +19,7 @@ GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl"
 
 
 def compose_cfg(overrides: list[str] | None = None, command: str = "run") -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(command, overrides=list(overrides or []))
-    return cfg
+    return compose_config(command, overrides)
 
 
 @pytest.fixture(scope="session")

@@ -35,14 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def compose(args: argparse.Namespace, model_dir: str, out_dir: str) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from resofilter.cli import compose_config
 
     overrides = [f"model.name_or_path={model_dir}", f"output_dir={out_dir}", f"finetune.max_steps={args.steps}",
                  f"finetune.batch_size={args.batch_size}", "trainer.enable_progress_bar=false",
                  f"tokenize.max_length={args.max_length}", f"paths.cache_dir={args.cache_dir}"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("finetune", overrides=overrides)
+    return compose_config("finetune", overrides)
 
 
 def records_and_template(cfg: Any) -> tuple[list, Any]:

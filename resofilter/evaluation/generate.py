@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from typing import Any
 
 import torch
@@ -80,18 +80,27 @@ def predict_records(
     progress: bool = True,
     min_new_tokens: int = 0,
     prompts: Sequence[str] | None = None,
+    overflow: Container[int] = (),
 ) -> list[dict[str, Any]]:
     """One prediction row per record: prompt, generation, extracted answer, gold, correct.
 
-    Metrics over the rows: :func:`accuracy_metrics` (kept apart so that ranks can each
-    predict a share and one process can score the merged rows).
+    Records at the positions in ``overflow`` (prompts with no room left in the model's
+    positions) are not generated: scored wrong, marked ``prompt_overflow``. Metrics over the
+    rows: :func:`accuracy_metrics` (kept apart so that ranks can each predict a share and one
+    process can score the merged rows).
     """
     if prompts is None:  # the training template (protocol zero_shot)
         prompts = [template.render_prompt(r.query, r.input, tokenizer) for r in records]
-    gens = generate(model, tokenizer, prompts, template.add_special_tokens, batch_size,
-                    max_new_tokens, stop_strings, progress, min_new_tokens) if prompts else []
+    todo = [p for i, p in enumerate(prompts) if i not in overflow]
+    gens = iter(generate(model, tokenizer, todo, template.add_special_tokens, batch_size,
+                         max_new_tokens, stop_strings, progress, min_new_tokens) if todo else [])
     preds = []
-    for r, prompt, gen, gold in zip(records, prompts, gens, golds, strict=True):
+    for i, (r, prompt, gold) in enumerate(zip(records, prompts, golds, strict=True)):
+        if i in overflow:
+            preds.append({"sample_id": r.sample_id, "prompt": prompt, "generation": "", "extracted": None,
+                          "gold": gold, "correct": False, "prompt_overflow": True})
+            continue
+        gen = next(gens)
         extracted = extractor.extract(gen)
         preds.append({"sample_id": r.sample_id, "prompt": prompt, "generation": gen,
                       "extracted": extracted, "gold": gold, "correct": extractor.equal(extracted, gold)})

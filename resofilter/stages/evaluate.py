@@ -154,7 +154,8 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     """
     out_dir = Path(out_dir)
     rank, world = distributed.rank(), distributed.world_size()
-    key = stable_hash([asdict(ev), template.render_prompt("{q}", None, None), model_id])
+    identity = {k: v for k, v in asdict(ev).items() if k != "key"}  # the config node's name is for messages only
+    key = stable_hash([identity, template.render_prompt("{q}", None, None), model_id])
     finished = _finished(out_dir, key)
     if finished is not None:  # before reading the eval set: nothing of it is needed
         log.info("%s: already evaluated in %s, reusing it", ev.name, out_dir)
@@ -182,16 +183,13 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
         n_chunks = -(-len(mine) // step)
         for start in iterate(range(0, len(mine), step), n_chunks, f"generation ({ev.name}, {step} problems a chunk)",
                              "chunks", enabled=n_chunks > 1):
-            chunk = [i for i in mine[start:start + step] if i not in overflow]
-            rows = [{"sample_id": records[i].sample_id, "prompt": prompts[i], "generation": "", "extracted": None,
-                     "gold": golds[i], "correct": False, "prompt_overflow": True}
-                    for i in mine[start:start + step] if i in overflow]
-            rows += predict_records(
-                model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
-                batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                stop_strings=stop_strings(spec, ev.stop_strings), progress=n_chunks == 1,
-                min_new_tokens=ev.min_new_tokens, prompts=[prompts[i] for i in chunk])
-            for p in rows:
+            chunk = mine[start:start + step]
+            for p in predict_records(
+                    model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
+                    batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
+                    stop_strings=stop_strings(spec, ev.stop_strings), progress=n_chunks == 1,
+                    min_new_tokens=ev.min_new_tokens, prompts=[prompts[i] for i in chunk],
+                    overflow={j for j, i in enumerate(chunk) if i in overflow}):
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
