@@ -14,10 +14,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from resofilter.configs import config_dir
 from resofilter.errors import ResoFilterError
 
 log = logging.getLogger("resofilter")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(config_dir())  # the installed package's config tree (resofilter/configs.py)
 
 
 def compose_config(command: str, overrides: list[str] | None = None) -> DictConfig:

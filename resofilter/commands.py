@@ -12,11 +12,10 @@ from omegaconf import DictConfig
 from resofilter._io import read_json, write_json_atomic
 from resofilter.data.tokenize import tokenize_records
 from resofilter.distributed import local_device
-from resofilter.errors import ConfigError
 from resofilter.models.loading import load_tokenizer
 from resofilter.reporting.table import write_table
 from resofilter.stages import context
-from resofilter.stages.config_check import validate
+from resofilter.stages.config_check import check_inputs, validate
 from resofilter.stages.evaluate import run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune, trained_template
 from resofilter.stages.run import run_pipeline
@@ -26,9 +25,18 @@ from resofilter.stages.select import SelectSpec, features_manifest, run_selectio
 log = logging.getLogger(__name__)
 
 
+def preflight(cfg: DictConfig) -> None:
+    """Every check that needs only the config: its values, then the inputs this command reads.
+
+    A ConfigError here exits 2 before anything is built, scored or trained.
+    """
+    validate(cfg)
+    check_inputs(cfg)
+
+
 def prepare(cfg: DictConfig) -> dict:
     """Build (or reuse) the embedded base model and data, tokenize the data, report counts."""
-    validate(cfg)
+    preflight(cfg)
     t0 = time.perf_counter()
     out = context.output_dir(cfg)
     model_dir = context.model_dir(cfg)
@@ -55,7 +63,7 @@ def prepare(cfg: DictConfig) -> dict:
 
 def score(cfg: DictConfig) -> dict | None:
     """Per-sample one-step weight-change features → ``<out>/features.parquet`` + ``manifest.json``."""
-    validate(cfg)
+    preflight(cfg)
     out = context.output_dir(cfg)
     model_dir = context.model_dir(cfg)
     records, data_info = context.load_data(cfg)
@@ -69,9 +77,7 @@ def score(cfg: DictConfig) -> dict | None:
 
 def select(cfg: DictConfig) -> dict:
     """Features + records → ``subset.jsonl`` (input schema), ``selection.parquet``, diagnostics."""
-    validate(cfg)
-    if not cfg.get("features_dir"):
-        raise ConfigError("features_dir", "set it to a `resofilter score` output directory")
+    preflight(cfg)
     fman = features_manifest(Path(cfg.features_dir))
     cfg = context.adopt_recorded_data(cfg, (fman.get("config") or {}).get("data"), (fman.get("data") or {}).get("path"),
                                       Path(cfg.features_dir) / "manifest.json")
@@ -81,7 +87,7 @@ def select(cfg: DictConfig) -> dict:
 
 def finetune(cfg: DictConfig) -> dict:
     """SFT on ``subset_path`` (or the data config's records) → ``<out>/checkpoint``."""
-    validate(cfg)
+    preflight(cfg)
     out = context.output_dir(cfg)
     model_dir = context.model_dir(cfg)
     subset = cfg.get("subset_path")
@@ -94,7 +100,7 @@ def finetune(cfg: DictConfig) -> dict:
 
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Greedy generation on ``eval`` (and every ``evals`` set) → ``predictions.jsonl`` + ``metrics.json``."""
-    validate(cfg)
+    preflight(cfg)
     out = context.output_dir(cfg)
     ckpt = cfg.get("checkpoint_dir") or context.model_dir(cfg)
     trained_template(ckpt, cfg.template)  # the prompt format the checkpoint learned, not a new one
@@ -106,7 +112,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
 
 def run(cfg: DictConfig) -> dict:
     """score → select → finetune → evaluate in one run dir → ``results.json``."""
-    validate(cfg)
+    preflight(cfg)
     return run_pipeline(cfg, context.output_dir(cfg))
 
 

@@ -174,3 +174,24 @@ def test_a_killed_run_resumes_and_a_finished_one_is_returned(tmp_path):
     assert run(cfg("killed")) == json.loads((out / "results.json").read_text())  # complete: returned as is
     with pytest.raises(ResoFilterError, match="finished run of another setting"):
         run(cfg("killed", "selection.keep_ratio=0.25"))
+
+
+@pytest.mark.slow  # two W&B (offline) start-ups, ~20 s
+def test_a_resumed_finetune_continues_the_killed_wandb_run(tmp_path, tiny_model_dir):
+    out = tmp_path / "killed"
+    logger = ["logger=wandb", "logger.name=resume-test", "finetune.max_steps=6"]
+    with pytest.raises(InjectedFault):
+        _run(tiny_model_dir, out, *logger, f"+trainer.callbacks=[{{_target_: {FAULT}, step: 5}}]")
+    run_id = json.loads((out / "resume" / "key.json").read_text())["run_id"]
+    [killed] = (out / "wandb").glob("offline-run-*")
+    assert killed.name.endswith(f"-{run_id}")
+    resumed = _run(tiny_model_dir, out, *logger)
+    assert resumed["resumed_from_step"] == 4 and resumed["wandb_run_id"] == run_id
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs  # one W&B run, two segments
+    # a fresh fine-tuning elsewhere (another process: nothing open) gets a run of its own
+    import wandb
+
+    wandb.finish()
+    other = _run(tiny_model_dir, tmp_path / "other", *logger)
+    assert other["wandb_run_id"] != run_id

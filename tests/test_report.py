@@ -88,3 +88,37 @@ def test_table_report_in_a_browser(tmp_path):
     full = next(r for r in result["rows"] if r["variant"] == "full")
     assert np.isclose(full["acc/math_synth mean"], 0.32)  # (0.30 + 0.34) / 2, as the page shows it
     assert "0.32" in re.search(r'<table id="results">(.*?)</table>', dom, re.S).group(1)
+
+
+def test_distinct_digits_by_hand():
+    from resofilter.reporting.html import distinct_digits
+
+    assert distinct_digits([1.0, 2.0]) == 4  # never fewer than 4
+    assert distinct_digits([9.99912e-06, 9.99897e-06]) == 5  # 9.9991e-06 vs 9.999e-06 (9.9990e-06)
+    assert distinct_digits([1.0000001, 1.0000002, 1.0000002]) == 8  # equal values need not differ
+    assert distinct_digits([float("nan"), 3.0]) == 4
+
+
+def test_report_scores_differ_between_neighbouring_rows(tmp_path):
+    """ResoFilter scores differ in the 5th-6th digit (relative spread ~1e-4): at 4 significant digits
+    every row of the sample tables read 9.999e-06. The rendered rows must differ, and say how far
+    each is from the median."""
+    from resofilter.commands import select as select_cmd
+
+    scores = 9.999e-06 * (1 + np.arange(9) * 1.3e-6)  # neighbours 1.3e-11 apart: the 7th digit
+    cfg, _ = _stage_cfg(tmp_path, "selection.keep_ratio=0.5", "selection.report.k=4", mean_abs=scores)
+    select_cmd(cfg)
+    dom = _render(tmp_path / "out" / "report.html", tmp_path / "report.png")
+    for table_id in ("highest-samples", "lowest-samples"):
+        body = re.search(rf'<table id="{table_id}">(.*?)</table>', dom, re.S).group(1)
+        header = re.findall(r"<th>(.*?)</th>", body)
+        assert header[2:4] == ["score", "score / median − 1"]
+        rows = body.split("</thead>", 1)[1].split("<tr")[1:]
+        cells = [re.findall(r'<td class="num">(.*?)</td>', row) for row in rows]  # rank, score, relative, …
+        shown = [float(c[1]) for c in cells]
+        assert len(set(shown)) == 4, shown
+        # each printed score rounds to a distinct true score, and its relative offset is exact to 3 digits
+        for c in cells:
+            true = min(scores, key=lambda v: abs(v - float(c[1])))
+            assert abs(float(c[1]) - true) < 1.3e-11 / 2
+            assert float(c[2]) == pytest.approx(true / np.median(scores) - 1, rel=2e-3)

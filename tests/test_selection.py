@@ -97,13 +97,14 @@ def test_combined_rank_mean_and_topsis():
     assert badness(low, FEATURES).tolist() == [-1.0, -3.0, -2.0]
 
 
-def _stage_cfg(tmp_path, *extra):
+def _stage_cfg(tmp_path, *extra, mean_abs=None):
     pool = [{"id": f"s{i}", "query": f"q{i % 5}", "response": f"r{i}", "meta": {"noisy": i % 3 == 0, "noise_kind":
              "garbled" if i % 3 == 0 else "clean"}, "extra": i} for i in range(9)]
     data = write_jsonl(tmp_path / "pool.jsonl", pool)
     feats = pd.DataFrame({"sample_id": [f"s{i}" for i in range(9)], "loss": [float(i % 3 == 0) + i / 100
                           for i in range(9)], "ppl": 1.0, "n_tokens": list(range(9)), "truncated": False,
-                          **{f"model.layers.{k}.mlp.up_proj/mean_abs": np.arange(9.0) for k in range(4)}})
+                          **{f"model.layers.{k}.mlp.up_proj/mean_abs": np.arange(9.0) if mean_abs is None
+                             else np.asarray(mean_abs) for k in range(4)}})
     cfg = compose_cfg([f"data.path={data}", f"features_dir={tmp_path / 'feat'}", f"output_dir={tmp_path / 'out'}",
                        "data.synthetic=null", *extra], "select")
     write_features_dir(tmp_path / "feat", feats, context.load_data(cfg)[0])

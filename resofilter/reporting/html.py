@@ -42,6 +42,19 @@ def num(x: Any, digits: int = 4) -> str:
     return f"{float(x):.{digits}g}"
 
 
+def distinct_digits(values: Sequence[float], least: int = 4, most: int = 15) -> int:
+    """The fewest significant digits (at least ``least``) at which distinct values print distinctly.
+
+    A ResoFilter score's relative spread is ~1e-4, so at 4 digits every row of a sample table
+    reads ``9.999e-06``; the rows differ in the 5th–6th digit.
+    """
+    finite = {float(v) for v in values if v is not None and math.isfinite(float(v))}
+    for digits in range(least, most + 1):
+        if len({f"{v:.{digits}g}" for v in finite}) == len(finite):
+            return digits
+    return most
+
+
 def image(path: Path, alt: str) -> str:
     """``<img>`` with the PNG inlined; a note when the plot is missing."""
     if not path.exists():
@@ -61,6 +74,8 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], row_classes: Seq
         for c in row:
             if isinstance(c, Raw):
                 cells.append(f"<td>{c}</td>")
+            elif isinstance(c, Formatted):
+                cells.append(f'<td class="num">{esc(c)}</td>')
             elif c is None or (isinstance(c, float) and math.isnan(c)):
                 cells.append('<td class="num">–</td>')
             elif isinstance(c, (int, float)) and not isinstance(c, bool):
@@ -74,6 +89,10 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]], row_classes: Seq
 
 class Raw(str):
     """Already-escaped HTML for a table cell."""
+
+
+class Formatted(str):
+    """A number already written out (its digits chosen by the caller), right-aligned like numbers."""
 
 
 def section(sid: str, title: str, body: str) -> str:
@@ -94,13 +113,16 @@ def excerpt(text: str, limit: int) -> str:
 
 
 def selection_report(out_dir: Path, *, scorer: str, summary: dict[str, Any], diag: dict[str, Any] | None,
-                     samples: list[dict[str, Any]], k: int, excerpt_chars: int, n_ranked: int | None = None) -> Path:
+                     samples: list[dict[str, Any]], k: int, excerpt_chars: int, n_ranked: int | None = None,
+                     score_median: float | None = None) -> Path:
     """``report.html`` of one selection.
 
     ``samples``: every ranked sample as ``{sample_id, query, response, score, badness, loss,
     n_tokens, label, kind, kept}`` — at least the k highest- and k lowest-badness ones of the
     ``n_ranked`` samples (the caller need not build the rest); the report shows the k with the
-    highest badness (dropped first) and the k with the lowest (kept first).
+    highest badness (dropped first) and the k with the lowest (kept first). Scores are printed with
+    as many significant digits as the shown rows need to differ (:func:`distinct_digits`), and
+    beside them relative to ``score_median`` (the median over all ranked samples), when given.
     """
     path = out_dir / "report.html"
     sections = [section("summary", "Counts", table(["", ""], [[k_, v] for k_, v in summary.items()]))]
@@ -135,14 +157,26 @@ def selection_report(out_dir: Path, *, scorer: str, summary: dict[str, Any], dia
                                 "that.</p>" + table(["covariate", "Spearman ρ"], rows)
                                 + image(out_dir / "confounds.png", "confounds")))
     ranked = sorted(samples, key=lambda s: -s["badness"])
-    header = ["rank", "sample", "score", "loss", "tokens", "label", "kept", "query", "response"]
+    shown = ranked[:k] + ranked[::-1][:k]
+    digits = distinct_digits([s["score"] for s in shown])
+    relative = score_median is not None and math.isfinite(score_median) and score_median != 0
+    header = ["rank", "sample", "score", *(["score / median − 1"] if relative else []), "loss", "tokens", "label",
+              "kept", "query", "response"]
+
+    def score_cells(score: float) -> list[Any]:
+        if score is None or not math.isfinite(score):
+            return [None, *([None] if relative else [])]
+        cells: list[Any] = [Formatted(f"{score:.{digits}g}")]
+        if relative:
+            cells.append(Formatted(f"{score / score_median - 1:+.3g}"))
+        return cells
 
     def rows_of(chosen: list[dict[str, Any]], first_rank: int, step: int) -> tuple[list[list[Any]], list[str]]:
         rows, classes = [], []
         for i, s in enumerate(chosen):
             label = "–" if s.get("label") is None else (s.get("kind") or ("noisy" if s["label"] else "clean"))
-            rows.append([first_rank + step * i, s["sample_id"], s["score"], s["loss"], s["n_tokens"], label,
-                         "kept" if s["kept"] else "dropped",
+            rows.append([first_rank + step * i, s["sample_id"], *score_cells(s["score"]), s["loss"], s["n_tokens"],
+                         label, "kept" if s["kept"] else "dropped",
                          Raw(f"<pre>{esc(excerpt(s['query'], excerpt_chars))}</pre>"),
                          Raw(f"<pre>{esc(excerpt(s['response'], excerpt_chars))}</pre>")])
             classes.append("kept" if s["kept"] else "dropped")

@@ -47,13 +47,14 @@ def flat_diagnostics(diag: dict[str, Any] | None, prefix: str = "select") -> dic
 
 
 def log_run_summary(logger_cfg: dict[str, Any], save_dir: Path, results: dict[str, Any],
-                    diag: dict[str, Any] | None) -> str | None:
-    """Final accuracies, the selection's diagnostics and the setting into the fine-tuning's W&B run
-    (still open after ``fit``), or a new run of the same group and name when fine-tuning was reused.
-    Finishes the run; returns its directory."""
+                    diag: dict[str, Any] | None, run_id: str | None = None) -> str | None:
+    """Final accuracies, the selection's diagnostics and the setting into the fine-tuning's W&B run:
+    still open after ``fit``, or reopened by its id (``run_id``, from ``finetune.json``) when the
+    fine-tuning was reused. Finishes the run; returns its directory."""
     import wandb
 
-    run = wandb.run or wandb.init(**_init_kwargs(logger_cfg, save_dir))
+    resume = {"id": run_id, "resume": "allow"} if run_id else {}
+    run = wandb.run or wandb.init(**_init_kwargs(logger_cfg, save_dir), **resume)
     for name, acc in results["eval"].items():
         run.summary[f"eval/{name}/accuracy"] = acc
     for k, v in flat_diagnostics(diag).items():

@@ -224,3 +224,66 @@ def validate(cfg: DictConfig) -> None:
         ProtocolSpec.from_cfg(ev, key)  # a known protocol, with the exemplars it needs
         _one_of(ev.get("prompt_overflow", "error"), ("error", "count_wrong"), f"{key}.prompt_overflow")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")
+    _one_of(cfg.run.get("until"), (None, "score", "select", "finetune"), "run.until")
+
+
+# What each command reads besides the model: checked from the config alone at start-up, so a missing
+# or mistyped input fails in a second (exit 2), not after an hour of scoring and fine-tuning.
+COMMAND_INPUTS = {
+    "prepare": ("data",),
+    "score": ("data",),
+    "select": ("features_dir", "reference_features"),
+    "finetune": ("train_records",),
+    "evaluate": ("checkpoint_dir", "evals"),
+    "run": ("data", "evals", "reference"),
+}
+
+
+def _existing(cfg: DictConfig, key: str, what: str) -> None:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(cfg, key)
+    if not value:
+        raise ConfigError(key, f"is required: {what}")
+    if not Path(str(value)).exists():
+        raise ConfigError(key, f"{value} does not exist ({what})")
+
+
+def check_inputs(cfg: DictConfig, command: str | None = None) -> None:
+    """Every input ``command`` (default ``cfg.command``) reads exists or can be built: ConfigError naming
+    its key otherwise. Nothing is loaded, generated or trained here."""
+    command = command or cfg.get("command")
+    needs = COMMAND_INPUTS.get(command, ())
+    name = cfg.model.get("name_or_path")
+    if needs and name and str(name).startswith(("/", ".", "~")):  # a local directory, not a hub name
+        _existing(cfg, "model.name_or_path", "the model's directory (config.json and weights)")
+    if command == "run" and cfg.run.get("until") in ("score", "select", "finetune"):
+        needs = tuple(n for n in needs if n != "evals")  # it stops before evaluating
+    target = cfg.scorer.get("name") == "target"
+    for need in needs:
+        if need == "data":
+            context.input_source(cfg, "data")
+        elif need == "features_dir":
+            _existing(cfg, "features_dir", "a `resofilter score` output directory")
+        elif need == "train_records":
+            if cfg.get("subset_path"):
+                _existing(cfg, "subset_path", "the records to fine-tune on (a select dir's subset.jsonl)")
+            else:
+                context.input_source(cfg, "data")
+        elif need == "checkpoint_dir":
+            if cfg.get("checkpoint_dir"):  # null: the base model is evaluated
+                _existing(cfg, "checkpoint_dir", "a `resofilter finetune` output directory or an HF model dir")
+        elif need == "evals":
+            for _, key in context.eval_sets(cfg).values():
+                context.input_source(cfg, key)
+        elif need == "reference_features" and target:
+            _existing(cfg, "scorer.reference.features_dir", "scorer=target ranks by similarity to a reference set: "
+                      "its `resofilter score` dir (`resofilter run` scores scorer.reference.path itself)")
+        elif need == "reference" and target and not cfg.scorer.reference.get("features_dir"):
+            if cfg.scorer.reference.get("path"):
+                _existing(cfg, "scorer.reference.path", "the reference records of scorer=target")
+            elif cfg.data.get("synthetic") is None:
+                raise ConfigError("scorer.reference.path", "scorer=target needs its reference records (same fields as "
+                                  "the data), or scorer.reference.features_dir (their `resofilter score` dir)")

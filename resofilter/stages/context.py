@@ -13,13 +13,12 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from resofilter.configs import load_group_option
 from resofilter.data.records import Record, dedup_records, load_hf_records, load_records
 from resofilter.data.templates import Template
 from resofilter.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the shipped config tree (also the CLI's)
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -40,9 +39,28 @@ def template(cfg: DictConfig) -> Template:
     return instantiate(cfg.template)
 
 
-def benchmark_dir(cfg: DictConfig) -> Path | None:
-    """The synthetic benchmark directory when the config uses it, else ``None``."""
+def is_embedded(cfg: DictConfig) -> bool:
+    """Whether the model is the embedded default (built from its recipe), not a user's checkpoint."""
+    return not cfg.model.get("name_or_path") and cfg.model.get("embedded") is not None
+
+
+def benchmark_recipe(cfg: DictConfig, *, of_model: bool = False) -> DictConfig | None:
+    """The synthetic benchmark's recipe a config reads, or ``None``.
+
+    ``data.synthetic`` when the data is the benchmark. With ``of_model`` (the eval sets, the
+    embedded model's build), own data on the embedded model falls back to the default benchmark:
+    the embedded model is trained on it whatever the data, so its test split is the natural
+    evaluation unless ``eval.path`` names another.
+    """
     synth = cfg.data.get("synthetic")
+    if synth is None and of_model and is_embedded(cfg):
+        synth = load_group_option("data", "math_synth").synthetic
+    return synth
+
+
+def benchmark_dir(cfg: DictConfig, *, of_model: bool = False) -> Path | None:
+    """The synthetic benchmark's directory (generated on first use) when the config uses it, else ``None``."""
+    synth = benchmark_recipe(cfg, of_model=of_model)
     if synth is None:
         return None
     from resofilter.stages.embedded import ensure_benchmark
@@ -56,12 +74,10 @@ def model_dir(cfg: DictConfig) -> str:
         return str(cfg.model.name_or_path)
     if cfg.model.get("embedded") is None:
         raise ConfigError("model.name_or_path", "is null and the model has no `embedded` recipe")
-    synth = cfg.data.get("synthetic")
-    if synth is None:  # own data: the embedded model is still the one trained on the default benchmark
-        synth = OmegaConf.load(CONF_DIR / "data" / "math_synth.yaml").synthetic
-    from resofilter.stages.embedded import ensure_base_model, ensure_benchmark
+    from resofilter.stages.embedded import ensure_base_model
 
-    bench = ensure_benchmark(synth, cfg.paths.cache_dir)
+    # own data: the embedded model is still the one trained on the default benchmark
+    bench = benchmark_dir(cfg, of_model=True)
     built = str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))
     if cfg.data.get("synthetic") is None:
         log.warning("model.name_or_path is null: using the embedded base model (%s), a 1 M-parameter toy trained on "
@@ -70,15 +86,38 @@ def model_dir(cfg: DictConfig) -> str:
     return built
 
 
-def _path_or_benchmark(cfg: DictConfig, key: str, split: str) -> Path:
-    """``cfg.<key>.path``, else the synthetic benchmark's ``<split>.jsonl``."""
+def input_source(cfg: DictConfig, key: str) -> Path | str:
+    """Where ``<key>`` (``data``, ``eval``, ``evals.<name>``) reads its records, decided from the config
+    alone: the file ``<key>.path`` (which must exist), ``"hf://…"`` for ``data.hf_name``, or
+    ``"benchmark"`` (the synthetic benchmark's split, generated on first use). Nothing is built
+    or read, so every command checks its inputs at start-up (:func:`~resofilter.stages.config_check.check_inputs`).
+    """
     node = OmegaConf.select(cfg, key)
     if node.get("path"):
-        return Path(node.path)
-    bench = benchmark_dir(cfg)
-    if bench is None:
-        raise ConfigError(f"{key}.path", "is required (no synthetic benchmark in this config)"
-                          + (" or set data.hf_name (a datasets name)" if key == "data" else ""))
+        path = Path(str(node.path))
+        if not path.exists():
+            raise ConfigError(f"{key}.path", f"{path} does not exist" + (f" (relative to {Path.cwd()})"
+                                                                          if not path.is_absolute() else ""))
+        return path
+    if key == "data" and node.get("hf_name"):
+        return f"hf://{node.hf_name}"
+    if benchmark_recipe(cfg, of_model=key != "data") is not None:
+        return "benchmark"
+    if key == "data":
+        raise ConfigError("data.path", "is required (no synthetic benchmark in this config): a records file, "
+                          "or data.hf_name (a datasets name)")
+    raise ConfigError(f"{key}.path", "is required: this model has no synthetic benchmark to evaluate on (a "
+                      "model.name_or_path of your own); give the eval set's file, or pick a real one (eval=gsm8k, "
+                      "eval=math)")
+
+
+def _path_or_benchmark(cfg: DictConfig, key: str, split: str) -> Path:
+    """``cfg.<key>.path``, else the synthetic benchmark's ``<split>.jsonl``."""
+    source = input_source(cfg, key)
+    if isinstance(source, Path):
+        return source
+    bench = benchmark_dir(cfg, of_model=key != "data")
+    assert bench is not None  # input_source said "benchmark"
     return bench / f"{split}.jsonl"
 
 
@@ -104,10 +143,10 @@ def eval_path(cfg: DictConfig, key: str = "eval") -> Path:
     """The eval set's file; the synthetic test split, extended by ``extra_problems`` held-out problems if set."""
     node = OmegaConf.select(cfg, key)
     extra = node.get("extra_problems")
-    if extra and not node.get("path") and (bench := benchmark_dir(cfg)) is not None:
+    if extra and not node.get("path") and (bench := benchmark_dir(cfg, of_model=True)) is not None:
         from resofilter.stages.embedded import ensure_extended_test
 
-        return ensure_extended_test(cfg.data.synthetic, bench, int(extra))
+        return ensure_extended_test(benchmark_recipe(cfg, of_model=True), bench, int(extra))
     return _path_or_benchmark(cfg, key, "test")
 
 

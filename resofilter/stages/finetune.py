@@ -7,6 +7,7 @@ import logging
 import math
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features.extract import samples_hash
 from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from resofilter.reporting.wandb_log import is_wandb
 from resofilter.training.sft import PeriodicCheckpoint, SFTDataModule, SFTModule, quiet_resume_warning
 
 log = logging.getLogger(__name__)
@@ -181,12 +183,16 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         log.info("fine-tuning already complete in %s: reusing it", out_dir)
         return done
     resume_from = _resume_point(resume, key)
+    # the logger's run id lives with the resume state, so a resumed fine-tuning continues the killed
+    # one's W&B run (kept too when it was killed before its first training state was saved)
+    run_id = (read_json(resume / "key.json").get("run_id") if (resume / "key.json").exists() else None) \
+        or uuid.uuid4().hex[:12]
     distributed.barrier()  # every rank has looked before rank 0 changes anything
     if distributed.is_rank_zero():
         remove_orphans(out_dir, (f".{CHECKPOINT}.*", f"{RESUME_DIR}/.*.tmp"))  # a killed run's half-saved files
         if resume_from is None:
             resume.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(resume / "key.json", {"key": key})
+            write_json_atomic(resume / "key.json", {"key": key, "run_id": run_id})
     distributed.barrier()
     pl.seed_everything(spec.seed, workers=True, verbose=False)
     model = load_causal_lm(model_dir, training_load_dtype(spec.model_dtype, spec.mode), spec.attn_implementation)
@@ -206,6 +212,9 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     # a resumed run logs beside the killed one's metrics, which the CSV logger would otherwise delete
     log_kwargs = ({"version": f"resumed-at-step-{resume_from['step']}"}
                   if resume_from and "version" in spec.logger else {})
+    if is_wandb(spec.logger):  # one W&B run across a kill and its resume (a logger.id of the user's wins)
+        run_id = spec.logger.get("id") or run_id
+        log_kwargs = {"id": run_id, "resume": spec.logger.get("resume") or "allow"}
     trainer = instantiate(
         trainer_cfg, **spec.limits(len(samples), distributed.world_size()),
         accumulate_grad_batches=spec.accumulate_grad_batches,
@@ -217,9 +226,16 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     if resume_from is not None:
         log.info("resuming fine-tuning from %s (step %d)", resume_from["path"], resume_from["step"])
     t0 = time.perf_counter()
-    with quiet_resume_warning():
-        trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, spec.batch_size, seed=spec.seed),
-                    ckpt_path=resume_from["path"] if resume_from else None, weights_only=False)
+    try:
+        with quiet_resume_warning():
+            trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, spec.batch_size, seed=spec.seed),
+                        ckpt_path=resume_from["path"] if resume_from else None, weights_only=False)
+    except BaseException:
+        if is_wandb(spec.logger):  # close the W&B run as a dying process would (its resume reopens it by id)
+            import wandb
+
+            wandb.finish(exit_code=1)
+        raise
     train_s = time.perf_counter() - t0
     if trainer.interrupted:  # Ctrl-C / SIGTERM: Lightning returns normally; the model is not finished
         then = (f"; rerun the same command to resume from {resume / LAST_CKPT}" if (resume / LAST_CKPT).exists()
@@ -252,6 +268,7 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
               "tokens_per_s": (module.tokens_seen - (resume_from or {}).get("tokens_seen", 0)) / max(train_s, 1e-9),
               "final_metrics": metrics, "key": key,
               "resumed_from_step": resume_from["step"] if resume_from else None,
+              "wandb_run_id": run_id if is_wandb(spec.logger) else None,
               # what evaluating this checkpoint must reuse: the prompt format it was trained on
               "template": spec.template, "tokenize": spec.tokenize}
     write_json_atomic(record, result)  # complete from here on

@@ -51,6 +51,8 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     template = context.template(cfg)
 
     feat_dir, stages["score"] = score_pool(cfg, records, template, model_dir, data_info)
+    if _stops_after(cfg, "score", stages):
+        return stages
     select_spec = with_reference(cfg, SelectSpec.from_cfg(cfg), template, model_dir, stages)
     if distributed.is_rank_zero():
         t0 = time.perf_counter()
@@ -61,6 +63,8 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
             **({"noise_auroc": sel["diagnostics"]["auroc"],
                 "noise_rate_kept": sel["diagnostics"]["noise_rate_kept"]} if "diagnostics" in sel else {})}
     distributed.barrier()  # the subset exists
+    if _stops_after(cfg, "select", stages):
+        return stages
 
     t0 = time.perf_counter()
     subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
@@ -69,6 +73,8 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
                           "resumed_from_step": ft.get("resumed_from_step"),
                           "train_loss": ft.get("final_metrics", {}).get("train/loss"),
                           "tokens_per_s": ft.get("tokens_per_s"), "world_size": distributed.world_size()}
+    if _stops_after(cfg, "finetune", stages):
+        return stages
 
     t0 = time.perf_counter()
     model, tok = load_checkpoint(ft["checkpoint"], cfg.model.dtype, cfg.model.get("attn_implementation"))
@@ -100,12 +106,24 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if is_wandb(logger_cfg):
         diag_file = out / "select" / "diagnostics.json"
         results["wandb_dir"] = log_run_summary(logger_cfg, out / "finetune", results,
-                                               read_json(diag_file) if diag_file.exists() else None)
+                                               read_json(diag_file) if diag_file.exists() else None,
+                                               run_id=ft.get("wandb_run_id"))
     write_json_atomic(out / "results.json", results)
     log.info("%s keep %.2f seed %d: %s accuracy %.4f (%d/%d kept) in %.0f s", cfg.variant_name,
              cfg.selection.keep_ratio, cfg.seed, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
              results["total_time_s"])
     return results
+
+
+def _stops_after(cfg: DictConfig, stage: str, stages: dict[str, Any]) -> bool:
+    """``run.until=<stage>``: the run ends after that stage, writing no ``results.json`` (it is not a
+    finished run). ``run.until=score`` fills the shared features cache once — on a cluster, one
+    multi-GPU job before the sweep whose members then all find their features there."""
+    if cfg.run.get("until") != stage:
+        return False
+    log.info("run.until=%s: stopping after %s%s", stage, stage,
+             f" (features in {stages['score']['features_dir']})" if stage == "score" and stages.get("score") else "")
+    return True
 
 
 def needs_reference(cfg: DictConfig) -> bool:

@@ -317,7 +317,7 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
                               "never scored (dropped)": n_unscored, "kept before dedup": sel.n_keep_before_dedup,
                               "removed by dedup": sel.dedup_removed, "kept": sel.n_kept,
                               "features": str(features_dir)},
-                     n_ranked=len(recs), samples=[
+                     n_ranked=len(recs), score_median=float(np.nanmedian(raw_scores)), samples=[
                          {"sample_id": recs[i].sample_id, "query": recs[i].query, "response": recs[i].response,
                           "score": float(raw_scores[i]), "badness": float(bad[i]),
                           "loss": float(features["loss"].iat[i]), "n_tokens": int(features["n_tokens"].iat[i]),
