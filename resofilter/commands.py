@@ -89,24 +89,25 @@ def finetune(cfg: DictConfig) -> dict:
     """SFT on ``subset_path`` (or the data config's records) → ``<out>/checkpoint``."""
     preflight(cfg)
     out = context.output_dir(cfg)
-    model_dir = context.model_dir(cfg)
+    model_dir = context.train_model_dir(cfg)  # train_model, else the scoring model
     subset = cfg.get("subset_path")
     if subset and (Path(subset).parent / "manifest.json").exists():  # a `select` output: read as it was written
         sman = read_json(Path(subset).parent / "manifest.json")
         cfg = context.adopt_recorded_data(cfg, sman.get("data"), None, Path(subset).parent / "manifest.json")
     records, _ = context.load_data(cfg, subset)
-    return run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, records, context.template(cfg), out)
+    return run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, records, context.train_template(cfg), out)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Greedy generation on ``eval`` (and every ``evals`` set) → ``predictions.jsonl`` + ``metrics.json``."""
     preflight(cfg)
     out = context.output_dir(cfg)
-    ckpt = cfg.get("checkpoint_dir") or context.model_dir(cfg)
-    trained_template(ckpt, cfg.template)  # the prompt format the checkpoint learned, not a new one
-    model, tok = load_checkpoint(ckpt, cfg.model.dtype, cfg.model.get("attn_implementation"))
+    ckpt = cfg.get("checkpoint_dir") or context.train_model_dir(cfg)
+    trained_template(ckpt, context.trained_template_cfg(cfg))  # the prompt format the checkpoint learned
+    trained = context.trained_model_cfg(cfg)
+    model, tok = load_checkpoint(ckpt, trained.dtype, trained.get("attn_implementation"))
     model.to(local_device(cfg.trainer.accelerator))
-    results = run_evaluations(cfg, model, tok, context.template(cfg), out, checkpoint_id(ckpt))
+    results = run_evaluations(cfg, model, tok, context.train_template(cfg), out, checkpoint_id(ckpt))
     return results
 
 

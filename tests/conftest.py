@@ -33,6 +33,16 @@ def tokenizer(gsm8k_records):
     return train_tokenizer(texts, vocab_size=400)
 
 
+@pytest.fixture(scope="session")
+def turns_tokenizer(tokenizer):
+    """The test tokenizer with Gemma's two turn tokens as special tokens (what template=gemma_turns writes)."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return tok
+
+
 def tiny(arch: str, tokenizer, seed: int = 0, **sizes) -> torch.nn.Module:
     defaults = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
                     max_position_embeddings=512)

@@ -10,6 +10,7 @@ per answer instead of 512/1024 (a random model never stops on its own).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -36,21 +37,34 @@ def _cli(args: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
                           env=env, cwd=REPO, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def tiny_gemma2_dir(tmp_path_factory, tokenizer) -> Path:
-    d = tmp_path_factory.mktemp("tiny_gemma2")
-    model = tiny("gemma2", tokenizer, hidden_size=32, intermediate_size=64, num_hidden_layers=4)
+def _tiny_gemma2(d: Path, tokenizer, layers: int, seed: int) -> Path:
+    tok = copy.deepcopy(tokenizer)  # with Gemma's turn tokens, which template=gemma_turns writes
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    model = tiny("gemma2", tok, seed=seed, hidden_size=32, intermediate_size=64, num_hidden_layers=layers)
     model.to(torch.bfloat16).save_pretrained(d)  # stored like a released bf16 checkpoint
-    tokenizer.save_pretrained(d)
+    tok.save_pretrained(d)
     return d
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma2_dir(tmp_path_factory, tokenizer) -> Path:
+    """The scoring model (gemma-2-2b's stand-in)."""
+    return _tiny_gemma2(tmp_path_factory.mktemp("tiny_gemma2"), tokenizer, 4, 0)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma2_it_dir(tmp_path_factory, tokenizer) -> Path:
+    """The fine-tuned model (gemma-2-2b-it's stand-in): another Gemma-2, of another depth."""
+    return _tiny_gemma2(tmp_path_factory.mktemp("tiny_gemma2_it"), tokenizer, 3, 1)
+
+
 @pytest.mark.slow
-def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
+def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir, tiny_gemma2_it_dir):
     sweep = tmp_path / "sweep"
     t0 = time.perf_counter()
     p = _cli(["run", "-m", "experiment=paper_gemma2_2b_metamathqa", f"model.name_or_path={tiny_gemma2_dir}",
-              "model.num_hidden_layers=4", f"data.path={FIXTURES / 'metamathqa' / 'train.jsonl'}",
+              "model.num_hidden_layers=4", f"train_model.name_or_path={tiny_gemma2_it_dir}",
+              "train_model.num_hidden_layers=3", f"data.path={FIXTURES / 'metamathqa' / 'train.jsonl'}",
               "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.enable_progress_bar=false",
               "score.progress_bar=false", "eval.max_new_tokens=32", "evals.math.max_new_tokens=32",
               "evals.gsm8k_cot.max_new_tokens=16", "evals.gsm8k_cot.few_shot=1",  # tiny gemma: 512 positions,
@@ -71,8 +85,10 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
     assert pc["passed"] and pc["n_samples"] == 64 and pc["spearman_vs_float64"] >= 0.999, pc
     assert fman["structure"]["num_hidden_layers"] == 4 and fman["structure"]["model_type"] == "gemma2"
     assert fman["records"]["n"] == 64 and fman["config"]["template"]["name"] == "gemma_turns"
+    # the authors' dedup: the 16 repeated queries of the 80 records were never scored
+    assert fman["data"]["n_records"] == 80 and fman["data"]["dedup_removed"] == 16
 
-    base = load_file(str(tiny_gemma2_dir / "model.safetensors"))
+    base = load_file(str(tiny_gemma2_it_dir / "model.safetensors"))  # what is fine-tuned: the "-it" model
     for r, run_dir in ((json.loads(f.read_text()), f.parent) for f in sorted(sweep.glob("*/results.json"))):
         for f in ("select/subset.jsonl", "select/manifest.json", "select/selection.parquet",
                   "finetune/finetune.json", "finetune/checkpoint/config.json", "eval/predictions.jsonl",
@@ -80,6 +96,12 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
                   "eval/gsm8k_cot/metrics.json"):
             assert (run_dir / f).exists(), f"{run_dir.name}: {f}"
         assert r["stages"]["finetune"]["world_size"] == 2 and set(r["eval"]) == {"gsm8k", "math", "gsm8k_cot"}
+        assert r["model"] == str(tiny_gemma2_dir) and r["train_model"] == str(tiny_gemma2_it_dir)
+        ft = json.loads((run_dir / "finetune" / "finetune.json").read_text())
+        # the global batch of 16 under 2 processes: 2 per device × accumulation 4 × 2
+        assert ft["batch"] == {"per_device": 2, "accumulate_grad_batches": 4, "world_size": 2, "global": 16}
+        assert ft["scored_by"] == str(tiny_gemma2_dir) and ft["template"]["response_prefix"] == "<start_of_turn>model\n"
+        assert json.loads((run_dir / "finetune" / "checkpoint" / "config.json").read_text())["num_hidden_layers"] == 3
         assert r["eval_protocols"] == {"gsm8k": "zero_shot", "math": "zero_shot", "gsm8k_cot": "few_shot_cot (1-shot)"}
         for name in ("", "math/", "gsm8k_cot/"):
             m = json.loads((run_dir / f"eval/{name}metrics.json").read_text())
@@ -99,6 +121,7 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir):
     table = pd.read_csv(sweep / "table.csv")
     assert len(table) == len(VARIANTS) and set(table["variant"]) == {"full", "resofilter", "random"}
     assert {"acc/gsm8k mean", "acc/math mean", "acc/gsm8k_cot mean"} <= set(table.columns)
+    assert set(table["scored_by"]) == {str(tiny_gemma2_dir)} and set(table["trained"]) == {str(tiny_gemma2_it_dir)}
 
 
 @pytest.mark.slow

@@ -152,7 +152,7 @@ def test_output_dir_is_the_run_dir_so_nothing_lands_in_outputs(tmp_path):
     p = subprocess.run([sys.executable, "-m", "resofilter.cli", "score", "model.name_or_path=/nonexistent",
                         f"output_dir={tmp_path / 'out'}", "data=gsm8k"], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "GSM8K_DIR": str(FIXTURES / "gsm8k")})
-    assert p.returncode == 2 and "not found" in p.stderr
+    assert p.returncode == 2 and "model.name_or_path`: /nonexistent does not exist" in p.stderr
     assert not (tmp_path / "outputs").exists() and (tmp_path / "out" / ".hydra").is_dir()
 
 

@@ -44,3 +44,20 @@ def test_submitit_sweep_scores_once_then_fine_tunes_and_tables(tmp_path):
     table = _resofilter("table", str(sweep))
     assert "| resofilter |" in table.stdout and "| random |" in table.stdout
     print(f"submitit-local: score job + 2-member sweep + table in {time.perf_counter() - t0:.0f} s")
+
+
+def test_slurm_ddp_asks_one_task_per_gpu():
+    """The Slurm DDP launcher reads its shape from the trainer: one task per GPU, Lightning's
+    SLURMEnvironment then takes each task's rank (it must not start processes itself)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from resofilter.configs import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("run", overrides=["experiment=paper_gemma2_2b_metamathqa", "data.path=/x", "trainer=ddp",
+                                        "trainer.devices=8", "trainer.num_nodes=2", "hydra/launcher=slurm_ddp"],
+                      return_hydra_config=True)
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    assert (launcher.params["gpus_per_node"], launcher.params["tasks_per_node"], launcher.params["nodes"]) == (8, 8, 2)

@@ -380,15 +380,19 @@ def test_precision_check_reports_and_enforces_by_hand(tokenizer, gsm8k_records):
 
 
 @pytest.mark.parametrize("template", ["plain", "metamath", "gemma_turns"])
-def test_finetune_and_evaluate_render_the_same_prompt(template, tokenizer, gsm8k_records):
+def test_finetune_and_evaluate_render_the_same_prompt(template, tokenizer, turns_tokenizer, gsm8k_records):
     from hydra.utils import instantiate
 
+    from resofilter.data.templates import generation_prompt
     from resofilter.data.tokenize import IGNORE_INDEX, tokenize_records
 
+    tokenizer = turns_tokenizer if template == "gemma_turns" else tokenizer
     tpl = instantiate(compose_cfg([f"template={template}"]).template)
     (sample,), _ = tokenize_records(gsm8k_records[:1], tpl, tokenizer, 512)
     n_prompt = sum(lab == IGNORE_INDEX for lab in sample.labels)
     r = gsm8k_records[0]
-    eval_ids = tokenizer(tpl.render_prompt(r.query, r.input, tokenizer),
+    eval_ids = tokenizer(generation_prompt(tpl, r.query, r.input, tokenizer),
                          add_special_tokens=tpl.add_special_tokens)["input_ids"]
-    assert sample.input_ids[:n_prompt] == eval_ids  # what fine-tuning conditions on is what evaluation feeds
+    # what fine-tuning conditions on is what evaluation feeds: the prompt, then the labelled model-turn
+    # marker (gemma_turns) that generation continues after
+    assert sample.input_ids[:len(eval_ids)] == eval_ids and len(eval_ids) >= n_prompt

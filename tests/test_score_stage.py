@@ -127,7 +127,7 @@ def test_cli_bad_inputs_exit_nonzero_without_outputs(tmp_path, tiny_model_dir):
         p = _cli(args)
         out = p.communicate(timeout=300)[0]
         assert p.returncode != 0 and match in out, out
-    with pytest.raises(ResoFilterError, match="not found"):
+    with pytest.raises(ResoFilterError, match="model.name_or_path.*does not exist"):
         score(compose_cfg(score_overrides(tmp_path / "missing", tmp_path / "b"), "score"))
     for d in "abd":
         assert not (tmp_path / d / "features.parquet").exists()

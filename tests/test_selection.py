@@ -21,8 +21,8 @@ SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3])  # positions 0..4
 
 @pytest.mark.parametrize("ratio,direction,expected", [
     (1.0, "drop_high", [True] * 5),
-    (0.5, "drop_high", [True, False, True, False, True]),   # round(2.5)=3 kept: 0.1, 0.3, 0.5
-    (0.25, "drop_high", [False, False, True, False, False]),  # round(1.25)=1: 0.1
+    (0.5, "drop_high", [True, False, True, False, True]),   # drop int(5 × 0.5) = 2: keep 0.1, 0.3, 0.5
+    (0.25, "drop_high", [False, False, True, False, True]),  # drop int(5 × 0.75) = 3: keep 0.1, 0.3
     (0.5, "drop_low", [True, True, False, True, False]),    # the 3 highest: 0.9, 0.7, 0.5
     (0.01, "drop_high", [False, False, True, False, False]),  # at least one
 ])
@@ -34,13 +34,16 @@ def test_even_n_and_rounding():
     s = np.array([4.0, 3.0, 2.0, 1.0])
     assert select(s, 0.5).kept.tolist() == [False, False, True, True]
     assert select(s, 0.25).kept.tolist() == [False, False, False, True]
-    assert [n_to_keep(n, 0.5) for n in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]  # floor(x + 0.5)
+    assert [n_to_keep(n, 0.5) for n in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]  # n − int(n × 0.5)
+    assert [n_to_keep(7, k) for k in (0.25, 0.5, 0.75)] == [2, 4, 6]  # 7 − int(7 × p): drop 5, 3, 1
+    assert n_to_keep(10, 0.7) == 7 and n_to_keep(100, 0.29) == 29  # the ratio as written, not its float
     assert select(s, 0.5).rank.tolist() == [3, 2, 1, 0]
 
 
 def test_ties_break_by_original_position():
     s = np.array([1.0, 1.0, 1.0, 1.0])
-    assert select(s, 0.5, "drop_high").kept.tolist() == [True, True, False, False]
+    # reso_filter.py: sorted(key=(score, -idx), reverse=True), the first int(n × p) dropped: lower index first
+    assert select(s, 0.5, "drop_high").kept.tolist() == [False, False, True, True]
     assert select(s, 0.5, "drop_low").kept.tolist() == [True, True, False, False]
 
 

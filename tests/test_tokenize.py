@@ -14,18 +14,20 @@ from tests.conftest import compose_cfg
 
 
 @pytest.mark.parametrize("name", ["metamath", "gemma_turns", "plain", "chat_template"])
-def test_labels_are_exactly_the_response_plus_eos(name, gsm8k_records, tokenizer):
+def test_labels_are_exactly_the_response_plus_eos(name, gsm8k_records, tokenizer, turns_tokenizer):
+    tokenizer = turns_tokenizer if name == "gemma_turns" else tokenizer  # it writes Gemma's turn tokens
     tpl = instantiate(compose_cfg([f"template={name}"]).template)
     samples, stats = tokenize_records(gsm8k_records[:8], tpl, tokenizer, max_length=2048)
     assert stats.n_out == 8 and stats.n_truncated == 0
     for rec, s in zip(gsm8k_records, samples, strict=False):
         n_prompt = next(i for i, t in enumerate(s.labels) if t != IGNORE_INDEX)
-        prompt_text = tokenizer.decode(s.input_ids[:n_prompt], skip_special_tokens=True)
+        prompt_text = tokenizer.decode(s.input_ids[:n_prompt]).replace("<s>", "")  # turn tokens stay, BOS goes
         assert prompt_text == tpl.render_prompt(rec.query, None, tokenizer).replace("<s>", "")
         assert all(t == IGNORE_INDEX for t in s.labels[:n_prompt])
         assert s.labels[n_prompt:] == s.input_ids[n_prompt:]  # response positions are their own labels
         assert s.input_ids[-1] == tokenizer.eos_token_id
-        assert tokenizer.decode(s.labels[n_prompt:-1]) == rec.response
+        # the labelled turn markers (gemma_turns: <start_of_turn>model\n … <end_of_turn>) around the response
+        assert tokenizer.decode(s.labels[n_prompt:-1]) == tpl.response_prefix + rec.response + tpl.response_suffix
         if name != "chat_template":
             assert s.input_ids[0] == tokenizer.bos_token_id
 

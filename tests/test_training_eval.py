@@ -165,7 +165,7 @@ def test_wilson_interval_by_hand():
 def test_evaluate_bad_input(tmp_path, tiny_model_dir):
     base = [f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "model.num_hidden_layers=4",
             "eval=gsm8k", "template=plain", f"output_dir={tmp_path}"]
-    with pytest.raises(ResoFilterError, match="not found"):
+    with pytest.raises(ResoFilterError, match="checkpoint_dir.*nope does not exist"):
         evaluate(compose_cfg([*base, f"checkpoint_dir={tmp_path / 'nope'}"], "evaluate"))
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}])
     with pytest.raises(DataError, match=r"bad\.jsonl:1: missing field 'answer'"):

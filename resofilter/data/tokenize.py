@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from resofilter.data.records import Record
-from resofilter.data.templates import Template, render
+from resofilter.data.templates import Template, check_fits, render
 from resofilter.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def tokenize_records(
         raise ConfigError("tokenize.max_length", f"must be ≥ 2, got {max_length}")
     if prompt_overflow not in ("skip", "error"):
         raise ConfigError("tokenize.prompt_overflow", f"expected skip|error, got {prompt_overflow!r}")
+    check_fits(template, tokenizer)
     out: list[TokenizedSample] = []
     skipped = 0
     for r in records:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from resofilter.data.records import Record
-from resofilter.data.templates import Template
+from resofilter.data.templates import Template, generation_prompt, generation_stops
 from resofilter.progress import iterate
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,9 @@ def predict_records(
     rows: :func:`accuracy_metrics` (kept apart so that ranks can each predict a share and one
     process can score the merged rows).
     """
-    if prompts is None:  # the training template (protocol zero_shot)
-        prompts = [template.render_prompt(r.query, r.input, tokenizer) for r in records]
+    if prompts is None:  # the training template (protocol zero_shot): it also says where a turn ends
+        prompts = [generation_prompt(template, r.query, r.input, tokenizer) for r in records]
+        stop_strings = [*stop_strings, *(s for s in generation_stops(template) if s not in stop_strings)]
     todo = [p for i, p in enumerate(prompts) if i not in overflow]
     gens = iter(generate(model, tokenizer, todo, template.add_special_tokens, batch_size,
                          max_new_tokens, stop_strings, progress, min_new_tokens) if todo else [])

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from resofilter.data.records import Record, get_field, load_records
-from resofilter.data.templates import Template
+from resofilter.data.templates import Template, generation_prompt, generation_stops
 from resofilter.errors import ConfigError
 
 PROTOCOLS = ("zero_shot", "few_shot_cot")
@@ -97,11 +97,14 @@ def build_prompts(spec: ProtocolSpec, records: Sequence[Record], template: Templ
                   exemplars: Sequence[tuple[str, str]] = ()) -> list[str]:
     """The prompt of every record under the protocol."""
     if spec.name == "zero_shot":
-        return [template.render_prompt(r.query, r.input, tokenizer) for r in records]
+        return [generation_prompt(template, r.query, r.input, tokenizer) for r in records]
     cot = spec.cot
     prefix = "".join(cot.question.format(query=q) + sol + cot.separator for q, sol in exemplars)
     return [prefix + cot.question.format(query=r.query) for r in records]
 
 
-def stop_strings(spec: ProtocolSpec, base: Sequence[str]) -> list[str]:
-    return list(base) + (list(spec.cot.stop) if spec.name == "few_shot_cot" else [])
+def stop_strings(spec: ProtocolSpec, base: Sequence[str], template: Template | None = None) -> list[str]:
+    """Where generations stop: the eval set's strings, the next exemplar (few_shot_cot) or the end of the
+    training template's turn (zero_shot: its labelled suffix, ``<end_of_turn>``)."""
+    extra = list(spec.cot.stop) if spec.name == "few_shot_cot" else generation_stops(template) if template else []
+    return list(base) + [s for s in extra if s not in base]

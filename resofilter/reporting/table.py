@@ -52,6 +52,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "score_cached": r["stages"]["score"]["cached"], "time_s": _run_time(r),
             "scorer": r.get("scorer"), "budget": r.get("budget") or _budget(r.get("setting") or {}),
             "protocols": json.dumps(r.get("eval_protocols") or {}, sort_keys=True),
+            "scored_by": _model_name(r.get("model")),
+            "trained": _model_name(r.get("train_model") or r.get("model")),
             "_dir": str(d),
         }
         if r.get("setting") is not None:
@@ -91,7 +93,21 @@ _SELECTION_KEYS = ("selection.", "scorer.", "layers.", "statistic.", "step.", "s
 
 
 def context_key(setting: dict[str, Any]) -> str:
-    return stable_hash({k: v for k, v in setting.items() if not k.startswith(_SELECTION_KEYS)})
+    """What a row is compared within: the setting minus how the subset was chosen, with the model and
+    template that were *fine-tuned*. With ``train_model`` set, the scoring model is a selection choice:
+    a 4-layer model's subset fine-tuned into the 8-layer model shares its ``full`` reference with the
+    8-layer model scoring itself (``model=tiny_llama_8l``)."""
+    ctx = {k: v for k, v in setting.items() if not k.startswith(_SELECTION_KEYS)}
+    for name in ("model", "template"):
+        trained = {k[len("train_"):]: v for k, v in ctx.items() if k.startswith(f"train_{name}.")}
+        ctx = {k: v for k, v in ctx.items() if not k.startswith(f"train_{name}") and
+               not (trained and k.startswith(f"{name}."))} | trained
+    return stable_hash(ctx)
+
+
+def _model_name(path: str | None) -> str | None:
+    """A model directory as the table names it: the embedded builds by their cache key, others by path."""
+    return None if path is None else Path(path).name if "/models/base-" in str(path) else str(path)
 
 
 def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
@@ -161,7 +177,7 @@ def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> p
         out[f"{c} mean"] = g.mean()
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
     out = out.reset_index()
-    first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols"]].first()
+    first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols", "scored_by", "trained"]].first()
     out = out.join(first, on="setting_key")
     for c in acc_cols:
         _intervals(out, runs, c, n_resamples, seed)
@@ -223,7 +239,13 @@ def _pct(x: float) -> str:
 def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
     keys = [c for c in ("budget", "variant", "keep_ratio", "setting") if c in summary.columns]
-    header = list(keys)
+    # the scoring and the fine-tuned model, as columns where some row's differ from another's or each other
+    models = [c for c in ("scored_by", "trained") if c in summary.columns]
+    if models and ((summary[models].nunique(dropna=False) > 1).any() or (
+            models == ["scored_by", "trained"] and (summary["scored_by"].fillna("") != summary["trained"].fillna(""))
+            .any())):
+        keys += models
+    header = [{"scored_by": "scored by", "trained": "fine-tuned"}.get(k, k) for k in keys]
     for c in acc_cols:
         header += [f"{c[4:]} % [95 % CI]", "Δ full", "Δ random"]
     header += ["seeds", "kept", "noise kept (%)", "noise AUROC", "ρ length", "time/run (s)"]
@@ -263,6 +285,8 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
                          "((1.96 + 0.84) × the median bootstrap SE of the differences).")
     protocols = {k: v for p in summary.get("protocols", pd.Series(dtype=object)).dropna()
                  for k, v in json.loads(p).items()}
+    if models and keys[-len(models):] != models and summary[models].notna().all().all():
+        notes.append(f"Scored by and fine-tuned: {summary['trained'].iloc[0]}.")
     if protocols:
         notes.append("Evaluation protocols: " + "; ".join(f"{k} {v}" for k, v in sorted(protocols.items()))
                      + " (zero_shot: the training template; few_shot_cot: k exemplars, chain of thought).")

@@ -1,11 +1,13 @@
-"""Keep-ratio selection, as the authors do it, with documented rounding and ties.
+"""Keep-ratio selection, as the authors' reso_filter.py does it, with its rounding and ties.
 
-1. Rank by badness (higher = worse), ties broken by original position (earlier = better,
-   so results never depend on sort stability).
-2. Keep ``n_keep = max(1, floor(keep_ratio × N + 0.5))`` samples: with ``drop_high`` (the
-   paper) the ``n_keep`` least bad, with ``drop_low`` the ``n_keep`` most bad.
-3. Optionally deduplicate the kept set by query (``exact`` or ``normalized``; the first in
-   original order stays), as the authors do after cutting.
+1. Rank by badness (higher = worse). Ties: of equal scores the later sample is the better one,
+   as reso_filter.py's ``sorted(key=(score, -idx), reverse=True)`` drops the lower index first.
+2. Drop ``⌊N × (1 − keep_ratio)⌋`` samples (their ``int(N × p)`` for the dropped share p, the
+   ratio taken exactly as written) and keep the other ``n_keep`` (at least 1): with ``drop_high``
+   (the paper) the least bad, with ``drop_low`` the most bad. N is what was scored: with the
+   authors' dedup (``data.dedup``) the unique queries.
+3. Optionally deduplicate the kept set by query (``selection.dedup``: ``exact`` or
+   ``normalized``; the first in original order stays) — a dedup after the cut, not the authors'.
 4. Restore the original order.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -41,8 +44,14 @@ def check_keep_ratio(value: Any, key: str = "selection.keep_ratio") -> float:
 
 
 def n_to_keep(n: int, keep_ratio: float) -> int:
+    """``n − ⌊n × (1 − keep_ratio)⌋``, at least 1: the authors drop ``int(n × p)`` for p = 1 − keep_ratio.
+
+    The ratio is taken exactly as written (``Fraction("0.7")``), so ``0.7 × 10`` keeps 7, not a
+    float's 6.999….
+    """
     check_keep_ratio(keep_ratio)
-    return max(1, min(n, math.floor(keep_ratio * n + 0.5)))
+    drop = math.floor(n * (1 - Fraction(repr(float(keep_ratio)))))
+    return max(1, min(n, n - drop))
 
 
 def select(badness: np.ndarray, keep_ratio: float, direction: str = "drop_high",
@@ -53,7 +62,7 @@ def select(badness: np.ndarray, keep_ratio: float, direction: str = "drop_high",
     if direction not in ("drop_high", "drop_low"):
         raise ConfigError("selection.direction", f"expected drop_high|drop_low, got {direction!r}")
     pos = np.arange(n)
-    order = np.lexsort((pos, badness))  # ascending badness, ties by position
+    order = np.lexsort((-pos, badness))  # ascending badness; of equal ones the later is better (kept first)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = pos
     k = n_to_keep(n, keep_ratio)

@@ -138,9 +138,13 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.get("name_or_path") is None and cfg.model.get("embedded") is None:
         raise ConfigError("model.name_or_path", "is null and there is no `embedded` recipe")
     n_layers = model_depth(cfg)
-    tpl = instantiate(cfg.template)
-    if not hasattr(tpl, "render_prompt"):
-        raise ConfigError("template._target_", "does not build a Template")
+    for key in ("template", "train_template"):
+        if cfg.get(key) is not None and not hasattr(instantiate(cfg[key]), "render_prompt"):
+            raise ConfigError(f"{key}._target_", "does not build a Template")
+    if cfg.get("train_model") is not None:
+        resolve_dtype(cfg.train_model.dtype, "train_model.dtype")
+        if cfg.train_model.get("name_or_path") is None and cfg.train_model.get("embedded") is None:
+            raise ConfigError("train_model.name_or_path", "is null and there is no `embedded` recipe")
     if n_layers is not None:  # else checked against the loaded model
         resolve_indices(cfg.layers.indices, n_layers, "layers.indices")
         resolve_indices(cfg.score.candidates.indices, n_layers, "score.candidates.indices")
@@ -206,6 +210,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("finetune.scheduler.name", f"unknown schedule {cfg.finetune.scheduler.name!r}; "
                           f"transformers knows {[t.value for t in SchedulerType]}") from None
     _one_of(cfg.finetune.budget, ("steps", "epochs"), "finetune.budget")
+    from resofilter.stages.finetune import accumulation
+
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    world = devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else 1  # "auto": checked at fit
+    accumulation(cfg.finetune.get("global_batch_size"), cfg.finetune.batch_size, world,
+                 cfg.finetune.accumulate_grad_batches)
     if cfg.finetune.budget == "steps" and not (isinstance(cfg.finetune.max_steps, int) and cfg.finetune.max_steps > 0):
         raise ConfigError("finetune.max_steps", f"finetune.budget=steps trains max_steps optimizer steps: it must be "
                           f"≥ 1, got {cfg.finetune.max_steps}")
@@ -256,9 +266,10 @@ def check_inputs(cfg: DictConfig, command: str | None = None) -> None:
     its key otherwise. Nothing is loaded, generated or trained here."""
     command = command or cfg.get("command")
     needs = COMMAND_INPUTS.get(command, ())
-    name = cfg.model.get("name_or_path")
-    if needs and name and str(name).startswith(("/", ".", "~")):  # a local directory, not a hub name
-        _existing(cfg, "model.name_or_path", "the model's directory (config.json and weights)")
+    for key in ("model", "train_model"):
+        name = (cfg.get(key) or {}).get("name_or_path")
+        if needs and name and str(name).startswith(("/", ".", "~")):  # a local directory, not a hub name
+            _existing(cfg, f"{key}.name_or_path", "the model's directory (config.json and weights)")
     if command == "run" and cfg.run.get("until") in ("score", "select", "finetune"):
         needs = tuple(n for n in needs if n != "evals")  # it stops before evaluating
     target = cfg.scorer.get("name") == "target"

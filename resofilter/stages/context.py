@@ -36,12 +36,30 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def template(cfg: DictConfig) -> Template:
+    """The scoring template (``template``)."""
     return instantiate(cfg.template)
 
 
+def trained_model_cfg(cfg: DictConfig) -> DictConfig:
+    """What is fine-tuned and evaluated: ``train_model`` (a model config: ``model@train_model=<option>``),
+    else the scoring model itself. The authors score gemma-2-2b and fine-tune gemma-2-2b-it."""
+    return cfg.get("train_model") or cfg.model
+
+
+def trained_template_cfg(cfg: DictConfig) -> DictConfig:
+    """The template fine-tuning and evaluation use: ``train_template`` (``template@train_template=<option>``),
+    else the scoring template. It must fit the trained model's tokenizer (selection hands over records,
+    so the two tokenizers may differ)."""
+    return cfg.get("train_template") or cfg.template
+
+
+def train_template(cfg: DictConfig) -> Template:
+    return instantiate(trained_template_cfg(cfg))
+
+
 def is_embedded(cfg: DictConfig) -> bool:
-    """Whether the model is the embedded default (built from its recipe), not a user's checkpoint."""
-    return not cfg.model.get("name_or_path") and cfg.model.get("embedded") is not None
+    """Whether the scoring or the trained model is an embedded one (built from its recipe), not a user's checkpoint."""
+    return any(not m.get("name_or_path") and m.get("embedded") is not None for m in (cfg.model, trained_model_cfg(cfg)))
 
 
 def benchmark_recipe(cfg: DictConfig, *, of_model: bool = False) -> DictConfig | None:
@@ -69,20 +87,31 @@ def benchmark_dir(cfg: DictConfig, *, of_model: bool = False) -> Path | None:
 
 
 def model_dir(cfg: DictConfig) -> str:
-    """``model.name_or_path``, or the embedded base model (built and cached on first use)."""
-    if cfg.model.get("name_or_path"):
-        return str(cfg.model.name_or_path)
-    if cfg.model.get("embedded") is None:
-        raise ConfigError("model.name_or_path", "is null and the model has no `embedded` recipe")
+    """The scoring model: ``model.name_or_path``, or the embedded base model (built and cached on first use)."""
+    return _model_dir(cfg, cfg.model, "model", template(cfg))
+
+
+def train_model_dir(cfg: DictConfig) -> str:
+    """The model fine-tuning starts from (:func:`trained_model_cfg`), built like the scoring model."""
+    if not cfg.get("train_model"):
+        return model_dir(cfg)
+    return _model_dir(cfg, cfg.train_model, "train_model", train_template(cfg))
+
+
+def _model_dir(cfg: DictConfig, model: DictConfig, key: str, tpl: Template) -> str:
+    if model.get("name_or_path"):
+        return str(model.name_or_path)
+    if model.get("embedded") is None:
+        raise ConfigError(f"{key}.name_or_path", "is null and the model has no `embedded` recipe")
     from resofilter.stages.embedded import ensure_base_model
 
     # own data: the embedded model is still the one trained on the default benchmark
     bench = benchmark_dir(cfg, of_model=True)
-    built = str(ensure_base_model(cfg.model.embedded, bench, template(cfg), cfg.paths.cache_dir))
+    built = str(ensure_base_model(model.embedded, bench, tpl, cfg.paths.cache_dir))
     if cfg.data.get("synthetic") is None:
-        log.warning("model.name_or_path is null: using the embedded base model (%s), a 1 M-parameter toy trained on "
+        log.warning("%s.name_or_path is null: using the embedded base model (%s), a 1 M-parameter toy trained on "
                     "synthetic one-step arithmetic, on data=%s. The pipeline runs, but its scores say little about "
-                    "other text: set model.name_or_path to a real model", built, cfg.data.get("path"))
+                    "other text: set %s.name_or_path to a real model", key, built, cfg.data.get("path"), key)
     return built
 
 

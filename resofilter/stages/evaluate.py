@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from resofilter import distributed
 from resofilter._io import read_json, stable_hash, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
-from resofilter.data.templates import Template
+from resofilter.data.templates import Template, generation_prompt, generation_stops
 from resofilter.errors import ConfigError, DataError, ResoFilterError
 from resofilter.evaluation.extract import AnswerExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
@@ -155,7 +155,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     out_dir = Path(out_dir)
     rank, world = distributed.rank(), distributed.world_size()
     identity = {k: v for k, v in asdict(ev).items() if k != "key"}  # the config node's name is for messages only
-    key = stable_hash([identity, template.render_prompt("{q}", None, None), model_id])
+    key = stable_hash([identity, generation_prompt(template, "{q}", None, None), generation_stops(template), model_id])
     finished = _finished(out_dir, key)
     if finished is not None:  # before reading the eval set: nothing of it is needed
         log.info("%s: already evaluated in %s, reusing it", ev.name, out_dir)
@@ -187,7 +187,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
             for p in predict_records(
                     model, tokenizer, [records[i] for i in chunk], [golds[i] for i in chunk], template, extractor,
                     batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens,
-                    stop_strings=stop_strings(spec, ev.stop_strings), progress=n_chunks == 1,
+                    stop_strings=stop_strings(spec, ev.stop_strings, template), progress=n_chunks == 1,
                     min_new_tokens=ev.min_new_tokens, prompts=[prompts[i] for i in chunk],
                     overflow={j for j, i in enumerate(chunk) if i in overflow}):
                 f.write(json.dumps(p, ensure_ascii=False) + "\n")

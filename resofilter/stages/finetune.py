@@ -20,12 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from resofilter import distributed, progress
 from resofilter._io import file_hash, read_json, remove_orphans, stable_hash, temporary_dir, write_json_atomic
 from resofilter.data.records import Record
-from resofilter.data.templates import Template
+from resofilter.data.templates import Template, check_fits
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features.extract import samples_hash
 from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from resofilter.reporting.wandb_log import is_wandb
+from resofilter.stages.context import trained_model_cfg, trained_template_cfg
 from resofilter.training.sft import PeriodicCheckpoint, SFTDataModule, SFTModule, quiet_resume_warning
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class FinetuneSpec:
 
     mode: str
     batch_size: int
-    accumulate_grad_batches: int
+    accumulate_grad_batches: int | None
     epochs: int
     max_steps: int
     gradient_clip_val: float
@@ -113,6 +114,13 @@ class FinetuneSpec:
     gradient_checkpointing: bool = False
     checkpoint_every_n_steps: int | None = None
     budget: str = "steps"
+    global_batch_size: int | None = None
+
+    def accumulation(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step: ``global_batch_size / (batch_size × world_size)`` when the
+        global batch is set, so one recipe is one optimisation on 1, 4 or 8 GPUs (the paper: 16 = 2 per
+        GPU × 8, accumulation 1; on one GPU accumulation 8); else ``accumulate_grad_batches``."""
+        return accumulation(self.global_batch_size, self.batch_size, world_size, self.accumulate_grad_batches)
 
     def limits(self, n_samples: int, world_size: int = 1) -> dict[str, int]:
         """Lightning's ``max_epochs``/``max_steps`` for the budget: ``epochs`` passes over the subset
@@ -126,7 +134,7 @@ class FinetuneSpec:
         if self.budget == "epochs":
             return {"max_epochs": self.epochs, "max_steps": -1}
         batches = math.ceil(math.ceil(n_samples / max(1, world_size)) / self.batch_size)
-        per_epoch = max(1, math.ceil(batches / self.accumulate_grad_batches))
+        per_epoch = max(1, math.ceil(batches / self.accumulation(world_size)))
         return {"max_epochs": math.ceil(self.max_steps / per_epoch) + 1, "max_steps": self.max_steps}
 
     @classmethod
@@ -134,14 +142,35 @@ class FinetuneSpec:
         ft = cfg.finetune
         plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
         return cls(mode=ft.mode, batch_size=ft.batch_size, accumulate_grad_batches=ft.accumulate_grad_batches,
+                   global_batch_size=ft.get("global_batch_size"),
                    epochs=ft.epochs, max_steps=ft.max_steps, gradient_clip_val=ft.gradient_clip_val,
                    precision=str(ft.precision), seed=ft.seed, warmup_ratio=ft.warmup_ratio,
                    optimizer=plain(ft.optimizer), scheduler=plain(ft.scheduler), trainer=plain(cfg.trainer),
-                   logger=plain(cfg.logger), template=plain(cfg.template), tokenize=plain(cfg.tokenize),
-                   model_dtype=cfg.model.dtype, attn_implementation=cfg.model.get("attn_implementation"),
+                   logger=plain(cfg.logger), template=plain(trained_template_cfg(cfg)), tokenize=plain(cfg.tokenize),
+                   model_dtype=trained_model_cfg(cfg).dtype,
+                   attn_implementation=trained_model_cfg(cfg).get("attn_implementation"),
                    lora=plain(ft.lora) if ft.get("lora") else None, merge_lora=bool(ft.get("merge_lora")),
                    gradient_checkpointing=bool(ft.get("gradient_checkpointing")),
                    checkpoint_every_n_steps=ft.get("checkpoint_every_n_steps"), budget=ft.budget)
+
+
+def accumulation(global_batch: int | None, batch_size: int, world_size: int, accumulate: int | None) -> int:
+    """Gradient accumulation for a global batch (see :meth:`FinetuneSpec.accumulation`); ConfigError
+    naming the three numbers when they do not divide, or when both ways of setting it are given."""
+    if global_batch is None:
+        if not isinstance(accumulate, int) or accumulate < 1:
+            raise ConfigError("finetune.accumulate_grad_batches", f"must be ≥ 1 when finetune.global_batch_size is "
+                              f"null, got {accumulate!r}")
+        return accumulate
+    if accumulate is not None:
+        raise ConfigError("finetune.accumulate_grad_batches", f"is {accumulate} and finetune.global_batch_size is "
+                          f"{global_batch}: set one of them (null the other)")
+    per_step = batch_size * world_size
+    if not isinstance(global_batch, int) or global_batch < 1 or global_batch % per_step:
+        raise ConfigError("finetune.global_batch_size", f"{global_batch} is not a whole multiple of "
+                          f"finetune.batch_size {batch_size} × {world_size} processes (trainer.devices × "
+                          f"trainer.num_nodes) = {per_step} samples per micro-step")
+    return global_batch // per_step
 
 
 def finetune_key(spec: FinetuneSpec, model_dir: str, samples_key: str) -> str:
@@ -158,22 +187,24 @@ def finetune_key(spec: FinetuneSpec, model_dir: str, samples_key: str) -> str:
 
 
 def run_finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], template: Template,
-                 out_dir: str | Path) -> dict[str, Any]:
+                 out_dir: str | Path, scored_by: str | None = None) -> dict[str, Any]:
     """Fine-tune ``model_dir`` on ``records``; the checkpoint lands in ``<out>/checkpoint``.
 
     Complete when ``finetune.json`` is written (last, after the checkpoint); a rerun of the
     same fine-tuning on a complete dir reuses it. Every ``checkpoint_every_n_steps`` the full
     training state goes to ``<out>/resume/last.ckpt``; a rerun after a kill resumes from it to
     the weights an uninterrupted run ends with. The resume dir goes once the output is complete.
-    Rank 0 holds the directory's lock for the stage.
+    Rank 0 holds the directory's lock for the stage. ``scored_by`` (the model whose scores chose
+    ``records``, when known) is recorded in ``finetune.json``; it is not part of the fine-tuning's key.
     """
     with distributed.rank_zero_lock(out_dir, "finetune"):
-        return _finetune(spec, model_dir, records, template, Path(out_dir))
+        return _finetune(spec, model_dir, records, template, Path(out_dir), scored_by)
 
 
 def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], template: Template,
-              out_dir: Path) -> dict[str, Any]:
+              out_dir: Path, scored_by: str | None) -> dict[str, Any]:
     tok = load_tokenizer(model_dir)
+    check_fits(template, tok, "train_template")  # the trained model's tokenizer, which may not be the scorer's
     samples, stats = tokenize_records(records, template, tok, spec.tokenize["max_length"],
                                       spec.tokenize["prompt_overflow"], spec.tokenize["append_eos"])
     key = finetune_key(spec, model_dir, samples_hash(samples))
@@ -217,7 +248,7 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         log_kwargs = {"id": run_id, "resume": spec.logger.get("resume") or "allow"}
     trainer = instantiate(
         trainer_cfg, **spec.limits(len(samples), distributed.world_size()),
-        accumulate_grad_batches=spec.accumulate_grad_batches,
+        accumulate_grad_batches=spec.accumulation(distributed.world_size()),
         gradient_clip_val=spec.gradient_clip_val, precision=spec.precision, enable_checkpointing=False,
         enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
         enable_progress_bar=shown["enable_progress_bar"],
@@ -262,8 +293,13 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         if tmp.exists():
             shutil.rmtree(tmp)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = {"checkpoint": str(final), "base_model": model_dir, "mode": spec.mode, "n_records": len(records),
+    result = {"checkpoint": str(final), "base_model": model_dir, "scored_by": scored_by, "mode": spec.mode,
+              "n_records": len(records),
               "budget": spec.budget,
+              # the optimisation as run: samples per optimizer step = batch × accumulation × processes
+              "batch": {"per_device": spec.batch_size, "accumulate_grad_batches": spec.accumulation(trainer.world_size),
+                        "world_size": trainer.world_size,
+                        "global": spec.batch_size * spec.accumulation(trainer.world_size) * trainer.world_size},
               "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
               "tokens_per_s": (module.tokens_seen - (resume_from or {}).get("tokens_seen", 0)) / max(train_s, 1e-9),
               "final_metrics": metrics, "key": key,

@@ -46,7 +46,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return done if distributed.is_rank_zero() else {}
     t_start = time.perf_counter()
     stages: dict[str, Any] = {}
-    model_dir = context.model_dir(cfg)
+    model_dir = context.model_dir(cfg)  # scores the pool
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
 
@@ -67,8 +67,12 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return stages
 
     t0 = time.perf_counter()
+    # what is fine-tuned and evaluated: the scoring model, or train_model (selection hands over records,
+    # so the trained model tokenizes them with its own tokenizer and template)
+    train_dir, train_template = context.train_model_dir(cfg), context.train_template(cfg)
     subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
-    ft = run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, subset, template, out / "finetune")
+    ft = run_finetune(FinetuneSpec.from_cfg(cfg), train_dir, subset, train_template, out / "finetune",
+                      scored_by=model_dir)
     stages["finetune"] = {"steps": ft["steps"], "n_records": ft["n_records"], "time_s": time.perf_counter() - t0,
                           "resumed_from_step": ft.get("resumed_from_step"),
                           "train_loss": ft.get("final_metrics", {}).get("train/loss"),
@@ -77,9 +81,10 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return stages
 
     t0 = time.perf_counter()
-    model, tok = load_checkpoint(ft["checkpoint"], cfg.model.dtype, cfg.model.get("attn_implementation"))
+    trained = context.trained_model_cfg(cfg)
+    model, tok = load_checkpoint(ft["checkpoint"], trained.dtype, trained.get("attn_implementation"))
     model.to(distributed.local_device(cfg.trainer.accelerator))
-    evals = run_evaluations(cfg, model, tok, template, out / "eval", checkpoint_id(ft["checkpoint"]))
+    evals = run_evaluations(cfg, model, tok, train_template, out / "eval", checkpoint_id(ft["checkpoint"]))
     if not distributed.is_rank_zero():
         return {}
     metrics = evals[cfg.eval.name]
@@ -94,11 +99,12 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "budget": cfg.finetune.budget,
         "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
         "statistic": cfg.statistic.name, "step": cfg.step.name, "seed": cfg.seed,
-        "model": model_dir, "data": data_info, "eval": {k: v["accuracy"] for k, v in evals.items()},
+        "model": model_dir, "train_model": train_dir, "data": data_info,
+        "eval": {k: v["accuracy"] for k, v in evals.items()},
         "eval_protocols": {k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
                            for k, v in evals.items()},
         "stages": stages, "total_time_s": time.perf_counter() - t_start,
-        "base_model": _base_accuracy(model_dir),
+        "base_model": _base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
         "setting": run_setting(cfg), "choices": _hydra_choices(),
     }
     write_json_atomic(out / "resolved_config.json", OmegaConf.to_container(cfg, resolve=True))
