@@ -46,6 +46,9 @@ def prepare(cfg: DictConfig) -> dict:
                                 cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
     report = {"model": model_dir, "data": data_info, "tokenized": stats.as_dict(),
               "time_s": time.perf_counter() - t0}
+    if cfg.get("train_model"):  # the model fine-tuning will start from, built now too
+        report["train_model"] = context.train_model_dir(cfg)
+        log.info("model to fine-tune: %s", report["train_model"])
     bench = context.benchmark_dir(cfg)
     if bench is not None:
         report["benchmark"] = read_json(bench / "manifest.json")

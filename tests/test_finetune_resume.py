@@ -189,9 +189,12 @@ def test_a_resumed_finetune_continues_the_killed_wandb_run(tmp_path, tiny_model_
     assert resumed["resumed_from_step"] == 4 and resumed["wandb_run_id"] == run_id
     runs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs  # one W&B run, two segments
-    # a fresh fine-tuning elsewhere (another process: nothing open) gets a run of its own
+    # a fresh fine-tuning elsewhere gets a run of its own, though the resumed one is still open in this process
     import wandb
 
-    wandb.finish()
+    assert wandb.run is not None and wandb.run.id == run_id
     other = _run(tiny_model_dir, tmp_path / "other", *logger)
-    assert other["wandb_run_id"] != run_id
+    assert other["wandb_run_id"] != run_id and wandb.run.id == other["wandb_run_id"]
+    [own] = (tmp_path / "other" / "wandb").glob("offline-run-*")
+    assert own.name.endswith(f"-{other['wandb_run_id']}")
+    wandb.finish()

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
+from resofilter.environment import differences
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.html import table_report
 from resofilter.reporting.intervals import Z_80_POWER, Z_95, paired_matrix, row_matrix, two_way_bootstrap
@@ -54,7 +55,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "protocols": json.dumps(r.get("eval_protocols") or {}, sort_keys=True),
             "scored_by": _model_name(r.get("model")),
             "trained": _model_name(r.get("train_model") or r.get("model")),
-            "_dir": str(d),
+            "_dir": str(d), "_environment": r.get("environment"),
         }
         if r.get("setting") is not None:
             row["setting_key"] = stable_hash(r["setting"])
@@ -342,9 +343,15 @@ def write_table(root: str | Path, out: str | Path | None = None) -> dict[str, An
         raise ResoFilterError(f"no finished runs under {root} (incomplete: {incomplete})")
     summary = summarize(runs)
     md = to_markdown(summary, incomplete)
+    if differ := differences(list(runs["_environment"])):
+        what = "; ".join(f"{k}: {', '.join(v)}" for k, v in differ.items())
+        log.warning("the merged runs come from different environments (%s): their numbers may differ for that "
+                    "reason alone", what)
+        md += (f"\nEnvironments differ between these runs ({what}): float32 kernels and library versions can "
+               "change the numbers, so rows of different environments are not like for like.\n")
     write_text_atomic(out / "table.md", md)
     write_text_atomic(out / "table.csv", summary.to_csv(index=False))
-    write_text_atomic(out / "runs.csv", runs.drop(columns=["_setting", "_choices"]).to_csv(index=False))
+    write_text_atomic(out / "runs.csv", runs.drop(columns=["_setting", "_choices", "_environment"]).to_csv(index=False))
     plot(summary, out / "table.png")
     shown = [c for c in summary.columns if not c.startswith("_") and c != "setting_key"]
     table_report(out, md, summary[shown].to_dict("records"), shown, str(root))

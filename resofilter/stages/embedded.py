@@ -27,6 +27,7 @@ from resofilter.data.records import load_records
 from resofilter.data.synthetic import SyntheticConfig, heldout_split, write_benchmark
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
+from resofilter.environment import environment
 from resofilter.evaluation.extract import SyntheticExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
 from resofilter.models.loading import build_tiny_model
@@ -167,6 +168,7 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
             "train_samples": stats.as_dict(), "train_time_s": train_time,
             "total_time_s": time.perf_counter() - t0,
             "accuracy": {k: v["accuracy"] for k, v in metrics.items()}, "metrics": metrics,
+            "environment": environment(),  # float32 kernels differ by CPU: another machine builds another model
         }
         write_json_atomic(tmp / "build.json", build)
         tmp.rename(final)

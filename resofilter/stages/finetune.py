@@ -246,6 +246,10 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     if is_wandb(spec.logger):  # one W&B run across a kill and its resume (a logger.id of the user's wins)
         run_id = spec.logger.get("id") or run_id
         log_kwargs = {"id": run_id, "resume": spec.logger.get("resume") or "allow"}
+        import wandb
+
+        if wandb.run is not None and wandb.run.id != run_id:  # another fine-tuning's, still open in this process:
+            wandb.finish()  # WandbLogger would log into it
     trainer = instantiate(
         trainer_cfg, **spec.limits(len(samples), distributed.world_size()),
         accumulate_grad_batches=spec.accumulation(distributed.world_size()),

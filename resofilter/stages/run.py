@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed
 from resofilter._io import read_json, write_json_atomic
+from resofilter.environment import environment
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.wandb_log import is_wandb, log_run_summary
 from resofilter.stages import context
@@ -106,6 +107,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "stages": stages, "total_time_s": time.perf_counter() - t_start,
         "base_model": _base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
         "setting": run_setting(cfg), "choices": _hydra_choices(),
+        "environment": environment(),  # package versions, torch's CPU code path and threads: `table` compares them
     }
     write_json_atomic(out / "resolved_config.json", OmegaConf.to_container(cfg, resolve=True))
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)

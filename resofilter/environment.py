@@ -1,0 +1,56 @@
+"""What the numbers of a build or a run depend on besides the code and the config: package versions,
+the CPU code path torch's kernels take, and the thread count.
+
+float32 kernels differ by instruction set (oneMKL and ATen pick code paths by CPU capability), so the
+same commit builds a slightly different embedded base model on another machine, and fine-tuned
+accuracies follow it (issue 22). Every ``build.json`` and ``results.json`` records this, and
+``resofilter table`` warns when the runs it merges differ in it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from typing import Any
+
+# the packages that can change numbers (kernels, tokenization, schedules, sampling of data order)
+PACKAGES = ("torch", "transformers", "tokenizers", "pytorch-lightning", "numpy", "peft", "safetensors", "scipy")
+# what `table` compares between runs (the machine's name and the Python patch level are recorded, not compared)
+COMPARED = ("packages", "torch_cpu_capability", "torch_threads", "machine")
+
+
+def environment() -> dict[str, Any]:
+    """This process's numeric environment, JSON-ready."""
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "packages": versions,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY", "MKL_NUM_THREADS")
+                if k in os.environ},
+    }
+
+
+def differences(environments: list[dict[str, Any] | None]) -> dict[str, list[Any]]:
+    """The compared fields (``packages.<name>`` one by one) that take more than one value across
+    ``environments`` (``None``: a record from before environments were recorded, skipped)."""
+    seen: dict[str, set[str]] = {}
+    for env in environments:
+        if not env:
+            continue
+        flat = {f"packages.{k}": v for k, v in (env.get("packages") or {}).items()}
+        flat.update({k: env.get(k) for k in COMPARED if k != "packages"})
+        for k, v in flat.items():
+            seen.setdefault(k, set()).add(str(v))
+    return {k: sorted(v) for k, v in seen.items() if len(v) > 1}

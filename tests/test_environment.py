@@ -1,0 +1,43 @@
+"""The numeric environment recorded with every build and run, and `table` saying when runs differ in it."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from resofilter.environment import differences, environment
+from resofilter.reporting.table import write_table
+from tests.test_run import _fake_result
+
+
+def test_environment_names_what_changes_numbers():
+    env = environment()
+    assert env["packages"]["torch"] == torch.__version__
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert {"transformers", "tokenizers", "pytorch-lightning", "numpy"} <= set(env["packages"])
+    json.dumps(env)  # written into build.json and results.json
+
+
+def test_differences_by_hand():
+    a = {"packages": {"torch": "2.13.0", "numpy": "2.1"}, "torch_cpu_capability": "AVX2", "torch_threads": 2,
+         "machine": "x86_64"}
+    b = {**a, "packages": {"torch": "2.13.0", "numpy": "2.2"}, "torch_cpu_capability": "AVX512"}
+    assert differences([a, dict(a), None]) == {}
+    assert differences([a, b]) == {"packages.numpy": ["2.1", "2.2"], "torch_cpu_capability": ["AVX2", "AVX512"]}
+
+
+def test_table_says_when_the_merged_runs_differ_in_environment(tmp_path, caplog):
+    for i, cap in enumerate(("AVX2", "AVX2", "AVX512")):
+        _fake_result(tmp_path / "sweep" / str(i), "resofilter", i, {"math_synth": 0.3})
+        f = tmp_path / "sweep" / str(i) / "results.json"
+        r = json.loads(f.read_text())
+        r["environment"] = {**environment(), "torch_cpu_capability": cap}
+        f.write_text(json.dumps(r))
+    with caplog.at_level("WARNING"):
+        md = write_table(tmp_path / "sweep")["markdown"]
+    assert "Environments differ between these runs (torch_cpu_capability: AVX2, AVX512)" in md
+    assert "different environments" in caplog.text
+    (tmp_path / "sweep" / "2").rename(tmp_path / "other")  # the same environment everywhere: nothing said
+    assert "Environments differ" not in write_table(tmp_path / "sweep")["markdown"]
