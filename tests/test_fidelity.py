@@ -65,6 +65,11 @@ def test_a_template_of_another_tokenizer_is_refused(tokenizer, turns_tokenizer, 
     check_fits(template, turns_tokenizer)
     with pytest.raises(ConfigError, match="<end_of_turn>.*one token"):
         check_fits(template, tokenizer)  # would be spelled out and trained on as text
+    from resofilter.data.tokenize import tokenize_records
+
+    rec = Record(sample_id="s", query="q", response="r")
+    with pytest.raises(ConfigError, match="config key `train_template`"):  # fine-tuning names its own key
+        tokenize_records([rec], template, tokenizer, 64, template_key="train_template")
 
 
 # --- dedup before scoring, the cut over unique queries -------------------------------------------------

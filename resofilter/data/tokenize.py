@@ -83,13 +83,18 @@ def tokenize_records(
     max_length: int,
     prompt_overflow: str = "skip",
     append_eos: bool = True,
+    template_key: str = "template",
 ) -> tuple[list[TokenizedSample], TokenizeStats]:
-    """Tokenize every record. ``prompt_overflow``: ``skip`` (count and log) or ``error``."""
+    """Tokenize every record. ``prompt_overflow``: ``skip`` (count and log) or ``error``.
+
+    The template must fit the tokenizer (:func:`~resofilter.data.templates.check_fits`); a misfit
+    is a ConfigError naming ``template_key`` (``train_template`` where the fine-tuned model's is meant).
+    """
     if max_length < 2:
         raise ConfigError("tokenize.max_length", f"must be ≥ 2, got {max_length}")
     if prompt_overflow not in ("skip", "error"):
         raise ConfigError("tokenize.prompt_overflow", f"expected skip|error, got {prompt_overflow!r}")
-    check_fits(template, tokenizer)
+    check_fits(template, tokenizer, template_key)
     out: list[TokenizedSample] = []
     skipped = 0
     for r in records:

@@ -134,17 +134,15 @@ def model_depth(cfg: DictConfig) -> int | None:
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid key."""
     renamed(cfg)
-    resolve_dtype(cfg.model.dtype, "model.dtype")
-    if cfg.model.get("name_or_path") is None and cfg.model.get("embedded") is None:
-        raise ConfigError("model.name_or_path", "is null and there is no `embedded` recipe")
+    for key in ("model", "train_model"):  # the scoring model, and the fine-tuned one when it is another
+        if (m := cfg.get(key)) is not None:
+            resolve_dtype(m.dtype, f"{key}.dtype")
+            if m.get("name_or_path") is None and m.get("embedded") is None:
+                raise ConfigError(f"{key}.name_or_path", "is null and there is no `embedded` recipe")
     n_layers = model_depth(cfg)
     for key in ("template", "train_template"):
         if cfg.get(key) is not None and not hasattr(instantiate(cfg[key]), "render_prompt"):
             raise ConfigError(f"{key}._target_", "does not build a Template")
-    if cfg.get("train_model") is not None:
-        resolve_dtype(cfg.train_model.dtype, "train_model.dtype")
-        if cfg.train_model.get("name_or_path") is None and cfg.train_model.get("embedded") is None:
-            raise ConfigError("train_model.name_or_path", "is null and there is no `embedded` recipe")
     if n_layers is not None:  # else checked against the loaded model
         resolve_indices(cfg.layers.indices, n_layers, "layers.indices")
         resolve_indices(cfg.score.candidates.indices, n_layers, "score.candidates.indices")

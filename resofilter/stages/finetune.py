@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from resofilter import distributed, progress
 from resofilter._io import file_hash, read_json, remove_orphans, stable_hash, temporary_dir, write_json_atomic
 from resofilter.data.records import Record
-from resofilter.data.templates import Template, check_fits
+from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features.extract import samples_hash
@@ -204,9 +204,9 @@ def run_finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], temp
 def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], template: Template,
               out_dir: Path, scored_by: str | None) -> dict[str, Any]:
     tok = load_tokenizer(model_dir)
-    check_fits(template, tok, "train_template")  # the trained model's tokenizer, which may not be the scorer's
     samples, stats = tokenize_records(records, template, tok, spec.tokenize["max_length"],
-                                      spec.tokenize["prompt_overflow"], spec.tokenize["append_eos"])
+                                      spec.tokenize["prompt_overflow"], spec.tokenize["append_eos"],
+                                      template_key="train_template")  # the trained model's tokenizer
     key = finetune_key(spec, model_dir, samples_hash(samples))
     final, record, resume = out_dir / CHECKPOINT, out_dir / "finetune.json", out_dir / RESUME_DIR
     done = _finished(record, final, key)
