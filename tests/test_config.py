@@ -83,6 +83,10 @@ def test_data_configs_map_the_paper_fields():
     ("scorer.name", "oracle", "scorer.name"),
     ("score.batch_size", 0, "score.batch_size"),
     ("score.logits_chunk_elements", -1, "score.logits_chunk_elements"),
+    ("build", -1, "build"),
+    ("build", "b1", "build"),
+    ("model.embedded.init_seed", 3, "model.embedded.init_seed"),  # a recipe's own seed: the build sets it now
+    ("model.embedded.base_training.seed", 3, "model.embedded.base_training.seed"),
 ])
 def test_invalid_values_name_their_key(key, value, match):
     cfg = compose_cfg()
@@ -90,6 +94,14 @@ def test_invalid_values_name_their_key(key, value, match):
         OmegaConf.update(cfg, key, value, merge=False)
     with pytest.raises(ConfigError, match=match.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_a_build_needs_an_embedded_model(tiny_model_dir):
+    from_path = ["model.embedded=null", f"model.name_or_path={tiny_model_dir}", "model.num_hidden_layers=4"]
+    validate(compose_cfg([*from_path, "build=0"]))
+    with pytest.raises(ConfigError, match=r"build.*model\.name_or_path"):
+        validate(compose_cfg([*from_path, "build=2"]))
+    validate(compose_cfg([*from_path, "build=2", "model@train_model=tiny_llama_8l"]))  # the trained one is embedded
 
 
 def test_keep_ratio_one_is_valid():

@@ -45,3 +45,17 @@ def test_prepare_builds_caches_and_reports(tmp_path, caplog):
     assert context.model_dir(cfg) == model_dir
     cfg.model.embedded.base_training.steps = 5
     assert context.model_dir(cfg) != model_dir
+
+
+def test_build_seeds_both_the_init_and_the_base_training(tmp_path):
+    cfg = shrink(compose_cfg([], "prepare"), tmp_path, **TINY)
+    zero = context.model_dir(cfg)
+    cfg.build = 1
+    one = context.model_dir(cfg)
+    assert one != zero and context.model_dir(cfg) == one  # its own cache entry, reused
+    build = json.loads(open(f"{one}/build.json").read())
+    e = build["embedded"]
+    assert build["build"] == 1 and e["init_seed"] == 1 and e["base_training"]["seed"] == 1
+    w0 = AutoModelForCausalLM.from_pretrained(zero).model.layers[-1].mlp.up_proj.weight
+    w1 = AutoModelForCausalLM.from_pretrained(one).model.layers[-1].mlp.up_proj.weight
+    assert not torch.equal(w0, w1)

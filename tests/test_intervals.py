@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from resofilter.reporting.intervals import paired_matrix, resampled_means, row_matrix, two_way_bootstrap
+from resofilter.reporting.intervals import (
+    nested_bootstrap,
+    paired_matrix,
+    resampled_means,
+    row_matrix,
+    two_way_bootstrap,
+)
 from resofilter.reporting.table import write_table
 
 
@@ -39,6 +45,52 @@ def test_vectorized_resampling_is_the_literal_loop():
                                [values[np.ix_(si[k], pi[k])].mean() for k in range(5)], rtol=1e-12)
 
 
+def literal_nested(values: np.ndarray, groups: np.ndarray, n_resamples: int, seed: int, chunk: int) -> np.ndarray:
+    """The documented nested draws replayed one resample at a time: pick builds, then each drawn build's
+    units by floor(r × n_g), then problems; the resample's mean over the stacked rows."""
+    rng = np.random.default_rng(seed)
+    n_g, n_p = groups.max() + 1, values.shape[1]
+    members = [np.flatnonzero(groups == g) for g in range(n_g)]
+    k_max = max(len(m) for m in members)
+    out = []
+    for start in range(0, n_resamples, chunk):
+        b = min(chunk, n_resamples - start)
+        drawn, r, pi = rng.integers(0, n_g, (b, n_g)), rng.random((b, n_g, k_max)), None
+        pi = rng.integers(0, n_p, (b, n_p))
+        for k in range(b):
+            rows = []
+            for j, g in enumerate(drawn[k]):
+                m = members[g]
+                rows += [m[int(r[k, j, slot] * len(m))] for slot in range(len(m))]
+            out.append(values[np.ix_(rows, pi[k])].mean())
+    return np.array(out)
+
+
+def test_nested_resampling_is_the_literal_loop():
+    rng = np.random.default_rng(5)
+    values = (rng.random((7, 23)) < 0.4).astype(float)
+    groups = np.array([0, 0, 0, 1, 1, 2, 2])  # builds of 3, 2 and 2 seeds: unbalanced on purpose
+    boot = literal_nested(values, groups, 1500, seed=11, chunk=600)
+    iv = nested_bootstrap(values, groups, 1500, seed=11, chunk=600)
+    assert (iv.lo, iv.hi) == pytest.approx(tuple(np.quantile(boot, [0.025, 0.975])), abs=1e-12)
+    assert iv.se == pytest.approx(boot.std(ddof=1), abs=1e-12)
+    assert (iv.n_builds, iv.n_seeds, iv.n_problems) == (3, 7, 23) and iv.mean == pytest.approx(values.mean())
+    with pytest.raises(ValueError, match="build index"):
+        nested_bootstrap(values, np.array([0, 0, 0, 2, 2, 2, 2]))  # build 1 missing
+
+
+def test_builds_widen_the_interval_by_hand():
+    # 2 builds × 2 seeds, every problem alike within a run: build means 0.2 and 0.6, no seed or problem spread.
+    # Builds resampled: the mean is 0.2, 0.4 or 0.6 with probabilities 1/4, 1/2, 1/4 → sd √(0.04 / 2) = 0.1414,
+    # 95 % interval [0.2, 0.6]. The same 4 runs read as 4 seeds of one base model: sd √(0.04 / 4) = 0.1.
+    values = np.repeat([[0.2], [0.2], [0.6], [0.6]], 50, axis=1)
+    nested = nested_bootstrap(values, np.array([0, 0, 1, 1]), 20_000)
+    flat = two_way_bootstrap(values, 20_000)
+    assert nested.se == pytest.approx(np.sqrt(0.02), rel=0.03) and flat.se == pytest.approx(0.1, rel=0.03)
+    assert (nested.lo, nested.hi) == pytest.approx((0.2, 0.6))
+    assert flat.lo > 0.2 and flat.hi < 0.6  # e.g. 3 of 4 draws from one build
+
+
 def test_hand_made_intervals():
     const = np.full((3, 10), 0.25)  # every (seed, problem) the same: no spread at all
     iv = two_way_bootstrap(const, 500)
@@ -62,13 +114,14 @@ def test_pairing_by_seed_and_problem():
     np.testing.assert_array_equal(row_matrix({0: a[0], 1: a[1]}), [[1, 0, 1], [0, 1, 1]])
 
 
-def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: list[int]) -> None:
+def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: list[int], build: int | None = None
+         ) -> None:
     d.mkdir(parents=True)
     setting = {"variant_name": variant, "scorer.name": scorer, "selection.keep_ratio": keep,
                "finetune.max_steps": 400, "eval.name": "gsm8k"}
     (d / "results.json").write_text(json.dumps({
         "variant": variant, "scorer": scorer, "keep_ratio": keep, "direction": "drop_high",
-        "layers": {"indices": [-1]}, "statistic": "mean_abs", "step": "adamw", "seed": seed,
+        "layers": {"indices": [-1]}, "statistic": "mean_abs", "step": "adamw", "seed": seed, "build": build,
         "eval": {"gsm8k": sum(correct) / len(correct)}, "total_time_s": 1.0, "setting": setting,
         "stages": {"select": {"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6,
                               "confounds": {"response_tokens": 0.25 if scorer == "resofilter" else -0.1}},
@@ -114,3 +167,46 @@ def test_table_differences_are_paired_by_seed_and_problem(tmp_path):
         t.loc["resofilter", "acc/gsm8k mean"] - t.loc["random50", "acc/gsm8k mean"])
     assert "3 seeds × 200 problems" in md and "detectable at 80 % power" in md
     assert t.loc["resofilter", "rho_length"] == 0.25 and "| +0.25 |" in md
+
+
+def test_table_resamples_builds_when_runs_span_several(tmp_path):
+    """Two builds × two seeds: on build 0 ResoFilter beats the full pool, on build 1 it loses. Read as two
+    builds the table's interval of Δ full is the nested bootstrap of the paired (run, problem) matrix and wider
+    than the same runs read as four seeds of one build; the table says which bootstrap it used."""
+    n = 120
+    rng = np.random.default_rng(1)
+    runs = {}
+    for build, gain in ((0, 0.35), (1, -0.25)):
+        for seed in range(2):
+            full = (rng.random(n) < 0.5).astype(int)
+            flip = rng.random(n) < abs(gain)
+            rf = np.where(flip, 1 if gain > 0 else 0, full)
+            runs[(build, seed)] = (full, rf)
+    import pandas as pd
+
+    for label, as_builds in (("builds", True), ("one", False)):
+        root = tmp_path / label
+        for (build, seed), (full, rf) in runs.items():
+            b, s = (build, seed) if as_builds else (0, 2 * build + seed)
+            _run(root / f"full-b{build}s{seed}", "full", "random", 1.0, s, full.tolist(), build=b)
+            _run(root / f"rf-b{build}s{seed}", "resofilter", "resofilter", 0.5, s, rf.tolist(), build=b)
+        write_table(root)
+    two = pd.read_csv(tmp_path / "builds" / "table.csv").set_index("variant")
+    one = pd.read_csv(tmp_path / "one" / "table.csv").set_index("variant")
+    order = sorted(range(n), key=lambda i: f"q{i}")  # the table's problem order: by id
+    diff = np.array([(runs[u][1] - runs[u][0])[order] for u in sorted(runs)], dtype=float)
+    ref = nested_bootstrap(diff, np.array([0, 0, 1, 1]), 10_000, seed=0)
+    assert (two.loc["resofilter", "acc/gsm8k Δfull lo"], two.loc["resofilter", "acc/gsm8k Δfull hi"]) == \
+        pytest.approx((ref.lo, ref.hi), abs=1e-12)
+    assert two.loc["resofilter", "builds"] == 2 and two.loc["resofilter", "seeds"] == 2
+    assert one.loc["resofilter", "builds"] == 1 and one.loc["resofilter", "seeds"] == 4
+    assert two.loc["resofilter", "acc/gsm8k Δfull"] == pytest.approx(one.loc["resofilter", "acc/gsm8k Δfull"])
+    # the runs' differences sit at ≈ +0.17 (build 0) and ≈ −0.13 (build 1): resampling 2 builds rather than 4
+    # seeds multiplies the run-level part of the SE by √2 (the problem part stays): 1.37× measured here
+    ratio = two.loc["resofilter", "acc/gsm8k Δfull se"] / one.loc["resofilter", "acc/gsm8k Δfull se"]
+    assert 1.25 < ratio < np.sqrt(2)
+    md_two = (tmp_path / "builds" / "table.md").read_text()
+    md_one = (tmp_path / "one" / "table.md").read_text()
+    assert "| builds |" in md_two and "2 builds × 2 seeds × 120 problems" in md_two
+    assert "bootstrap over builds, seeds within builds and problems" in md_two
+    assert "| builds |" not in md_one and "of one embedded build" in md_one

@@ -122,6 +122,32 @@ def test_multirun_shares_features_and_table(tmp_path):
     assert (sweep / "accuracy_vs_keep_ratio.png").exists() and not list(tmp_path.glob("*.png"))  # none in the cwd
 
 
+@pytest.mark.slow
+def test_builds_swept_like_seeds_are_a_factor_of_the_table(tmp_path):
+    """`run -m build=0,1`: two embedded base models, each scored and fine-tuned on; `table` merges each
+    variant's two builds into one row, names the build count and resamples builds (issue 22)."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "resofilter.cli", "run", "-m", "build=0,1", "variant=full,reso50",
+           f"hydra.sweep.dir={sweep}", *overrides(tmp_path), "eval.max_samples=12"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = [json.loads(f.read_text()) for f in sorted(sweep.glob("*/results.json"))]
+    assert sorted((r["build"], r["variant"]) for r in results) == [(0, "full"), (0, "resofilter"), (1, "full"),
+                                                                    (1, "resofilter")]
+    models = {r["build"]: r["model"] for r in results}
+    assert models[0] != models[1] and all(json.loads((Path(m) / "build.json").read_text())["build"] == b
+                                          for b, m in models.items())
+    assert len({r["stages"]["score"]["features_dir"] for r in results}) == 2  # each build scores its own pool
+    assert len({json.dumps(r["setting"], sort_keys=True) for r in results}) == 2  # a build is no setting of its own
+    assert re.search(r"resofilter keep 0\.50 seed 0 build 1: math_synth accuracy", p.stdout + p.stderr)
+    t = write_table(sweep)
+    rows = {r["variant"]: r for r in t["rows"]}
+    assert rows["resofilter"]["builds"] == 2 and rows["resofilter"]["seeds"] == 1 and rows["full"]["units"] == 2
+    assert "| builds |" in t["markdown"] and "bootstrap over builds, seeds within builds and problems" in t["markdown"]
+    accs = [r["eval"]["math_synth"] for r in results if r["variant"] == "resofilter"]
+    assert rows["resofilter"]["acc/math_synth mean"] == pytest.approx(sum(accs) / 2)
+
+
 def _fake_result(d: Path, variant: str, seed: int, accs: dict, auroc: float | None = 0.6) -> None:
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps({

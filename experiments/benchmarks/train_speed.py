@@ -60,7 +60,7 @@ def build_model(args: argparse.Namespace, model_dir: Path) -> None:
     e = cfg.model.embedded
     tok = train_tokenizer([f"{r.query}\n{r.response}" for r in records] + [tmpl.render_prompt("x", None, None)],
                           vocab_size=e.tokenizer.vocab_size)
-    model = build_tiny_model(e.arch, len(tok), seed=e.init_seed, pad_token_id=tok.pad_token_id,
+    model = build_tiny_model(e.arch, len(tok), seed=cfg.build, pad_token_id=tok.pad_token_id,
                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **e.architecture)
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

@@ -22,7 +22,7 @@ from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
 from resofilter.environment import differences
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.html import table_report
-from resofilter.reporting.intervals import Z_80_POWER, Z_95, paired_matrix, row_matrix, two_way_bootstrap
+from resofilter.reporting.intervals import Z_80_POWER, Z_95, Unit, bootstrap, paired_matrix, row_matrix
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
         row: dict[str, Any] = {
             "run": str(d.relative_to(root)), "variant": r["variant"], "keep_ratio": r["keep_ratio"],
             "direction": r["direction"], "layers": str(r["layers"]["indices"]), "statistic": r["statistic"],
-            "step": r["step"], "seed": r["seed"], "n_kept": r["stages"]["select"]["n_out"],
+            "step": r["step"], "seed": r["seed"], "build": _build(r.get("build")),
+            "n_kept": r["stages"]["select"]["n_out"],
             "noise_rate_kept": r["stages"]["select"].get("noise_rate_kept"),
             "noise_auroc": r["stages"]["select"].get("noise_auroc"),
             # what the score ranks by: Spearman ρ of its badness with response length (1: length itself)
@@ -106,9 +107,31 @@ def context_key(setting: dict[str, Any]) -> str:
     return stable_hash(ctx)
 
 
+NO_BUILD = -1  # the build of a run whose models come from a path
+
+
+def _build(build: int | None) -> int:
+    return NO_BUILD if build is None else int(build)
+
+
+def _n_builds(builds: pd.Series) -> int:
+    """How many embedded builds a row's runs span (0: its models come from a path)."""
+    return int(builds[builds != NO_BUILD].nunique())
+
+
 def _model_name(path: str | None) -> str | None:
-    """A model directory as the table names it: the embedded builds by their cache key, others by path."""
-    return None if path is None else Path(path).name if "/models/base-" in str(path) else str(path)
+    """A model directory as the table names it: an embedded build by its architecture (the build is a
+    column of its own, so every build of one recipe has one name), others by path."""
+    if path is None:
+        return None
+    build = Path(path) / "build.json"
+    if "/models/base-" not in str(path):
+        return str(path)
+    if not build.exists():  # the cache was cleared since: its key is all that is left
+        return Path(path).name
+    e = read_json(build)["embedded"]
+    a = e["architecture"]
+    return f"embedded {e['arch']} {a['num_hidden_layers']}L d{a['hidden_size']}"
 
 
 def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
@@ -169,10 +192,13 @@ def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> p
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
     # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
     numeric = ["n_kept", "noise_rate_kept", "noise_auroc", "rho_length", "time_s", *acc_cols]
-    per_seed = runs.groupby([*varying, "seed"], dropna=False)[numeric].mean().reset_index()
-    agg: dict[str, Any] = {"seed": "nunique", "n_kept": "mean", "noise_rate_kept": "mean", "noise_auroc": "mean",
+    # a row's replicates: one (build, seed) unit each; the embedded base model's build is a factor like the seed
+    per_seed = runs.groupby([*varying, "build", "seed"], dropna=False)[numeric].mean().reset_index()
+    agg: dict[str, Any] = {"seed": "nunique", "build": _n_builds,
+                           "n_kept": "mean", "noise_rate_kept": "mean", "noise_auroc": "mean",
                            "rho_length": "mean", "time_s": "mean"}
-    out = per_seed.groupby(varying, dropna=False).agg(agg).rename(columns={"seed": "seeds"})
+    out = per_seed.groupby(varying, dropna=False).agg(agg).rename(columns={"seed": "seeds", "build": "builds"})
+    out["units"] = per_seed.groupby(varying, dropna=False).size()
     for c in acc_cols:
         g = per_seed.groupby(varying, dropna=False)[c]
         out[f"{c} mean"] = g.mean()
@@ -200,14 +226,15 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int
     Rows whose runs kept no predictions get no interval (NaN).
     """
     name = col[4:]
-    per_row: dict[str, dict[int, dict[str, float]]] = {}
+    per_row: dict[str, dict[Unit, dict[str, float]]] = {}
     for key, g in runs.groupby("setting_key"):
-        by_seed: dict[int, dict[str, float]] = {}
-        for s, gs in g.groupby("seed"):
+        by_unit: dict[Unit, dict[str, float]] = {}
+        for (b, s), gs in g.groupby(["build", "seed"]):
             found = [x for x in (correctness(d, name) for d in gs["_dir"]) if x is not None]
             if found:  # a seed run twice: the mean correctness of its runs, per problem
-                by_seed[int(s)] = {p: sum(x[p] for x in found) / len(found) for p in set.intersection(*map(set, found))}
-        per_row[key] = by_seed
+                by_unit[(int(b), int(s))] = {p: sum(x[p] for x in found) / len(found)
+                                            for p in set.intersection(*map(set, found))}
+        per_row[key] = by_unit
     for c in (f"{col} lo", f"{col} hi", f"{col} problems"):
         out[c] = float("nan")
     for ref in ("full", "random"):
@@ -217,7 +244,7 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int
         mine = per_row.get(row["setting_key"])
         if not mine:
             continue
-        iv = two_way_bootstrap(row_matrix(mine), n_resamples, seed)
+        iv = bootstrap(row_matrix(mine), [b for b, _ in sorted(mine)], n_resamples, seed)
         out.loc[i, [f"{col} lo", f"{col} hi", f"{col} problems"]] = [iv.lo, iv.hi, iv.n_problems]
         same = (out["context"] == row["context"]) & (out["setting_key"] != row["setting_key"])
         refs = {"full": out[same & (out["keep_ratio"] >= 1)],
@@ -225,10 +252,11 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int
         for ref, cand in refs.items():
             if len(cand) != 1 or row["keep_ratio"] >= 1 and ref == "full":
                 continue
-            diff = paired_matrix(mine, per_row.get(cand["setting_key"].iloc[0], {}))
+            theirs = per_row.get(cand["setting_key"].iloc[0], {})
+            diff = paired_matrix(mine, theirs)
             if diff is None:
                 continue
-            d = two_way_bootstrap(diff, n_resamples, seed)
+            d = bootstrap(diff, [b for b, _ in sorted(set(mine) & set(theirs))], n_resamples, seed)
             out.loc[i, [f"{col} Δ{ref}", f"{col} Δ{ref} lo", f"{col} Δ{ref} hi", f"{col} Δ{ref} se"]] = \
                 [d.mean, d.lo, d.hi, d.se]
 
@@ -249,7 +277,9 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     header = [{"scored_by": "scored by", "trained": "fine-tuned"}.get(k, k) for k in keys]
     for c in acc_cols:
         header += [f"{c[4:]} % [95 % CI]", "Δ full", "Δ random"]
-    header += ["seeds", "kept", "noise kept (%)", "noise AUROC", "ρ length", "time/run (s)"]
+    by_build = "builds" in summary.columns and (summary["builds"] > 1).any()
+    header += [*(["builds"] if by_build else []), "seeds", "kept", "noise kept (%)", "noise AUROC", "ρ length",
+               "time/run (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in summary.iterrows():
         cells = [f"{r[k]:g}" if k == "keep_ratio" else ("" if pd.isna(r[k]) else str(r[k])) for k in keys]
@@ -270,8 +300,9 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
         if r["keep_ratio"] >= 1:
             auc = float("nan")  # nothing is dropped: the (placeholder) scorer's AUROC says nothing
         rho = float("nan") if r["keep_ratio"] >= 1 or pd.isna(r["rho_length"]) else r["rho_length"]
-        cells += [str(int(r["seeds"])), f"{r['n_kept']:.0f}", "–" if pd.isna(nr) else f"{100 * nr:.1f}",
-                  "–" if pd.isna(auc) else f"{auc:.3f}", "–" if pd.isna(rho) else f"{rho:+.2f}", f"{r['time_s']:.0f}"]
+        cells += [*([str(int(r["builds"]))] if by_build else []), str(int(r["seeds"])), f"{r['n_kept']:.0f}",
+                  "–" if pd.isna(nr) else f"{100 * nr:.1f}", "–" if pd.isna(auc) else f"{auc:.3f}",
+                  "–" if pd.isna(rho) else f"{rho:+.2f}", f"{r['time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for c in acc_cols:
@@ -280,8 +311,15 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
         if len(se):
             mde = 100 * (Z_95 + Z_80_POWER) * se.median()
             problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
-            notes.append(f"{c[4:]}: {int(summary['seeds'].max())} seeds{problems}; 95 % intervals from a bootstrap "
-                         "over seeds and problems, differences paired by seed and problem (\\*: the interval "
+            if by_build:
+                design = (f"{int(summary['builds'].max())} builds × {int(summary['seeds'].max())} seeds{problems}; "
+                          "95 % intervals from a bootstrap over builds, seeds within builds and problems (rows of one "
+                          "build: seeds and problems), differences paired by build, seed and problem")
+            else:
+                one = _one_build(summary)
+                design = (f"{int(summary['seeds'].max())} seeds{problems}{one}; 95 % intervals from a bootstrap over "
+                          "seeds and problems, differences paired by seed and problem")
+            notes.append(f"{c[4:]}: {design} (\\*: the interval "
                          f"excludes 0); a difference of ≥ {mde:.1f} points is detectable at 80 % power "
                          "((1.96 + 0.84) × the median bootstrap SE of the differences).")
     protocols = {k: v for p in summary.get("protocols", pd.Series(dtype=object)).dropna()
@@ -296,6 +334,14 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     if incomplete:
         lines += ["", f"Incomplete runs (no results.json): {', '.join(incomplete)}"]
     return "\n".join(lines) + "\n"
+
+
+def _one_build(summary: pd.DataFrame) -> str:
+    """The note's caveat for tables of one embedded build: its intervals leave the build's variance out."""
+    if "builds" not in summary.columns or not (summary["builds"] == 1).any():
+        return ""
+    return (" of one embedded build (intervals leave out the spread between builds; sweep `build=` to include "
+            "it)")
 
 
 def plot(summary: pd.DataFrame, path: Path) -> None:

@@ -131,6 +131,21 @@ def model_depth(cfg: DictConfig) -> int | None:
     return known[0][1] if known else declared
 
 
+def check_build(cfg: DictConfig) -> None:
+    """``build`` seeds the embedded base model(s); a run with no embedded model has no build to choose."""
+    from resofilter.stages.embedded import build_recipe
+
+    b = context.build_of(cfg)
+    if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+        raise ConfigError("build", f"must be a non-negative integer (the embedded build's seed), got {b!r}")
+    for key in ("model", "train_model"):
+        if (m := cfg.get(key)) is not None and m.get("embedded") is not None and not m.get("name_or_path"):
+            build_recipe(m.embedded, b)  # a recipe that still sets its own seeds is an error naming them
+    if b != 0 and not context.is_embedded(cfg):
+        raise ConfigError("build", f"={b} picks a build of the embedded base model, but every model here is loaded "
+                          "from a path (model.name_or_path): it would change nothing; drop it")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid key."""
     renamed(cfg)
@@ -139,6 +154,7 @@ def validate(cfg: DictConfig) -> None:
             resolve_dtype(m.dtype, f"{key}.dtype")
             if m.get("name_or_path") is None and m.get("embedded") is None:
                 raise ConfigError(f"{key}.name_or_path", "is null and there is no `embedded` recipe")
+    check_build(cfg)
     n_layers = model_depth(cfg)
     for key in ("template", "train_template"):
         if cfg.get(key) is not None and not hasattr(instantiate(cfg[key]), "render_prompt"):

@@ -86,6 +86,17 @@ def benchmark_dir(cfg: DictConfig, *, of_model: bool = False) -> Path | None:
     return ensure_benchmark(synth, cfg.paths.cache_dir)
 
 
+def build_of(cfg: DictConfig) -> int:
+    """The embedded build (top-level ``build``; 0 where a config predates it)."""
+    return cfg.get("build", 0)
+
+
+def build_id(cfg: DictConfig) -> int | None:
+    """The build the run's embedded model(s) come from, None when no model is embedded (a model from a
+    path has no build: a ``build`` other than 0 is then a config error, see ``config_check``)."""
+    return build_of(cfg) if is_embedded(cfg) else None
+
+
 def model_dir(cfg: DictConfig) -> str:
     """The scoring model: ``model.name_or_path``, or the embedded base model (built and cached on first use)."""
     return _model_dir(cfg, cfg.model, "model", template(cfg))
@@ -107,7 +118,7 @@ def _model_dir(cfg: DictConfig, model: DictConfig, key: str, tpl: Template) -> s
 
     # own data: the embedded model is still the one trained on the default benchmark
     bench = benchmark_dir(cfg, of_model=True)
-    built = str(ensure_base_model(model.embedded, bench, tpl, cfg.paths.cache_dir))
+    built = str(ensure_base_model(model.embedded, bench, tpl, cfg.paths.cache_dir, build_of(cfg)))
     if cfg.data.get("synthetic") is None:
         log.warning("%s.name_or_path is null: using the embedded base model (%s), a 1 M-parameter toy trained on "
                     "synthetic one-step arithmetic, on data=%s. The pipeline runs, but its scores say little about "

@@ -28,6 +28,7 @@ from resofilter.data.synthetic import SyntheticConfig, heldout_split, write_benc
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.environment import environment
+from resofilter.errors import ConfigError
 from resofilter.evaluation.extract import SyntheticExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
 from resofilter.models.loading import build_tiny_model
@@ -96,8 +97,26 @@ def ensure_extended_test(synth_cfg: Any, bench_dir: str | Path, n_extra: int) ->
 _DISPLAY_ONLY = ("progress_bar",)
 
 
-def base_model_key(embedded: Any, bench_dir: Path, template: Template) -> str:
+def build_recipe(embedded: Any, build: int) -> dict[str, Any]:
+    """The embedded recipe of one build: ``build`` is the weight-init and the base-training seed.
+
+    The build is the unit of replication of every embedded experiment: float32 training on the
+    CPU gives another base model under another seed (and on another CPU), and every fine-tuned
+    accuracy follows it, so experiments sweep builds like fine-tuning seeds (``build=0,1,2``).
+    """
+    if isinstance(build, bool) or not isinstance(build, int) or build < 0:
+        raise ConfigError("build", f"must be a non-negative integer (the embedded build's seed), got {build!r}")
     e = _plain(embedded)
+    for key, where in (("init_seed", e), ("seed", e["base_training"])):
+        if key in where:
+            raise ConfigError(f"model.embedded.{'' if where is e else 'base_training.'}{key}",
+                              "is set by the top-level `build` now (one knob for both seeds): remove it, set build=")
+        where[key] = build
+    return e
+
+
+def base_model_key(embedded: Any, bench_dir: Path, template: Template, build: int = 0) -> str:
+    e = build_recipe(embedded, build)
     e.pop("eval", None)
     e["base_training"] = {k: v for k, v in e["base_training"].items() if k not in _DISPLAY_ONLY}
     # builder: the build procedure's version; bump it when the same config would train differently
@@ -106,19 +125,21 @@ def base_model_key(embedded: Any, bench_dir: Path, template: Template) -> str:
                         "template": template.render_prompt("{q}", None, None)})
 
 
-def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, cache_dir: str | Path) -> Path:
-    """Directory of the embedded base model (tokenizer + weights), built and cached on first use.
+def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, cache_dir: str | Path,
+                      build: int = 0) -> Path:
+    """Directory of the embedded base model (tokenizer + weights) of build ``build``, built and cached on first use.
 
     Trains a digit-aware BPE tokenizer on the benchmark's training text, builds a tiny Llama
-    from ``embedded`` sizes and trains it on the base skill (one-step problems) with the SFT
-    module, then records held-out accuracy on both skills in ``build.json``.
+    from ``embedded`` sizes (weights drawn under seed ``build``) and trains it on the base skill
+    (one-step problems, order drawn under the same seed) with the SFT module, then records
+    held-out accuracy on both skills in ``build.json``.
     """
     bench_dir = Path(bench_dir)
-    final = Path(cache_dir) / "models" / f"base-{base_model_key(embedded, bench_dir, template)}"
+    final = Path(cache_dir) / "models" / f"base-{base_model_key(embedded, bench_dir, template, build)}"
     if (final / "build.json").exists():
-        log.info("embedded base model cached at %s", final)
+        log.info("embedded base model (build %d) cached at %s", build, final)
         return final
-    e = _plain(embedded)
+    e = build_recipe(embedded, build)
     t0 = time.perf_counter()
     base_train = load_records(bench_dir / "base_train.jsonl", id_field="id")
     pool = load_records(bench_dir / "pool.jsonl", id_field="id")
@@ -164,7 +185,7 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         build = {
-            "embedded": e, "benchmark": str(bench_dir), "n_parameters": n_params,
+            "build": build, "embedded": e, "benchmark": str(bench_dir), "n_parameters": n_params,
             "train_samples": stats.as_dict(), "train_time_s": train_time,
             "total_time_s": time.perf_counter() - t0,
             "accuracy": {k: v["accuracy"] for k, v in metrics.items()}, "metrics": metrics,
@@ -175,8 +196,8 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    log.info("embedded base model built in %.0f s: base-skill accuracy %.3f, fine-tuning-skill accuracy %.3f",
-             time.perf_counter() - t0, metrics["base_test"]["accuracy"], metrics["test"]["accuracy"])
+    log.info("embedded base model (build %d) built in %.0f s: base-skill accuracy %.3f, fine-tuning-skill accuracy "
+             "%.3f", build, time.perf_counter() - t0, metrics["base_test"]["accuracy"], metrics["test"]["accuracy"])
     return final
 
 

@@ -41,7 +41,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     selection is redone (seconds), a finished fine-tuning is reused or a killed one resumed
     from its last training state, and evaluation skips the problems already generated.
     """
-    done = _finished_run(out, run_setting(cfg))
+    done = _finished_run(out, run_setting(cfg), cfg.seed, context.build_id(cfg))
     if done is not None:
         log.info("run already complete in %s: %s", out, out / "results.json")
         return done if distributed.is_rank_zero() else {}
@@ -100,6 +100,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "budget": cfg.finetune.budget,
         "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
         "statistic": cfg.statistic.name, "step": cfg.step.name, "seed": cfg.seed,
+        "build": context.build_id(cfg),  # the embedded base model's build (None: a model from a path)
         "model": model_dir, "train_model": train_dir, "data": data_info,
         "eval": {k: v["accuracy"] for k, v in evals.items()},
         "eval_protocols": {k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
@@ -117,8 +118,9 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
                                                read_json(diag_file) if diag_file.exists() else None,
                                                run_id=ft.get("wandb_run_id"))
     write_json_atomic(out / "results.json", results)
-    log.info("%s keep %.2f seed %d: %s accuracy %.4f (%d/%d kept) in %.0f s", cfg.variant_name,
-             cfg.selection.keep_ratio, cfg.seed, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
+    build = "" if results["build"] is None else f" build {results['build']}"
+    log.info("%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s", cfg.variant_name,
+             cfg.selection.keep_ratio, cfg.seed, build, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
              results["total_time_s"])
     return results
 
@@ -197,7 +199,7 @@ def score_reference(cfg: DictConfig, template: Any, model_dir: str) -> tuple[Pat
                      "time_s": time.perf_counter() - t0}
 
 
-def _finished_run(out: Path, setting: dict[str, Any]) -> dict[str, Any] | None:
+def _finished_run(out: Path, setting: dict[str, Any], seed: int, build: int | None) -> dict[str, Any] | None:
     results = out / "results.json"
     if not results.exists():
         return None
@@ -205,11 +207,15 @@ def _finished_run(out: Path, setting: dict[str, Any]) -> dict[str, Any] | None:
     if done.get("setting") != json.loads(json.dumps(setting, default=str)):
         raise ResoFilterError(f"{out} holds a finished run of another setting ({results}); use another "
                               "output_dir, or delete it to redo the run")
+    if (done.get("seed"), done.get("build")) != (seed, build):  # the same row, another replicate
+        raise ResoFilterError(f"{out} holds the finished run of seed {done.get('seed')}, build {done.get('build')} "
+                              f"({results}), not of seed {seed}, build {build}: use another output_dir")
     return done
 
 
-# Keys that never distinguish one setting from another: seeds (a row's samples), where outputs go.
-_NOT_SETTING = {"output_dir", "paths", "features_dir", "subset_path", "checkpoint_dir", "hydra", "command"}
+# Keys that never distinguish one setting from another: the replicates of a row (fine-tuning seed, embedded
+# build), where outputs go.
+_NOT_SETTING = {"output_dir", "paths", "features_dir", "subset_path", "checkpoint_dir", "hydra", "command", "build"}
 
 
 def run_setting(cfg: DictConfig) -> dict[str, Any]:
