@@ -210,3 +210,51 @@ def test_table_resamples_builds_when_runs_span_several(tmp_path):
     assert "| builds |" in md_two and "2 builds × 2 seeds × 120 problems" in md_two
     assert "bootstrap over builds, seeds within builds and problems" in md_two
     assert "| builds |" not in md_one and "of one embedded build" in md_one
+
+
+def test_variance_components_recover_known_ones():
+    """A simulated array with known components (Gaussian): the estimates land near them, and the
+    variance of the grand mean they predict matches the spread of the mean over repeated draws."""
+    from resofilter.reporting.intervals import VarianceComponents, variance_components
+
+    rng = np.random.default_rng(0)
+    sd = {"build": 0.08, "seed": 0.05, "problem": 0.3, "build_problem": 0.1, "residual": 0.25}
+
+    def draw(b: int, s: int, p: int) -> np.ndarray:
+        return (rng.normal(0, sd["build"], (b, 1, 1)) + rng.normal(0, sd["seed"], (b, s, 1))
+                + rng.normal(0, sd["problem"], (1, 1, p)) + rng.normal(0, sd["build_problem"], (b, 1, p))
+                + rng.normal(0, sd["residual"], (b, s, p)))
+
+    vc = variance_components(draw(60, 5, 400))
+    for k, v in sd.items():
+        assert getattr(vc, k) == pytest.approx(v ** 2, rel=0.3), k
+    means = [draw(5, 3, 200).mean() for _ in range(2000)]
+    true = VarianceComponents(**{k: v ** 2 for k, v in sd.items()}, shape=(5, 3, 200))
+    assert np.var(means) == pytest.approx(sum(true.of_mean().values()), rel=0.1)  # of_mean against repeated draws
+    assert true.of_mean(builds=10)["build"] == pytest.approx(sd["build"] ** 2 / 10)
+    with pytest.raises(ValueError, match="≥ 2"):
+        variance_components(np.zeros((1, 3, 10)))
+
+
+def test_build_variance_script_reports_components_and_signs_per_build(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_variance", Path(__file__).parents[1] / "experiments" /
+                                                  "build_variance.py")
+    bv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bv)
+    rng = np.random.default_rng(2)
+    n, gains = 80, {0: 10, 1: 6, 2: -4}  # ResoFilter gets that many more problems right than full on each build
+    for build, gain in gains.items():
+        for seed in range(2):
+            full = (rng.random(n) < 0.4).astype(int)
+            rf = full.copy()
+            idx = np.flatnonzero(full == (0 if gain > 0 else 1))[:abs(gain)]
+            rf[idx] = 1 if gain > 0 else 0
+            _run(tmp_path / f"f{build}{seed}", "full", "random", 1.0, seed, full.tolist(), build=build)
+            _run(tmp_path / f"r{build}{seed}", "resofilter", "resofilter", 0.5, seed, rf.tolist(), build=build)
+    md = bv.report(tmp_path, None)
+    row = next(line for line in md.splitlines() if line.startswith("| resofilter 0.5 − full 1 |") and "b0" in line)
+    # per build: gain / 80 problems, the same on both seeds; overall +12/240 = +5.0 points, positive on 2 of 3 builds
+    assert "| +5.0 | 2/3 | b0: +12.5, b1: +7.5, b2: −5.0 |".replace("−", "-") in row.replace("−", "-")
+    assert "| full 1 |" in md and "σ build" in md

@@ -169,3 +169,53 @@ def row_matrix(a: dict[Unit, dict[str, float]]) -> np.ndarray:
     seeds = sorted(a)
     problems = sorted(set.intersection(*(set(a[s]) for s in seeds)))
     return np.array([[a[s][p] for p in problems] for s in seeds], dtype=float)
+
+
+@dataclass(frozen=True)
+class VarianceComponents:
+    """Method-of-moments variance components of a balanced (builds × seeds × problems) array.
+
+    ``x[b, s, p] = μ + build_b + seed_bs + problem_p + (build × problem)_bp + residual_bsp``: seeds are
+    nested in builds, problems crossed with both. Each σ² is the ANOVA estimate (mean squares solved for
+    their expectations), truncated at 0.
+    """
+
+    build: float
+    seed: float  # within a build
+    problem: float
+    build_problem: float
+    residual: float
+    shape: tuple[int, int, int]
+
+    def of_mean(self, builds: int | None = None, seeds: int | None = None, problems: int | None = None
+                ) -> dict[str, float]:
+        """Each component's part of the variance of the grand mean over ``builds × seeds × problems``
+        (default: the measured design)."""
+        b, s, p = (builds or self.shape[0], seeds or self.shape[1], problems or self.shape[2])
+        return {"build": self.build / b, "seed": self.seed / (b * s), "problem": self.problem / p,
+                "build_problem": self.build_problem / (b * p), "residual": self.residual / (b * s * p)}
+
+
+def variance_components(x: np.ndarray) -> VarianceComponents:
+    """:class:`VarianceComponents` of ``x`` (builds, seeds, problems); needs ≥ 2 of each."""
+    x = np.asarray(x, dtype=float)
+    if x.ndim != 3 or min(x.shape) < 2:
+        raise ValueError(f"x must be (builds, seeds, problems) with ≥ 2 of each, got shape {x.shape}")
+    n_b, n_s, n_p = x.shape
+    m = x.mean()
+    m_b = x.mean(axis=(1, 2))  # build means
+    m_bs = x.mean(axis=2)  # run means
+    m_p = x.mean(axis=(0, 1))  # problem means
+    m_bp = x.mean(axis=1)  # build × problem means
+    ms_b = n_s * n_p * ((m_b - m) ** 2).sum() / (n_b - 1)
+    ms_s = n_p * ((m_bs - m_b[:, None]) ** 2).sum() / (n_b * (n_s - 1))
+    ms_p = n_b * n_s * ((m_p - m) ** 2).sum() / (n_p - 1)
+    ms_bp = n_s * ((m_bp - m_b[:, None] - m_p[None, :] + m) ** 2).sum() / ((n_b - 1) * (n_p - 1))
+    resid = x - m_bs[:, :, None] - m_bp[:, None, :] + m_b[:, None, None]
+    ms_e = (resid ** 2).sum() / (n_b * (n_s - 1) * (n_p - 1))
+    return VarianceComponents(
+        build=max(0.0, (ms_b - ms_bp - ms_s + ms_e) / (n_s * n_p)),
+        seed=max(0.0, (ms_s - ms_e) / n_p),
+        problem=max(0.0, (ms_p - ms_bp) / (n_b * n_s)),
+        build_problem=max(0.0, (ms_bp - ms_e) / n_s),
+        residual=float(ms_e), shape=(n_b, n_s, n_p))
