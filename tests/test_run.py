@@ -148,6 +148,22 @@ def test_builds_swept_like_seeds_are_a_factor_of_the_table(tmp_path):
     assert rows["resofilter"]["acc/math_synth mean"] == pytest.approx(sum(accs) / 2)
 
 
+def test_the_last_line_of_readme_command_1_checks_its_band():
+    from resofilter.stages.run import against_expected
+
+    cfg = compose_cfg([], "run")
+    lo, hi = cfg.expected.accuracy
+    text, inside = against_expected(cfg, (lo + hi) / 2, [])
+    assert inside is True and f"inside the band README command 1 expects ({lo:g}–{hi:g})" in text
+    text, inside = against_expected(cfg, hi + 0.01, [])
+    assert inside is False and "OUTSIDE" in text
+    # any override (a sweep, another seed, another output dir) or a run outside Hydra: nothing is claimed
+    assert against_expected(cfg, 0.3, ["seed=1"]) == ("", None) and against_expected(cfg, 0.3, None) == ("", None)
+    readme = (Path(CONF_DIR).parent / "README.md").read_text()
+    band = f"{lo:g}–{hi:g}"
+    assert f"accuracy {band} (1000/2000 kept) in … s — inside the band README command 1 expects ({band})" in readme
+
+
 def _fake_result(d: Path, variant: str, seed: int, accs: dict, auroc: float | None = 0.6) -> None:
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps({

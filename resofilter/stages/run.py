@@ -119,10 +119,33 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
                                                run_id=ft.get("wandb_run_id"))
     write_json_atomic(out / "results.json", results)
     build = "" if results["build"] is None else f" build {results['build']}"
-    log.info("%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s", cfg.variant_name,
-             cfg.selection.keep_ratio, cfg.seed, build, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
-             results["total_time_s"])
+    verdict, inside = against_expected(cfg, metrics["accuracy"], _task_overrides())
+    log.log(logging.INFO if inside is not False else logging.WARNING,
+            "%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s%s", cfg.variant_name,
+            cfg.selection.keep_ratio, cfg.seed, build, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
+            results["total_time_s"], verdict)
     return results
+
+
+def against_expected(cfg: DictConfig, accuracy: float, overrides: list[str] | None) -> tuple[str, bool | None]:
+    """README command 1 only — ``resofilter run`` with no overrides (``overrides == []``): whether its final
+    accuracy lies in the band the README gives (``expected.accuracy``); the text the last log line ends with,
+    and True/False (None: another run, nothing claimed)."""
+    band = (cfg.get("expected") or {}).get("accuracy")
+    if overrides != [] or band is None:
+        return "", None
+    lo, hi = band
+    if lo <= accuracy <= hi:
+        return f" — inside the band README command 1 expects ({lo:g}–{hi:g})", True
+    return (f" — OUTSIDE the band README command 1 expects ({lo:g}–{hi:g}), measured over builds and machines: "
+            "please report it with this run's results.json (it records the environment)"), False
+
+
+def _task_overrides() -> list[str] | None:
+    """The command line's overrides under Hydra (``[]``: none), None outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def _stops_after(cfg: DictConfig, stage: str, stages: dict[str, Any]) -> bool:
@@ -215,7 +238,8 @@ def _finished_run(out: Path, setting: dict[str, Any], seed: int, build: int | No
 
 # Keys that never distinguish one setting from another: the replicates of a row (fine-tuning seed, embedded
 # build), where outputs go.
-_NOT_SETTING = {"output_dir", "paths", "features_dir", "subset_path", "checkpoint_dir", "hydra", "command", "build"}
+_NOT_SETTING = {"output_dir", "paths", "features_dir", "subset_path", "checkpoint_dir", "hydra", "command", "build",
+                "expected"}
 
 
 def run_setting(cfg: DictConfig) -> dict[str, Any]:
