@@ -17,7 +17,19 @@ from typing import Any
 # the packages that can change numbers (kernels, tokenization, schedules, sampling of data order)
 PACKAGES = ("torch", "transformers", "tokenizers", "pytorch-lightning", "numpy", "peft", "safetensors", "scipy")
 # what `table` compares between runs (the machine's name and the Python patch level are recorded, not compared)
-COMPARED = ("packages", "torch_cpu_capability", "torch_threads", "machine")
+COMPARED = ("packages", "torch_cpu_capability", "torch_threads", "machine", "cpu")
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (``/proc/cpuinfo``; oneMKL takes other code paths on other vendors' CPUs of the
+    same instruction set), None where it cannot be read."""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def environment() -> dict[str, Any]:
@@ -34,10 +46,12 @@ def environment() -> dict[str, Any]:
         "packages": versions,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu": cpu_model(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY", "MKL_NUM_THREADS")
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_CBWR", "ATEN_CPU_CAPABILITY", "MKL_NUM_THREADS",
+                                           "ONEDNN_MAX_CPU_ISA")
                 if k in os.environ},
     }
 

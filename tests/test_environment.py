@@ -17,15 +17,18 @@ def test_environment_names_what_changes_numbers():
     assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert env["torch_threads"] == torch.get_num_threads()
     assert {"transformers", "tokenizers", "pytorch-lightning", "numpy"} <= set(env["packages"])
+    cpuinfo = open("/proc/cpuinfo").read()
+    assert env["cpu"] and env["cpu"] in cpuinfo  # the model name: MKL's code path differs by vendor, not only ISA
     json.dumps(env)  # written into build.json and results.json
 
 
 def test_differences_by_hand():
     a = {"packages": {"torch": "2.13.0", "numpy": "2.1"}, "torch_cpu_capability": "AVX2", "torch_threads": 2,
-         "machine": "x86_64"}
+         "machine": "x86_64", "cpu": "AMD EPYC"}
     b = {**a, "packages": {"torch": "2.13.0", "numpy": "2.2"}, "torch_cpu_capability": "AVX512"}
     assert differences([a, dict(a), None]) == {}
     assert differences([a, b]) == {"packages.numpy": ["2.1", "2.2"], "torch_cpu_capability": ["AVX2", "AVX512"]}
+    assert differences([a, {**a, "cpu": "Intel Xeon"}]) == {"cpu": ["AMD EPYC", "Intel Xeon"]}
 
 
 def test_table_says_when_the_merged_runs_differ_in_environment(tmp_path, caplog):

@@ -66,6 +66,29 @@ NOISE_KINDS = (
     "easier",           # a correct-looking answer to an easier (one-step) problem
     "near_duplicate",   # a copy of another pool question with a cosmetic change
 )
+# Kinds of the second pool (`data=math_synth_b`, issue 22: pools as replicates): other failures of the
+# same problem language, none of them a variant of the first pool's
+NOISE_KINDS_B = (
+    "misread",          # one operand misread (n ± 1 or 2): the chain is consistent with it, the answer wrong
+    "wrong_operation",  # one step computes another operation than its sentence says; later steps follow it
+    "answer_only",      # the right answer line, no steps
+    "skipped_step",     # one step's line missing, the answer right
+    "swapped_steps",    # the step lines in reverse order (their values no longer chain), the answer right
+    "chatty",           # the right solution, then a sentence of filler after the answer line
+)
+ALL_NOISE_KINDS = NOISE_KINDS + NOISE_KINDS_B
+FILLER = ["I hope this helps!", "Let me know if you have more questions.", "That was a fun one.",
+          "Math is great.", "Thanks for asking!"]
+
+
+def check_noise(noise: dict[str, float], key: str) -> None:
+    """Known kinds, rates ≥ 0 summing to < 1."""
+    unknown = set(noise) - set(ALL_NOISE_KINDS)
+    if unknown:
+        raise ConfigError(key, f"unknown noise kinds {sorted(unknown)}; known: {ALL_NOISE_KINDS}")
+    total = sum(noise.values())
+    if any(v < 0 for v in noise.values()) or total >= 1:
+        raise ConfigError(key, f"rates must be ≥0 and sum to <1, sum={total:.3f}")
 
 
 @dataclass
@@ -87,12 +110,7 @@ class SyntheticConfig:
     })
 
     def validate(self) -> None:
-        unknown = set(self.noise) - set(NOISE_KINDS)
-        if unknown:
-            raise ConfigError("data.synthetic.noise", f"unknown noise kinds {sorted(unknown)}; known: {NOISE_KINDS}")
-        total = sum(self.noise.values())
-        if any(v < 0 for v in self.noise.values()) or total >= 1:
-            raise ConfigError("data.synthetic.noise", f"rates must be ≥0 and sum to <1, sum={total:.3f}")
+        check_noise(self.noise, "data.synthetic.noise")
         if self.max_operand < 2 or self.max_value < self.max_operand:
             raise ConfigError("data.synthetic.max_value", "need 2 ≤ max_operand ≤ max_value")
         if not self.finetune_steps or min(self.finetune_steps) < 1:
@@ -213,7 +231,69 @@ def _noisy_response(kind: str, problem: Problem, clean: str, gen: _Gen,
     if kind == "easier":
         first = solution_lines(problem)[:1]
         return format_response(first, vals[1])
-    raise ValueError(kind)
+    return _noisy_response_b(kind, problem, gen)
+
+
+def _misstep(problem: Problem, misread: bool, rng: random.Random) -> str:
+    """One step shown and computed with another operand (``misread``: n ± 1 or 2) or another operation, the
+    later steps following it: every equation right in itself, every value ≥ 0, the answer wrong. Tries the
+    changes in a random order; a problem with no such change of the asked kind gets one of the other."""
+    def changes(of_operand: bool) -> list[tuple[int, str, int]]:
+        out = []
+        for k, (op, n) in enumerate(problem.ops):
+            if of_operand:
+                out += [(k, op, m) for m in (n - 2, n - 1, n + 1, n + 2) if m >= (1 if op == "*" else 0)]
+            else:
+                out += [(k, o, n) for o in "+-*" if o != op]
+        rng.shuffle(out)
+        return out
+
+    for k, op, n in changes(misread) + changes(not misread):
+        ops = list(problem.ops)
+        ops[k] = (op, n)
+        vals = [problem.start]
+        for op_j, n_j in ops:
+            vals.append(apply_op(vals[-1], op_j, n_j))
+        if min(vals) >= 0 and vals[-1] != problem.answer:
+            shown = Problem(problem.name, problem.pronoun, problem.item, problem.start, tuple(ops), problem.sentences)
+            return format_response(solution_lines(shown, vals), vals[-1])
+    raise AssertionError(f"no operand or operation change of {problem} gives another answer")  # ±1 always does
+
+
+def _noisy_response_b(kind: str, problem: Problem, gen: _Gen) -> str:
+    """The second pool's kinds (:data:`NOISE_KINDS_B`)."""
+    rng = gen.rng
+    lines = solution_lines(problem)
+    k = rng.randrange(len(problem.ops))  # the step a kind changes
+    if kind in ("misread", "wrong_operation"):
+        return _misstep(problem, kind == "misread", rng)
+    if kind == "answer_only":
+        return format_response([], problem.answer)
+    if kind == "skipped_step":
+        return format_response(lines[:k] + lines[k + 1:], problem.answer)
+    if kind == "swapped_steps":
+        return format_response(lines[::-1], problem.answer)
+    if kind == "chatty":
+        return format_response(lines, problem.answer) + "\n" + rng.choice(FILLER)
+    raise ValueError(f"unknown noise kind {kind!r}")
+
+
+def draw_unique(gen: _Gen, n_steps_choices: Sequence[int], n: int, avoid: set[str], key: str, what: str
+                ) -> list[tuple[Problem, str, str]]:
+    """``n`` problems (and their clean records) whose queries are not in ``avoid`` (which grows with them)."""
+    out: list[tuple[Problem, str, str]] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise ConfigError(key, f"cannot draw {n} distinct {what}; widen the ranges")
+        p = gen.problem(gen.rng.choice(list(n_steps_choices)))
+        q, r = gen.record(p)
+        if q in avoid:
+            continue
+        avoid.add(q)
+        out.append((p, q, r))
+    return out
 
 
 def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
@@ -224,19 +304,7 @@ def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
     seen: set[str] = set()
 
     def unique(n_steps_choices: Sequence[int], n: int, split: str, avoid: set[str]) -> list[tuple[Problem, str, str]]:
-        out: list[tuple[Problem, str, str]] = []
-        attempts = 0
-        while len(out) < n:
-            attempts += 1
-            if attempts > 50 * n + 1000:
-                raise ConfigError("data.synthetic", f"cannot draw {n} distinct {split} problems; widen the ranges")
-            p = gen.problem(rng.choice(list(n_steps_choices)))
-            q, r = gen.record(p)
-            if q in avoid:
-                continue
-            avoid.add(q)
-            out.append((p, q, r))
-        return out
+        return draw_unique(gen, n_steps_choices, n, avoid, "data.synthetic", f"{split} problems")
 
     # Test sets are drawn first, so the training splits can never contain a test question.
     test = unique(cfg.finetune_steps, cfg.n_test, "test", seen)
@@ -255,11 +323,22 @@ def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
         "base_train": [{"id": f"base_train-{i:06d}", "query": q, "response": r, "meta": meta(p)}
                        for i, (p, q, r) in enumerate(base_train)],
     }
-    # Assign noise kinds to exact counts (not Bernoulli draws), in a shuffled order.
+    out["pool"] = noisy_pool(pool, cfg.noise, gen, "pool")
+    return out
+
+
+def noisy_pool(pool: list[tuple[Problem, str, str]], noise: dict[str, float], gen: _Gen, prefix: str
+               ) -> list[dict[str, Any]]:
+    """Pool records with noise kinds assigned to exact counts (not Bernoulli draws), in a shuffled order."""
+    rng, cfg = gen.rng, gen.cfg
+
+    def meta(p: Problem, **extra: Any) -> dict[str, Any]:
+        return {"n_steps": len(p.ops), "answer": p.answer, **extra}
+
     kinds: list[str | None] = []
-    for kind in NOISE_KINDS:
-        kinds += [kind] * round(cfg.noise.get(kind, 0.0) * cfg.n_pool)
-    kinds += [None] * (cfg.n_pool - len(kinds))
+    for kind in ALL_NOISE_KINDS:
+        kinds += [kind] * round(noise.get(kind, 0.0) * len(pool))
+    kinds += [None] * (len(pool) - len(kinds))
     rng.shuffle(kinds)
     pool_rows = []
     for i, ((p, q, r), kind) in enumerate(zip(pool, kinds, strict=True)):
@@ -273,10 +352,9 @@ def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
             response = _noisy_response(kind, p, r, gen, pool[(i + 1 + rng.randrange(len(pool) - 1)) % len(pool)][::2])
             if response == r:  # e.g. a shuffle that happened to restore the text
                 response = format_response(solution_lines(p), _wrong(rng, p.answer, cfg.max_value))
-        pool_rows.append({"id": f"pool-{i:05d}", "query": q, "response": response,
+        pool_rows.append({"id": f"{prefix}-{i:05d}", "query": q, "response": response,
                           "meta": meta(p, noisy=kind is not None, noise_kind=kind or "clean")})
-    out["pool"] = pool_rows
-    return out
+    return pool_rows
 
 
 def heldout_split(cfg: SyntheticConfig, kind: str, n: int, taken: set[str]) -> list[dict[str, Any]]:
@@ -289,22 +367,27 @@ def heldout_split(cfg: SyntheticConfig, kind: str, n: int, taken: set[str]) -> l
     ``test_extra`` (more test problems: ``eval=math_synth_2000``).
     """
     cfg.validate()
-    rng = random.Random(f"{cfg.seed}/{kind}")
-    gen = _Gen(cfg, rng)
-    avoid, rows = set(taken), []
-    attempts = 0
-    while len(rows) < n:
-        attempts += 1
-        if attempts > 50 * n + 1000:
-            raise ConfigError(f"{kind} split", f"cannot draw {n} new distinct problems; widen the ranges")
-        p = gen.problem(rng.choice(list(cfg.finetune_steps)))
-        q, r = gen.record(p)
-        if q in avoid:
-            continue
-        avoid.add(q)
-        rows.append({"id": f"{kind}-{len(rows):05d}", "query": q, "response": r, "answer": str(p.answer),
-                     "meta": {"n_steps": len(p.ops), "answer": p.answer, "noisy": False, "noise_kind": "clean"}})
-    return rows
+    gen = _Gen(cfg, random.Random(f"{cfg.seed}/{kind}"))
+    drawn = draw_unique(gen, cfg.finetune_steps, n, set(taken), f"{kind} split", "new problems")
+    return [{"id": f"{kind}-{i:05d}", "query": q, "response": r, "answer": str(p.answer),
+             "meta": {"n_steps": len(p.ops), "answer": p.answer, "noisy": False, "noise_kind": "clean"}}
+            for i, (p, q, r) in enumerate(drawn)]
+
+
+def another_pool(cfg: SyntheticConfig, name: str, n: int, noise: dict[str, float], taken: set[str]
+                 ) -> list[dict[str, Any]]:
+    """A second fine-tuning pool (``data=math_synth_b``): ``n`` problems of the fine-tuning skill with
+    ``noise`` (kinds of either pool), ids ``pool_<name>-00000``….
+
+    Like :func:`heldout_split`, drawn from its own random stream (seeded by ``cfg.seed``, ``pool`` and
+    ``name``) and disjoint from ``taken``: the benchmark, its test set and the base model trained on it
+    stay what they are, so two pools are compared on one base model and one test set.
+    """
+    cfg.validate()
+    check_noise(noise, "data.pool.noise")
+    gen = _Gen(cfg, random.Random(f"{cfg.seed}/pool/{name}"))
+    drawn = draw_unique(gen, cfg.finetune_steps, n, set(taken), "data.pool", f"pool_{name} problems")
+    return noisy_pool(drawn, noise, gen, f"pool_{name}")
 
 
 def write_benchmark(cfg: SyntheticConfig, out_dir: str | Path) -> dict[str, Any]:

@@ -155,6 +155,15 @@ def validate(cfg: DictConfig) -> None:
             if m.get("name_or_path") is None and m.get("embedded") is None:
                 raise ConfigError(f"{key}.name_or_path", "is null and there is no `embedded` recipe")
     check_build(cfg)
+    if pool := cfg.data.get("pool"):
+        from resofilter.data.synthetic import check_noise
+
+        if cfg.data.get("synthetic") is None:
+            raise ConfigError("data.pool", "is another pool of the synthetic benchmark: this data has none")
+        if not isinstance(pool.get("n"), int) or pool.n < 1 or not pool.get("name"):
+            raise ConfigError("data.pool", f"needs a name and a size n ≥ 1, got name={pool.get('name')!r} "
+                              f"n={pool.get('n')!r}")
+        check_noise(dict(pool.get("noise") or {}), "data.pool.noise")
     n_layers = model_depth(cfg)
     for key in ("template", "train_template"):
         if cfg.get(key) is not None and not hasattr(instantiate(cfg[key]), "render_prompt"):

@@ -162,6 +162,13 @@ def _path_or_benchmark(cfg: DictConfig, key: str, split: str) -> Path:
 
 
 def data_path(cfg: DictConfig) -> Path:
+    """The records file of ``data``: its ``path``, else the benchmark's split — or, with ``data.pool``, the
+    benchmark's other pool of that recipe (generated on first use)."""
+    source = input_source(cfg, "data")
+    if cfg.data.get("pool") and source == "benchmark":
+        from resofilter.stages.embedded import ensure_pool
+
+        return ensure_pool(benchmark_recipe(cfg), benchmark_dir(cfg), cfg.data.pool)
     return _path_or_benchmark(cfg, "data", cfg.data.get("split") or "pool")
 
 

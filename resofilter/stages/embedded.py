@@ -12,6 +12,7 @@ import functools
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from transformers import get_scheduler
 from resofilter import progress
 from resofilter._io import read_jsonl, stable_hash, temporary_dir, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import load_records
-from resofilter.data.synthetic import SyntheticConfig, heldout_split, write_benchmark
+from resofilter.data.synthetic import SyntheticConfig, another_pool, heldout_split, write_benchmark
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.environment import environment
@@ -66,17 +67,38 @@ def ensure_benchmark(synth_cfg: Any, cache_dir: str | Path) -> Path:
 SPLITS = ("test", "base_test", "pool", "base_train")
 
 
-def _heldout(synth_cfg: Any, bench_dir: Path, kind: str, n: int, path: Path, head: list[dict[str, Any]]) -> Path:
-    """Write ``head`` + ``n`` held-out problems of ``kind`` to ``path`` once; disjoint from every split
-    and from the other held-out files present (a collision is ~1e-4 likely; it would only redraw)."""
+def _disjoint(bench_dir: Path, path: Path, rows: Callable[[set[str]], list[dict[str, Any]]], what: str) -> Path:
+    """Write ``rows(taken)`` to ``path`` once, ``taken`` the queries of every split and of the other held-out
+    files present, so no two files share a problem (a collision is ~1e-4 likely; it would only redraw)."""
     if path.exists():
         return path
     taken = {r["query"] for split in SPLITS for r in read_jsonl(bench_dir / f"{split}.jsonl")}
     others = [f for f in bench_dir.glob("*.jsonl") if f.stem not in SPLITS and f != path]
     taken |= {r["query"] for f in others for r in read_jsonl(f)}
-    write_jsonl_atomic(path, [*head, *heldout_split(synthetic_config(synth_cfg), kind, n, taken)])
-    log.info("synthetic %s split: %d clean problems → %s", kind, n, path)
+    out = rows(taken)
+    write_jsonl_atomic(path, out)
+    log.info("synthetic %s: %d problems → %s", what, len(out), path)
     return path
+
+
+def _heldout(synth_cfg: Any, bench_dir: Path, kind: str, n: int, path: Path, head: list[dict[str, Any]]) -> Path:
+    """``head`` + ``n`` clean held-out problems of ``kind`` in ``path`` (:func:`_disjoint`)."""
+    return _disjoint(bench_dir, path, lambda taken: [*head, *heldout_split(synthetic_config(synth_cfg), kind, n,
+                                                                             taken)], f"{kind} split (clean)")
+
+
+def ensure_pool(synth_cfg: Any, bench_dir: str | Path, pool_cfg: Any) -> Path:
+    """``<bench>/pool_<name>-<hash>.jsonl``: another fine-tuning pool of the benchmark (``data.pool``: its
+    name, size and noise), generated once, disjoint from every split and held-out file; the benchmark and
+    the base model trained on it are unchanged (:func:`~resofilter.data.synthetic.another_pool`)."""
+    bench_dir = Path(bench_dir)
+    spec = _plain(pool_cfg)
+    if not isinstance(spec.get("n"), int) or spec["n"] < 1 or not spec.get("name"):
+        raise ConfigError("data.pool", f"needs a name and a size n ≥ 1, got {spec}")
+    path = bench_dir / f"pool_{spec['name']}-{stable_hash(spec, 8)}.jsonl"
+    return _disjoint(bench_dir, path, lambda taken: another_pool(synthetic_config(synth_cfg), spec["name"], spec["n"],
+                                                                 dict(spec.get("noise") or {}), taken),
+                     f"pool {spec['name']!r}")
 
 
 def ensure_reference(synth_cfg: Any, bench_dir: str | Path, n: int) -> Path:
