@@ -157,3 +157,35 @@ def test_ddp_two_cpu_processes_match_one(tmp_path, tiny_model_dir):
     got, ref = pd.read_parquet(two / "features.parquet"), pd.read_parquet(one / "features.parquet")
     assert json.loads((two / "manifest.json").read_text())["world_size"] == 2
     pd.testing.assert_frame_equal(got, ref, check_exact=False, rtol=1e-6)
+
+
+def test_a_model_overwritten_at_the_same_path_is_rescored(tmp_path, tiny_model_dir):
+    """The features' identity holds the weights' content: new values of the same shapes saved over the
+    same directory change the cache key; the same bytes saved again (new mtime) do not."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from resofilter.stages import context
+    from resofilter.stages.score import prepare_scoring
+
+    model_dir = tmp_path / "checkpoint"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg = compose_cfg(score_overrides(model_dir, tmp_path / "o", "data.max_samples=8",
+                                      f"paths.cache_dir={tmp_path / 'cache'}"), "score")
+    records, _ = context.load_data(cfg)
+    template = context.template(cfg)
+
+    def key() -> str:
+        return prepare_scoring(cfg, records, template, str(model_dir)).identity.key
+
+    before = key()
+    assert list((tmp_path / "cache" / "fingerprints").glob("*.json"))  # computed once, remembered by size + mtime
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.save_pretrained(model_dir)  # the same values again: a new mtime, the same bytes
+    assert key() == before
+    with torch.no_grad():
+        model.model.layers[-1].mlp.up_proj.weight.mul_(1.001)  # the same shapes, other values
+    model.save_pretrained(model_dir)
+    assert key() != before

@@ -180,11 +180,11 @@ def load_sketches(features_dir: str | Path) -> SketchMatrix:
         raise ResoFilterError(f"{path} is missing or does not match the checksum in {mpath}: score again")
     ids = pd.read_parquet(d / "features.parquet", columns=["sample_id"])["sample_id"].tolist()
     desc = manifest.get("description", {})
-    layout = {**layout, "model": desc.get("model"), "model_build": desc.get("model_build"), "dir": str(d)}
+    layout = {**layout, "model": desc.get("model"), "model_weights": desc.get("model_weights"), "dir": str(d)}
     return SketchMatrix(ids, np.load(path, allow_pickle=False), layout)
 
 
-COMPARABLE = ("k_out", "k_in", "seed", "of", "targets", "model", "model_build")
+COMPARABLE = ("k_out", "k_in", "seed", "of", "targets", "model", "model_weights")
 
 
 def check_comparable(a: dict[str, Any], b: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from resofilter import distributed
-from resofilter._io import file_hash, output_lock, remove_orphans, stable_hash
+from resofilter._io import model_fingerprint, output_lock, remove_orphans, stable_hash
 from resofilter.data.records import Record, record_hashes
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeStats, tokenize_records
@@ -164,10 +164,11 @@ def trainer_factory(trainer: dict[str, Any]) -> Callable[..., pl.Trainer]:
 
 def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
     """What determines the features (the resume / cache key), in plain values."""
-    build = Path(model_dir) / "build.json"
+    local = Path(model_dir).is_dir()
     return {
-        "model": model_dir,
-        "model_build": file_hash(build) if build.exists() else None,
+        "model": str(Path(model_dir).resolve()) if local else model_dir,
+        # the weights themselves: a checkpoint overwritten at the same path is another model
+        "model_weights": model_fingerprint(model_dir, cfg.paths.cache_dir),
         "score_dtype": str(scoring_dtype(cfg)).removeprefix("torch."),
         "mode": cfg.score.mode,
         "literal_dtype": cfg.score.literal_dtype if cfg.score.mode == "literal" else None,
