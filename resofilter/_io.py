@@ -228,13 +228,14 @@ MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 MODEL_FILE_NAMES = ("config.json", "adapter_config.json")
 
 
-def model_fingerprint(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str]) -> str:
+def model_fingerprint(model: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None) -> str:
     """A content hash of a model: SHA-256 over its config and weight files (name + bytes), so a checkpoint
     overwritten at the same path with new values of the same shapes gets a new fingerprint.
 
     Computed once per file state: the digest is cached under ``<cache_dir>/fingerprints/`` keyed by the
     directory's absolute path, with each file's size and mtime; a file whose size or mtime changed is
-    hashed again. A name that is no local directory (a hub id) is its own fingerprint (``name:<id>``).
+    hashed again (``cache_dir=None``: hashed every time). A name that is no local directory (a hub id)
+    is its own fingerprint (``name:<id>``).
     """
     path = Path(model)
     if not path.is_dir():
@@ -242,8 +243,8 @@ def model_fingerprint(model: str | os.PathLike[str], cache_dir: str | os.PathLik
     files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in MODEL_FILE_SUFFIXES or
                                                                    p.name in MODEL_FILE_NAMES))
     state = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    memo = Path(cache_dir) / "fingerprints" / f"{stable_hash(str(path.resolve()))}.json"
-    if memo.exists():
+    memo = None if cache_dir is None else Path(cache_dir) / "fingerprints" / f"{stable_hash(str(path.resolve()))}.json"
+    if memo is not None and memo.exists():
         known = read_json(memo)
         if known.get("files") == state:
             return known["sha256"]
@@ -254,5 +255,6 @@ def model_fingerprint(model: str | os.PathLike[str], cache_dir: str | os.PathLik
             for block in iter(lambda: f.read(1 << 24), b""):
                 h.update(block)
     digest = h.hexdigest()
-    write_json_atomic(memo, {"model": str(path.resolve()), "files": state, "sha256": digest})
+    if memo is not None:
+        write_json_atomic(memo, {"model": str(path.resolve()), "files": state, "sha256": digest})
     return digest

@@ -18,7 +18,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed, progress
-from resofilter._io import file_hash, read_json, remove_orphans, stable_hash, temporary_dir, write_json_atomic
+from resofilter._io import (
+    file_hash,
+    model_fingerprint,
+    read_json,
+    remove_orphans,
+    stable_hash,
+    temporary_dir,
+    write_json_atomic,
+)
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
@@ -173,16 +181,15 @@ def accumulation(global_batch: int | None, batch_size: int, world_size: int, acc
     return global_batch // per_step
 
 
-def finetune_key(spec: FinetuneSpec, model_dir: str, samples_key: str) -> str:
+def finetune_key(spec: FinetuneSpec, model_dir: str, samples_key: str, memo_dir: Path | None = None) -> str:
     """What a fine-tuning's trajectory depends on: a resume checkpoint or a finished output of
     another key is not this run's. Trainer/logger settings (progress bars, callbacks, log
     intervals) are not in it; the number of processes, which sets the data order, is checked
     by the data module when it loads the checkpoint."""
-    config = Path(model_dir) / "config.json"
     trajectory = {k: v for k, v in dataclasses.asdict(spec).items()
                   if k not in ("trainer", "logger", "checkpoint_every_n_steps")}
     return stable_hash({"spec": trajectory, "model": str(Path(model_dir).resolve()),
-                        "model_config": file_hash(config) if config.exists() else None,
+                        "model_weights": model_fingerprint(model_dir, memo_dir),  # its content, not only its path
                         "samples": samples_key})
 
 
@@ -207,8 +214,8 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     samples, stats = tokenize_records(records, template, tok, spec.tokenize["max_length"],
                                       spec.tokenize["prompt_overflow"], spec.tokenize["append_eos"],
                                       template_key="train_template")  # the trained model's tokenizer
-    key = finetune_key(spec, model_dir, samples_hash(samples))
     final, record, resume = out_dir / CHECKPOINT, out_dir / "finetune.json", out_dir / RESUME_DIR
+    key = finetune_key(spec, model_dir, samples_hash(samples), resume)
     done = _finished(record, final, key)
     if done is not None:
         log.info("fine-tuning already complete in %s: reusing it", out_dir)
