@@ -41,7 +41,7 @@ def unit_array(by_unit: dict[tuple[int, int], dict[str, float]]) -> tuple[np.nda
 
 def rows_and_differences(root: Path, eval_name: str | None) -> tuple[str, list[tuple[str, dict]]]:
     """Every row's per-unit correctness and every table difference's, labelled like the table."""
-    from resofilter.reporting.table import collect, context_key, correctness
+    from resofilter.reporting.table import collect, context_key, unit_correctness
 
     runs, _ = collect(root)
     acc = [c[4:] for c in runs.columns if c.startswith("acc/")]
@@ -50,13 +50,7 @@ def rows_and_differences(root: Path, eval_name: str | None) -> tuple[str, list[t
     per_row: dict[str, dict] = {}
     meta: dict[str, dict] = {}
     for key, g in runs.groupby("setting_key"):
-        units = {}
-        for (b, s), gs in g.groupby(["build", "seed"]):
-            found = [x for x in (correctness(d, name) for d in gs["_dir"]) if x is not None]
-            if found:
-                units[(int(b), int(s))] = {p: sum(x[p] for x in found) / len(found)
-                                           for p in set.intersection(*map(set, found))}
-        per_row[key] = units
+        per_row[key] = unit_correctness(g, name)
         first = g.iloc[0]
         meta[key] = {"label": f"{first['variant']} {first['keep_ratio']:g}", "keep": first["keep_ratio"],
                      "scorer": first["scorer"], "context": first["context"]}

@@ -242,7 +242,7 @@ def model_fingerprint(model: str | os.PathLike[str], cache_dir: str | os.PathLik
         return f"name:{model}"
     files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in MODEL_FILE_SUFFIXES or
                                                                    p.name in MODEL_FILE_NAMES))
-    state = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    state = [[p.name, (st := p.stat()).st_size, st.st_mtime_ns] for p in files]
     memo = None if cache_dir is None else Path(cache_dir) / "fingerprints" / f"{stable_hash(str(path.resolve()))}.json"
     if memo is not None and memo.exists():
         known = read_json(memo)

@@ -91,6 +91,13 @@ def check_noise(noise: dict[str, float], key: str) -> None:
         raise ConfigError(key, f"rates must be ≥0 and sum to <1, sum={total:.3f}")
 
 
+def check_pool(spec: dict[str, Any], key: str = "data.pool") -> None:
+    """Another pool's spec (``data.pool``): a name, a size ``n`` ≥ 1 and valid noise rates."""
+    if not isinstance(spec.get("n"), int) or spec["n"] < 1 or not spec.get("name"):
+        raise ConfigError(key, f"needs a name and a size n ≥ 1, got name={spec.get('name')!r} n={spec.get('n')!r}")
+    check_noise(dict(spec.get("noise") or {}), f"{key}.noise")
+
+
 @dataclass
 class SyntheticConfig:
     """Sizes, number ranges and noise rates of the benchmark (``data.synthetic`` in config)."""
@@ -278,6 +285,10 @@ def _noisy_response_b(kind: str, problem: Problem, gen: _Gen) -> str:
     raise ValueError(f"unknown noise kind {kind!r}")
 
 
+def _meta(p: Problem, **extra: Any) -> dict[str, Any]:
+    return {"n_steps": len(p.ops), "answer": p.answer, **extra}
+
+
 def draw_unique(gen: _Gen, n_steps_choices: Sequence[int], n: int, avoid: set[str], key: str, what: str
                 ) -> list[tuple[Problem, str, str]]:
     """``n`` problems (and their clean records) whose queries are not in ``avoid`` (which grows with them)."""
@@ -312,9 +323,7 @@ def generate(cfg: SyntheticConfig) -> dict[str, list[dict[str, Any]]]:
     pool = unique(cfg.finetune_steps, cfg.n_pool, "pool", seen)
     base_train = unique([1], cfg.n_base_train, "base_train", set(seen))
 
-    def meta(p: Problem, **extra: Any) -> dict[str, Any]:
-        return {"n_steps": len(p.ops), "answer": p.answer, **extra}
-
+    meta = _meta
     out: dict[str, list[dict[str, Any]]] = {
         "test": [{"id": f"test-{i:05d}", "query": q, "response": r, "answer": str(p.answer),
                   "meta": meta(p)} for i, (p, q, r) in enumerate(test)],
@@ -331,10 +340,7 @@ def noisy_pool(pool: list[tuple[Problem, str, str]], noise: dict[str, float], ge
                ) -> list[dict[str, Any]]:
     """Pool records with noise kinds assigned to exact counts (not Bernoulli draws), in a shuffled order."""
     rng, cfg = gen.rng, gen.cfg
-
-    def meta(p: Problem, **extra: Any) -> dict[str, Any]:
-        return {"n_steps": len(p.ops), "answer": p.answer, **extra}
-
+    meta = _meta
     kinds: list[str | None] = []
     for kind in ALL_NOISE_KINDS:
         kinds += [kind] * round(noise.get(kind, 0.0) * len(pool))

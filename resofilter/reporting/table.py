@@ -124,9 +124,9 @@ def _model_name(path: str | None) -> str | None:
     column of its own, so every build of one recipe has one name), others by path."""
     if path is None:
         return None
-    build = Path(path) / "build.json"
     if "/models/base-" not in str(path):
         return str(path)
+    build = Path(path) / "build.json"
     if not build.exists():  # the cache was cleared since: its key is all that is left
         return Path(path).name
     e = read_json(build)["embedded"]
@@ -142,6 +142,18 @@ def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
         if metrics.exists() and preds.exists() and read_json(metrics).get("eval") == eval_name:
             return {p["sample_id"]: float(p["correct"]) for p in read_jsonl(preds)}
     return None
+
+
+def unit_correctness(row_runs: pd.DataFrame, eval_name: str) -> dict[Unit, dict[str, float]]:
+    """Per-problem correctness of one row's runs by (build, seed) unit; a unit run twice (e.g. in two
+    sweeps) gives the mean correctness of its runs, per problem. Units without predictions are left out."""
+    by_unit: dict[Unit, dict[str, float]] = {}
+    for (b, s), gs in row_runs.groupby(["build", "seed"]):
+        found = [x for x in (correctness(d, eval_name) for d in gs["_dir"]) if x is not None]
+        if found:
+            by_unit[(int(b), int(s))] = {p: sum(x[p] for x in found) / len(found)
+                                        for p in set.intersection(*map(set, found))}
+    return by_unit
 
 
 _OWN_COLUMNS = {"finetune.budget"}  # shown in a column of its own
@@ -226,15 +238,7 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int
     Rows whose runs kept no predictions get no interval (NaN).
     """
     name = col[4:]
-    per_row: dict[str, dict[Unit, dict[str, float]]] = {}
-    for key, g in runs.groupby("setting_key"):
-        by_unit: dict[Unit, dict[str, float]] = {}
-        for (b, s), gs in g.groupby(["build", "seed"]):
-            found = [x for x in (correctness(d, name) for d in gs["_dir"]) if x is not None]
-            if found:  # a seed run twice: the mean correctness of its runs, per problem
-                by_unit[(int(b), int(s))] = {p: sum(x[p] for x in found) / len(found)
-                                            for p in set.intersection(*map(set, found))}
-        per_row[key] = by_unit
+    per_row = {key: unit_correctness(g, name) for key, g in runs.groupby("setting_key")}
     for c in (f"{col} lo", f"{col} hi", f"{col} problems"):
         out[c] = float("nan")
     for ref in ("full", "random"):

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from resofilter.errors import ConfigError
 from resofilter.features.sketch import SketchSpec
@@ -133,11 +133,10 @@ def model_depth(cfg: DictConfig) -> int | None:
 
 def check_build(cfg: DictConfig) -> None:
     """``build`` seeds the embedded base model(s); a run with no embedded model has no build to choose."""
-    from resofilter.stages.embedded import build_recipe
+    from resofilter.stages.embedded import build_recipe, check_build_seed
 
     b = context.build_of(cfg)
-    if isinstance(b, bool) or not isinstance(b, int) or b < 0:
-        raise ConfigError("build", f"must be a non-negative integer (the embedded build's seed), got {b!r}")
+    check_build_seed(b)
     for key in ("model", "train_model"):
         if (m := cfg.get(key)) is not None and m.get("embedded") is not None and not m.get("name_or_path"):
             build_recipe(m.embedded, b)  # a recipe that still sets its own seeds is an error naming them
@@ -156,14 +155,11 @@ def validate(cfg: DictConfig) -> None:
                 raise ConfigError(f"{key}.name_or_path", "is null and there is no `embedded` recipe")
     check_build(cfg)
     if pool := cfg.data.get("pool"):
-        from resofilter.data.synthetic import check_noise
+        from resofilter.data.synthetic import check_pool
 
         if cfg.data.get("synthetic") is None:
             raise ConfigError("data.pool", "is another pool of the synthetic benchmark: this data has none")
-        if not isinstance(pool.get("n"), int) or pool.n < 1 or not pool.get("name"):
-            raise ConfigError("data.pool", f"needs a name and a size n ≥ 1, got name={pool.get('name')!r} "
-                              f"n={pool.get('n')!r}")
-        check_noise(dict(pool.get("noise") or {}), "data.pool.noise")
+        check_pool(OmegaConf.to_container(pool, resolve=True))
     n_layers = model_depth(cfg)
     for key in ("template", "train_template"):
         if cfg.get(key) is not None and not hasattr(instantiate(cfg[key]), "render_prompt"):

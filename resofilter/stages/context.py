@@ -224,13 +224,18 @@ def load_data(cfg: DictConfig, path: str | Path | None = None) -> tuple[list[Rec
     return records, {"path": where, "n_records": len(records) + removed, "dedup_removed": removed}
 
 
-def overridden_on_command_line(group: str) -> bool | None:
-    """Whether the command line set ``group`` or any of its keys; ``None`` outside a Hydra app."""
+def task_overrides() -> list[str] | None:
+    """The command line's overrides under Hydra (``[]``: none), ``None`` outside a Hydra app."""
     from hydra.core.hydra_config import HydraConfig
 
-    if not HydraConfig.initialized():
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
+def overridden_on_command_line(group: str) -> bool | None:
+    """Whether the command line set ``group`` or any of its keys; ``None`` outside a Hydra app."""
+    task = task_overrides()
+    if task is None:
         return None
-    task = HydraConfig.get().overrides.task
     return any(o.lstrip("+~").startswith((f"{group}=", f"{group}.", f"{group}@")) for o in task)
 
 

@@ -25,7 +25,7 @@ from transformers import get_scheduler
 from resofilter import progress
 from resofilter._io import read_jsonl, stable_hash, temporary_dir, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import load_records
-from resofilter.data.synthetic import SyntheticConfig, another_pool, heldout_split, write_benchmark
+from resofilter.data.synthetic import SyntheticConfig, another_pool, check_pool, heldout_split, write_benchmark
 from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.environment import environment
@@ -93,8 +93,7 @@ def ensure_pool(synth_cfg: Any, bench_dir: str | Path, pool_cfg: Any) -> Path:
     the base model trained on it are unchanged (:func:`~resofilter.data.synthetic.another_pool`)."""
     bench_dir = Path(bench_dir)
     spec = _plain(pool_cfg)
-    if not isinstance(spec.get("n"), int) or spec["n"] < 1 or not spec.get("name"):
-        raise ConfigError("data.pool", f"needs a name and a size n ≥ 1, got {spec}")
+    check_pool(spec)
     path = bench_dir / f"pool_{spec['name']}-{stable_hash(spec, 8)}.jsonl"
     return _disjoint(bench_dir, path, lambda taken: another_pool(synthetic_config(synth_cfg), spec["name"], spec["n"],
                                                                  dict(spec.get("noise") or {}), taken),
@@ -119,6 +118,12 @@ def ensure_extended_test(synth_cfg: Any, bench_dir: str | Path, n_extra: int) ->
 _DISPLAY_ONLY = ("progress_bar",)
 
 
+def check_build_seed(build: Any) -> None:
+    """``build`` must be a non-negative integer (it seeds the embedded build)."""
+    if isinstance(build, bool) or not isinstance(build, int) or build < 0:
+        raise ConfigError("build", f"must be a non-negative integer (the embedded build's seed), got {build!r}")
+
+
 def build_recipe(embedded: Any, build: int) -> dict[str, Any]:
     """The embedded recipe of one build: ``build`` is the weight-init and the base-training seed.
 
@@ -126,8 +131,7 @@ def build_recipe(embedded: Any, build: int) -> dict[str, Any]:
     CPU gives another base model under another seed (and on another CPU), and every fine-tuned
     accuracy follows it, so experiments sweep builds like fine-tuning seeds (``build=0,1,2``).
     """
-    if isinstance(build, bool) or not isinstance(build, int) or build < 0:
-        raise ConfigError("build", f"must be a non-negative integer (the embedded build's seed), got {build!r}")
+    check_build_seed(build)
     e = _plain(embedded)
     for key, where in (("init_seed", e), ("seed", e["base_training"])):
         if key in where:

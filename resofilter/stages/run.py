@@ -119,7 +119,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
                                                run_id=ft.get("wandb_run_id"))
     write_json_atomic(out / "results.json", results)
     build = "" if results["build"] is None else f" build {results['build']}"
-    verdict, inside = against_expected(cfg, metrics["accuracy"], _task_overrides())
+    verdict, inside = against_expected(cfg, metrics["accuracy"], context.task_overrides())
     log.log(logging.INFO if inside is not False else logging.WARNING,
             "%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s%s", cfg.variant_name,
             cfg.selection.keep_ratio, cfg.seed, build, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
@@ -139,13 +139,6 @@ def against_expected(cfg: DictConfig, accuracy: float, overrides: list[str] | No
         return f" — inside the band README command 1 expects ({lo:g}–{hi:g})", True
     return (f" — OUTSIDE the band README command 1 expects ({lo:g}–{hi:g}), measured over builds and machines: "
             "please report it with this run's results.json (it records the environment)"), False
-
-
-def _task_overrides() -> list[str] | None:
-    """The command line's overrides under Hydra (``[]``: none), None outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
 def _stops_after(cfg: DictConfig, stage: str, stages: dict[str, Any]) -> bool:
