@@ -50,6 +50,7 @@ def row_diagnostics(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     from resofilter.stages import context
     from resofilter.stages.config_check import validate
     from resofilter.stages.run import score_pool, with_reference
+    from resofilter.stages.score import ScoreSpec
     from resofilter.stages.select import SelectSpec, run_selection
 
     cfg = compose(overrides)
@@ -57,8 +58,9 @@ def row_diagnostics(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     model_dir = context.model_dir(cfg)
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
-    feat_dir, _ = score_pool(cfg, records, template, model_dir, data_info)
-    spec = with_reference(cfg, SelectSpec.from_cfg(cfg), template, model_dir, {})
+    score_spec = ScoreSpec.from_cfg(cfg)
+    feat_dir, _ = score_pool(score_spec, records, template, model_dir, data_info)
+    spec = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir, {})
     manifest = run_selection(spec, feat_dir, records, out_dir)
     if "diagnostics" not in manifest:
         raise SystemExit(f"{overrides}: the data have no noise labels (data.label_field); nothing to measure")

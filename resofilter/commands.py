@@ -19,7 +19,7 @@ from resofilter.stages.config_check import check_inputs, validate
 from resofilter.stages.evaluate import run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune, trained_template
 from resofilter.stages.run import run_pipeline
-from resofilter.stages.score import score_records
+from resofilter.stages.score import ScoreSpec, score_records
 from resofilter.stages.select import SelectSpec, features_manifest, run_selection
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def score(cfg: DictConfig) -> dict | None:
     out = context.output_dir(cfg)
     model_dir = context.model_dir(cfg)
     records, data_info = context.load_data(cfg)
-    scored = score_records(cfg, records, context.template(cfg), model_dir, out, data_info)
+    scored = score_records(ScoreSpec.from_cfg(cfg), records, context.template(cfg), model_dir, out, data_info)
     if scored is None:  # not rank zero
         return None
     features, manifest = scored

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,17 @@ from resofilter.models.tokenizer import train_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def logging_errors_fail(monkeypatch):
+    """A log call whose arguments do not fit its format (``%d`` given a dict) fails the test: the logging
+    module only prints such errors to stderr, so a broken message would otherwise ship unnoticed."""
+
+    def handle_error(self, record):
+        raise sys.exc_info()[1] or RuntimeError(f"logging error in {record.pathname}:{record.lineno}")
+
+    monkeypatch.setattr(logging.Handler, "handleError", handle_error)
 
 
 def compose_cfg(overrides: list[str] | None = None, command: str = "run") -> DictConfig:
@@ -96,6 +109,6 @@ def write_features_dir(d: Path, features, records, n_layers: int = 4) -> Path:
     scored = [r for r in records if r.sample_id in set(features["sample_id"])]
     samples = [type("S", (), {"sample_id": r.sample_id})() for r in scored]
     write_json_atomic(d / "manifest.json", {
-        "description": {"model": "test"}, "records": records_summary(records, samples, hashes),
+        "model": "test", "description": {"model_weights": "test"}, "records": records_summary(records, samples, hashes),
         "structure": {"num_hidden_layers": n_layers, "layers_prefix": "model.layers", "targets": []}})
     return d

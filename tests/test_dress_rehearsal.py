@@ -80,7 +80,7 @@ def test_paper_experiment_dress_rehearsal(tmp_path, tiny_gemma2_dir, tiny_gemma2
     assert all(Path(r["stages"]["score"]["features_dir"]) == feat_dir for r in results)
     fman = json.loads((feat_dir / "manifest.json").read_text())
     # the precision policy held: fp32 scoring of a bf16 model, checked against float64
-    assert fman["description"]["score_dtype"] == "float32" and fman["world_size"] == 2
+    assert fman["description"]["score"]["dtype"] == "float32" and fman["world_size"] == 2
     pc = fman["precision_check"]
     assert pc["passed"] and pc["n_samples"] == 64 and pc["spearman_vs_float64"] >= 0.999, pc
     assert fman["structure"]["num_hidden_layers"] == 4 and fman["structure"]["model_type"] == "gemma2"

@@ -47,11 +47,13 @@ def test_prepare_builds_caches_and_reports(tmp_path, caplog):
     assert context.model_dir(cfg) != model_dir
 
 
-def test_build_seeds_both_the_init_and_the_base_training(tmp_path):
+def test_build_seeds_both_the_init_and_the_base_training(tmp_path, caplog):
     cfg = shrink(compose_cfg([], "prepare"), tmp_path, **TINY)
     zero = context.model_dir(cfg)
     cfg.build = 1
-    one = context.model_dir(cfg)
+    with caplog.at_level("INFO"):  # the messages are formatted (a misfit argument fails the test)
+        one = context.model_dir(cfg)
+    assert "embedded base model (build 1) built in" in caplog.text
     assert one != zero and context.model_dir(cfg) == one  # its own cache entry, reused
     build = json.loads(open(f"{one}/build.json").read())
     e = build["embedded"]

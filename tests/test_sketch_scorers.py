@@ -65,7 +65,7 @@ def test_target_mean_and_max_by_hand_and_layout_checks(tmp_path):
     ref = tmp_path / "ref"
     ref.mkdir()
     pd.DataFrame({"sample_id": ["r0", "r1"]}).to_parquet(ref / "features.parquet")
-    write_json_atomic(ref / "manifest.json", {"description": {"model": "test", "model_weights": None}})
+    write_json_atomic(ref / "manifest.json", {"model": "test", "description": {"model_weights": None}})
     _add_sketches(ref, [[1, 0], [0, 1]])
     f = _with_sketches(pd.DataFrame({"sample_id": ["a", "b"]}), [[1, 0], [1, 1]])
     # cosines: a → (1, 0); b → (1/√2, 1/√2)

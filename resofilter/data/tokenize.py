@@ -53,6 +53,19 @@ class TokenizeStats:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """``tokenize.*``: how records become samples (their content is hashed into the features' identity too)."""
+
+    max_length: int
+    prompt_overflow: str = "error"  # skip | error
+    append_eos: bool = True
+
+    @classmethod
+    def from_cfg(cls, t: Any) -> TokenizeSpec:
+        return cls(max_length=int(t.max_length), prompt_overflow=str(t.prompt_overflow), append_eos=bool(t.append_eos))
+
+
 def tokenize_record(
     record: Record,
     template: Template,

@@ -13,6 +13,7 @@ then come from elements with |G| ≲ eps and from the decay term.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,27 +39,69 @@ class StepConfig:
 
     def make_optimizer(self, params: object) -> torch.optim.Optimizer:
         """The literal torch optimizer this step stands for (used by the exact oracle)."""
-        if self.name == "sgd":
-            return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
-        kw = dict(lr=self.lr, weight_decay=self.weight_decay, eps=self.eps, betas=self.betas or (0.9, 0.999))
-        if self.name == "adam":
-            return torch.optim.Adam(params, **kw)
-        if self.name == "adamw":
-            return torch.optim.AdamW(params, **kw)
-        raise ConfigError("step.name", f"unknown step optimizer {self.name!r}; expected sgd|adam|adamw")
+        return step_optimizer(self.name).literal(params, self)
+
+
+ClosedForm = Callable[[torch.Tensor, torch.Tensor, StepConfig], torch.Tensor]
+Literal = Callable[[object, StepConfig], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class StepOptimizer:
+    """One kind of scored step: its first update in closed form and the torch optimizer it stands for."""
+
+    name: str
+    update: ClosedForm  # (grad (..., r, c), weight (r, c), step) → ΔW
+    literal: Literal  # (params, step) → the optimizer whose first step ``update`` equals
+    needs_eps: bool
+
+
+STEP_OPTIMIZERS: dict[str, StepOptimizer] = {}
+
+
+def register_step_optimizer(name: str, literal: Literal, needs_eps: bool = True) -> Callable[[ClosedForm], ClosedForm]:
+    """Register a closed-form first step under ``step.name=<name>`` (with the literal optimizer that
+    the closed-vs-literal tests compare it against)."""
+    def add(update: ClosedForm) -> ClosedForm:
+        if name in STEP_OPTIMIZERS:
+            raise ValueError(f"step optimizer {name!r} is registered twice")
+        STEP_OPTIMIZERS[name] = StepOptimizer(name, update, literal, needs_eps)
+        return update
+    return add
+
+
+def step_optimizer(name: str) -> StepOptimizer:
+    if name not in STEP_OPTIMIZERS:
+        raise ConfigError("step.name", f"unknown step optimizer {name!r}; expected {'|'.join(STEP_OPTIMIZERS)}")
+    return STEP_OPTIMIZERS[name]
+
+
+def _adam_kwargs(step: StepConfig) -> dict[str, object]:
+    return dict(lr=step.lr, weight_decay=step.weight_decay, eps=step.eps, betas=step.betas or (0.9, 0.999))
+
+
+@register_step_optimizer("sgd", lambda p, s: torch.optim.SGD(p, lr=s.lr, weight_decay=s.weight_decay),
+                         needs_eps=False)
+def _sgd(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
+    lr, wd = step.lr, step.weight_decay
+    return -lr * (grad + wd * weight) if wd else -lr * grad
+
+
+@register_step_optimizer("adam", lambda p, s: torch.optim.Adam(p, **_adam_kwargs(s)))
+def _adam(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
+    g = grad + step.weight_decay * weight if step.weight_decay else grad
+    return -step.lr * (g / (g.abs() + step.eps))
+
+
+@register_step_optimizer("adamw", lambda p, s: torch.optim.AdamW(p, **_adam_kwargs(s)))
+def _adamw(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
+    upd = grad / (grad.abs() + step.eps)
+    return -step.lr * (upd + step.weight_decay * weight) if step.weight_decay else -step.lr * upd
 
 
 def one_step_update(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
     """ΔW of one fresh optimizer step. grad: (..., r, c); weight: (r, c), broadcast."""
-    lr, wd = step.lr, step.weight_decay
-    if step.name == "sgd":
-        return -lr * (grad + wd * weight) if wd else -lr * grad
-    if step.eps is None:
+    opt = step_optimizer(step.name)
+    if opt.needs_eps and step.eps is None:
         raise ConfigError("step.eps", f"required for step.name={step.name}")
-    if step.name == "adam":
-        g = grad + wd * weight if wd else grad
-        return -lr * (g / (g.abs() + step.eps))
-    if step.name == "adamw":
-        upd = grad / (grad.abs() + step.eps)
-        return -lr * (upd + wd * weight) if wd else -lr * upd
-    raise ConfigError("step.name", f"unknown step optimizer {step.name!r}; expected sgd|adam|adamw")
+    return opt.update(grad, weight, step)

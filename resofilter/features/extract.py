@@ -45,6 +45,7 @@ from resofilter.features.fast import FastScorer, ppl, response_losses
 from resofilter.features.sketch import SKETCH_COLUMN, SKETCH_FILE, SketchSpec, sketch_layout
 from resofilter.features.targets import Target
 from resofilter.features.tokens import TokenSignalSpec, token_signals
+from resofilter.identity import runtime_field
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,17 @@ def finished_shards(shard_dir: Path, samples: Sequence[TokenizedSample], shard_s
     return good
 
 
+def flat_items(description: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"score.step.lr": 1e-05, …}``: a nested description's leaves by dotted path (for messages)."""
+    out: dict[str, Any] = {}
+    for k, v in description.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any], shard_size: int) -> int:
     """Record the config key of this output dir, or fail if it holds another config's shards.
 
@@ -256,8 +268,8 @@ def check_or_claim(shard_dir: Path, key: str, description: dict[str, Any], shard
     if key_file.exists():
         old = read_json(key_file)
         if old["key"] != key:
-            changed = sorted(k for k in set(old["description"]) | set(description)
-                             if old["description"].get(k) != description.get(k))
+            was, now = flat_items(old["description"]), flat_items(description)
+            changed = sorted(k for k in set(was) | set(now) if was.get(k) != now.get(k))
             raise ResoFilterError(
                 f"{shard_dir.parent} holds features of a different config (changed: {changed}); "
                 "use a new output_dir or delete it")
@@ -299,12 +311,13 @@ class ScoreSettings:
     statistics: tuple[str, ...] = ("mean_abs",)
     quantiles: tuple[float, ...] = ()
     count_above: tuple[float, ...] = ()
-    chunk_elements: int = 1 << 21
-    logits_chunk_elements: int = 1 << 24
-    batch_size: int = 16
-    max_tokens_per_batch: int | None = None
-    shard_size: int = 256
-    progress_bar: bool = True
+    # how the pass is cut up and shown: not in the features' identity (the same features either way)
+    chunk_elements: int = runtime_field(1 << 21)
+    logits_chunk_elements: int = runtime_field(1 << 24)
+    batch_size: int = runtime_field(16)
+    max_tokens_per_batch: int | None = runtime_field(None)
+    shard_size: int = runtime_field(256)
+    progress_bar: bool = runtime_field(True)
     tokens: TokenSignalSpec = TokenSignalSpec()
     sketch: SketchSpec = SketchSpec()
 

@@ -64,9 +64,10 @@ class SketchSpec:
             return cls()
         spec = cls(enabled=bool(c.get("enabled", False)), k_out=int(c.get("k_out", 16)), k_in=int(c.get("k_in", 16)),
                    seed=int(c.get("seed", 0)), of=str(c.get("of", "gradient")),
-                   indices=c.get("indices", [-3, -2, -1]))
+                   indices=tuple(c.get("indices", [-3, -2, -1])) if not isinstance(c.get("indices"), str)
+                   else c.get("indices"))
         spec.validate()
-        return spec
+        return spec if spec.enabled else cls()  # off: its sizes mean nothing (nor change the features' identity)
 
     def validate(self) -> None:
         if self.of not in KINDS:
@@ -179,12 +180,12 @@ def load_sketches(features_dir: str | Path) -> SketchMatrix:
     if not path.exists() or file_hash(path, length=64) != layout["sha256"]:
         raise ResoFilterError(f"{path} is missing or does not match the checksum in {mpath}: score again")
     ids = pd.read_parquet(d / "features.parquet", columns=["sample_id"])["sample_id"].tolist()
-    desc = manifest.get("description", {})
-    layout = {**layout, "model": desc.get("model"), "model_weights": desc.get("model_weights"), "dir": str(d)}
+    layout = {**layout, "model": manifest.get("model"), "model_weights": manifest["description"]["model_weights"],
+              "dir": str(d)}
     return SketchMatrix(ids, np.load(path, allow_pickle=False), layout)
 
 
-COMPARABLE = ("k_out", "k_in", "seed", "of", "targets", "model", "model_weights")
+COMPARABLE = ("k_out", "k_in", "seed", "of", "targets", "model_weights")  # the weights, wherever they were read
 
 
 def check_comparable(a: dict[str, Any], b: dict[str, Any]) -> None:

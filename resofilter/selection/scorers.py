@@ -7,7 +7,7 @@ Every scorer satisfies :class:`Scorer`. ``scores()`` returns the raw score (its 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -214,12 +214,91 @@ BASELINE_COLUMNS = {"loss": "loss", "ppl": "ppl", "length": "n_tokens", "ifd": "
                     "tok_max": "tok_max", "tok_topk": "tok_topk_mean", "answer_loss": "answer_loss"}
 
 
+@dataclass(frozen=True)
+class ScorerContext:
+    """What a scorer is built with besides its own ``scorer=`` config: the ``layers`` and ``statistic``
+    choices, the scored model's depth (from the features' manifest) and the run's seed."""
+
+    layers: Any  # the layers config: modules, indices, [aggregate]
+    statistic: str
+    n_layers: int
+    seed: int = 0
+
+
+ScorerBuilder = Callable[[Any, ScorerContext], Scorer]
+SCORERS: dict[str, ScorerBuilder] = {}  # scorer.name → builder; conf/scorer/<name>.yaml selects it
+
+
+def register_scorer(*names: str) -> Callable[[ScorerBuilder], ScorerBuilder]:
+    """Register a builder ``(scorer config, context) → Scorer`` under ``scorer.name`` = each of ``names``.
+    Adding a scorer: one builder here (or a class) and its ``conf/scorer/<name>.yaml``."""
+    def add(builder: ScorerBuilder) -> ScorerBuilder:
+        for name in names:
+            if name in SCORERS:
+                raise ValueError(f"scorer {name!r} is registered twice")
+            SCORERS[name] = builder
+        return builder
+    return add
+
+
+@register_scorer("resofilter")
+def _resofilter(c: Any, ctx: ScorerContext) -> Scorer:
+    layers = ctx.layers
+    return ResoFilterScorer(list(layers["modules"]), layers["indices"], ctx.statistic, ctx.n_layers,
+                            layers.get("aggregate", "mean"), c.get("bad_end", "high"))
+
+
+@register_scorer(*BASELINE_COLUMNS)
+def _column(c: Any, ctx: ScorerContext) -> Scorer:
+    return ColumnScorer(c["name"], BASELINE_COLUMNS[c["name"]], c.get("bad_end", "high"))
+
+
+@register_scorer("random")
+def _random(c: Any, ctx: ScorerContext) -> Scorer:
+    return RandomScorer(int(c.get("seed", ctx.seed)))
+
+
+@register_scorer("consensus")
+def _consensus(c: Any, ctx: ScorerContext) -> Scorer:
+    return ConsensusScorer(bad_end=c.get("bad_end", "low"))
+
+
+@register_scorer("target")
+def _target(c: Any, ctx: ScorerContext) -> Scorer:
+    ref = (c.get("reference") or {}).get("features_dir")
+    if not ref:
+        raise ConfigError("scorer.reference.features_dir",
+                          "scorer=target needs the reference set's features: a `resofilter score` dir of the "
+                          "reference records scored by the same model (`resofilter run` scores "
+                          "scorer.reference.path, or the benchmark's reference split, itself)")
+    return TargetScorer(str(ref), c.get("reduce", "mean"), bad_end=c.get("bad_end", "low"))
+
+
+@register_scorer("combined")
+def _combined(c: Any, ctx: ScorerContext) -> Scorer:
+    parts: list[tuple[Scorer, float]] = []
+    for i, ind in enumerate(c["indicators"]):
+        if "statistic" in ind:
+            sub: Scorer = ResoFilterScorer(list(ind.get("modules", ctx.layers["modules"])), ind["indices"],
+                                           ind["statistic"], ctx.n_layers, "mean", ind.get("bad_end", "high"),
+                                           name=f"{ind['statistic']}@{list(ind['indices'])}")
+        elif ind.get("baseline") in BASELINE_COLUMNS:
+            sub = ColumnScorer(ind["baseline"], BASELINE_COLUMNS[ind["baseline"]], ind.get("bad_end", "high"))
+        elif "scorer" in ind:  # any scorer config (consensus, target, a user's _target_ class)
+            sub = build_scorer(ind["scorer"], ctx.layers, ctx.statistic, ctx.n_layers, ctx.seed)
+        else:
+            raise ConfigError(f"scorer.indicators[{i}]", "needs `statistic` + `indices`, `baseline` or `scorer`")
+        parts.append((sub, float(ind.get("weight", 1.0))))
+    return CombinedScorer(parts, c.get("method", "topsis"), bad_end=c.get("bad_end", "high"))
+
+
 def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int, seed: int = 0) -> Scorer:
     """A scorer from the ``scorer=`` config (plus the ``layers``/``statistic`` groups).
 
-    The built-in scorers go by ``name``; any other is a class named by ``_target_`` and built
-    from the config's other keys, which must satisfy :class:`Scorer` (``name``, ``bad_end``,
-    ``scores(features)``; the scored model's depth is ``features.attrs["num_hidden_layers"]``).
+    The registered scorers go by ``name`` (:data:`SCORERS`); any other is a class named by
+    ``_target_`` and built from the config's other keys, which must satisfy :class:`Scorer`
+    (``name``, ``bad_end``, ``scores(features)``; the scored model's depth is
+    ``features.attrs["num_hidden_layers"]``).
     """
     if "_target_" in scorer_cfg:
         from hydra.utils import instantiate
@@ -233,37 +312,6 @@ def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int
                               f"{type(scorer).__name__} lacks name/bad_end/scores (the Scorer protocol)")
         return scorer
     name = scorer_cfg["name"]
-    bad_end = scorer_cfg.get("bad_end", "high")
-    if name == "resofilter":
-        return ResoFilterScorer(list(layers_cfg["modules"]), layers_cfg["indices"], statistic, n_layers,
-                                layers_cfg.get("aggregate", "mean"), bad_end)
-    if name in BASELINE_COLUMNS:
-        return ColumnScorer(name, BASELINE_COLUMNS[name], bad_end)
-    if name == "random":
-        return RandomScorer(int(scorer_cfg.get("seed", seed)))
-    if name == "consensus":
-        return ConsensusScorer(bad_end=bad_end)
-    if name == "target":
-        ref = (scorer_cfg.get("reference") or {}).get("features_dir")
-        if not ref:
-            raise ConfigError("scorer.reference.features_dir",
-                              "scorer=target needs the reference set's features: a `resofilter score` dir of the "
-                              "reference records scored by the same model (`resofilter run` scores "
-                              "scorer.reference.path, or the benchmark's reference split, itself)")
-        return TargetScorer(str(ref), scorer_cfg.get("reduce", "mean"), bad_end=bad_end)
-    if name == "combined":
-        parts: list[tuple[Scorer, float]] = []
-        for i, ind in enumerate(scorer_cfg["indicators"]):
-            if "statistic" in ind:
-                sub: Scorer = ResoFilterScorer(list(ind.get("modules", layers_cfg["modules"])), ind["indices"],
-                                               ind["statistic"], n_layers, "mean", ind.get("bad_end", "high"),
-                                               name=f"{ind['statistic']}@{list(ind['indices'])}")
-            elif ind.get("baseline") in BASELINE_COLUMNS:
-                sub = ColumnScorer(ind["baseline"], BASELINE_COLUMNS[ind["baseline"]], ind.get("bad_end", "high"))
-            elif "scorer" in ind:  # any scorer config (consensus, target, a user's _target_ class)
-                sub = build_scorer(ind["scorer"], layers_cfg, statistic, n_layers, seed)
-            else:
-                raise ConfigError(f"scorer.indicators[{i}]", "needs `statistic` + `indices`, `baseline` or `scorer`")
-            parts.append((sub, float(ind.get("weight", 1.0))))
-        return CombinedScorer(parts, scorer_cfg.get("method", "topsis"), bad_end=bad_end)
-    raise ConfigError("scorer.name", f"unknown scorer {name!r}")
+    if name not in SCORERS:
+        raise ConfigError("scorer.name", f"unknown scorer {name!r}; expected one of {sorted(SCORERS)}")
+    return SCORERS[name](scorer_cfg, ScorerContext(layers_cfg, statistic, n_layers, seed))

@@ -8,11 +8,13 @@ Each stage's request is a frozen spec built from the config in one place: ``Scor
 
 score
     in: records; a ``ScoreSpec`` and the ``FeaturesIdentity`` built by
-    :func:`~resofilter.stages.score.prepare_scoring` (no weights read).
+    :func:`~resofilter.stages.score.prepare_scoring` (no weights loaded).
     out: ``features.parquet`` (sample_id, loss, ppl, n_tokens, truncated, record_hash,
     [loss_alone, ifd], ``<module>/<statistic>``), then ``manifest.json``: ``key`` and
-    ``description`` (model, build, score dtype, mode, step, statistics, samples hash,
-    targets), ``structure`` (depth, layer prefix, targets with shapes, dtype, model type),
+    ``description`` (the model's content fingerprint, the spec's identity fields —
+    :mod:`resofilter.identity`: every field unless declared runtime —, samples hash,
+    targets), ``model`` (where the weights were read), ``structure`` (depth, layer prefix,
+    targets with shapes, dtype, model type),
     ``records`` (count, content hash, ids skipped by tokenization), data, tokenization,
     config, precision check, timing, world size.
 select

@@ -15,19 +15,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from resofilter.errors import ConfigError
+from resofilter.features.closed_form import STEP_OPTIMIZERS
 from resofilter.features.sketch import SketchSpec
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import resolve_indices
 from resofilter.features.tokens import TokenSignalSpec
 from resofilter.models.loading import resolve_dtype
+from resofilter.selection.scorers import SCORERS
 from resofilter.selection.select import check_keep_ratio
 from resofilter.stages import context
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
-STEP_OPTIMIZERS = ("sgd", "adam", "adamw")
-SCORERS = ("resofilter", "loss", "ppl", "length", "random", "ifd", "combined", "tok_max", "tok_topk", "answer_loss",
-           "consensus", "target")
 DIRECTIONS = ("drop_high", "drop_low")
 SCORE_MODES = ("fast", "literal")
 FINETUNE_PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed")
@@ -192,7 +191,7 @@ def validate(cfg: DictConfig) -> None:
     v = cfg.score.logits_chunk_elements
     if not isinstance(v, int) or v < 0:
         raise ConfigError("score.logits_chunk_elements", f"must be an integer ≥ 0 (0 = whole logits), got {v!r}")
-    _one_of(cfg.step.name, STEP_OPTIMIZERS, "step.name")
+    _one_of(cfg.step.name, tuple(STEP_OPTIMIZERS), "step.name")
     if not cfg.step.lr or cfg.step.lr <= 0:
         raise ConfigError("step.lr", "must be > 0")
     stat_names = statistic_names(cfg)
@@ -200,7 +199,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("statistic.name",
                           f"{cfg.statistic.name!r} is not computed; score.statistics give {stat_names}")
     if "_target_" not in cfg.scorer:  # a user's own scorer class is checked when built
-        _one_of(cfg.scorer.name, SCORERS, "scorer.name")
+        _one_of(cfg.scorer.name, tuple(SCORERS), "scorer.name")
     _one_of(cfg.scorer.get("bad_end", "high"), ("high", "low"), "scorer.bad_end")
     check_keep_ratio(cfg.selection.keep_ratio)
     _one_of(cfg.selection.direction, DIRECTIONS, "selection.direction")

@@ -210,14 +210,14 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        build = {
+        record = {
             "build": build, "embedded": e, "benchmark": str(bench_dir), "n_parameters": n_params,
             "train_samples": stats.as_dict(), "train_time_s": train_time,
             "total_time_s": time.perf_counter() - t0,
             "accuracy": {k: v["accuracy"] for k, v in metrics.items()}, "metrics": metrics,
             "environment": environment(),  # float32 kernels differ by CPU: another machine builds another model
         }
-        write_json_atomic(tmp / "build.json", build)
+        write_json_atomic(tmp / "build.json", record)
         tmp.rename(final)
     finally:
         if tmp.exists():

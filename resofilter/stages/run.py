@@ -1,8 +1,8 @@
 """``resofilter run``: score → select → finetune → evaluate in one run directory.
 
 Features are cached under ``<cache_dir>/features/<key>``, the key the features' identity
-(:class:`~resofilter.features.extract.FeaturesIdentity`: model + build, dtype, step,
-statistics, the exact tokenized samples, the scored matrices), so every sweep member that
+(:class:`~resofilter.features.extract.FeaturesIdentity`: the model's content fingerprint, the
+score spec's identity fields, the exact tokenized samples, the scored matrices), so every sweep member that
 shares them reuses one scoring pass; ``results.json`` records whether it did
 (``stages.score.cached``).
 """
@@ -27,7 +27,7 @@ from resofilter.reporting.wandb_log import is_wandb, log_run_summary
 from resofilter.stages import context
 from resofilter.stages.evaluate import run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune
-from resofilter.stages.score import prepare_scoring, score_records
+from resofilter.stages.score import ScoreSpec, prepare_scoring, score_records
 from resofilter.stages.select import SelectSpec, run_selection
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,11 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
 
-    feat_dir, stages["score"] = score_pool(cfg, records, template, model_dir, data_info)
+    score_spec = ScoreSpec.from_cfg(cfg)
+    feat_dir, stages["score"] = score_pool(score_spec, records, template, model_dir, data_info)
     if _stops_after(cfg, "score", stages):
         return stages
-    select_spec = with_reference(cfg, SelectSpec.from_cfg(cfg), template, model_dir, stages)
+    select_spec = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir, stages)
     if distributed.is_rank_zero():
         t0 = time.perf_counter()
         sel = run_selection(select_spec, feat_dir, records, out / "select")
@@ -158,18 +159,18 @@ def needs_reference(cfg: DictConfig) -> bool:
     return ref is not None and not ref.get("features_dir")
 
 
-def score_pool(cfg: DictConfig, records: list[Any], template: Any, model_dir: str,
+def score_pool(spec: ScoreSpec, records: list[Any], template: Any, model_dir: str,
                data_info: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
     """Score ``records`` into the shared features cache (keyed by the features' identity, so every
     run of the same model, data and scoring settings reuses them); (dir, summary on rank 0)."""
     t0 = time.perf_counter()
-    prepared = prepare_scoring(cfg, records, template, model_dir)
+    prepared = prepare_scoring(spec, records, template, model_dir)
     key = prepared.identity.key  # the features' identity names the shared cache dir
-    feat_dir = Path(cfg.paths.cache_dir) / "features" / key
+    feat_dir = features_cache_dir(spec, key)
     cached = (feat_dir / "features.parquet").exists()
     # Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
     # rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
-    scored = score_records(cfg, records, template, model_dir, feat_dir, data_info, prepared, wait_for_lock=True)
+    scored = score_records(spec, records, template, model_dir, feat_dir, data_info, prepared, wait_for_lock=True)
     if not distributed.is_rank_zero():
         return feat_dir, None
     summary = {"cached": cached, "features_dir": str(feat_dir), "key": key, "time_s": time.perf_counter() - t0,
@@ -179,18 +180,25 @@ def score_pool(cfg: DictConfig, records: list[Any], template: Any, model_dir: st
     return feat_dir, summary
 
 
-def with_reference(cfg: DictConfig, spec: SelectSpec, template: Any, model_dir: str,
+def features_cache_dir(spec: ScoreSpec, key: str) -> Path:
+    """The shared features cache directory of features with identity ``key``."""
+    if spec.cache_dir is None:
+        raise ResoFilterError("paths.cache_dir is not set: `resofilter run` caches its features there")
+    return Path(spec.cache_dir) / "features" / key
+
+
+def with_reference(cfg: DictConfig, spec: SelectSpec, score_spec: ScoreSpec, template: Any, model_dir: str,
                    stages: dict[str, Any]) -> SelectSpec:
     """``spec`` with its target scorer's reference features scored (when the config asks the run to)."""
     if not needs_reference(cfg):
         return spec
     # every rank scores the reference set (sharded under DDP), as the pool
-    ref_dir, stages["reference"] = score_reference(cfg, template, model_dir)
+    ref_dir, stages["reference"] = score_reference(cfg, score_spec, template, model_dir)
     return replace(spec, scorer={**spec.scorer, "reference": {**spec.scorer["reference"],
                                                               "features_dir": str(ref_dir)}})
 
 
-def score_reference(cfg: DictConfig, template: Any, model_dir: str) -> tuple[Path, dict[str, Any]]:
+def score_reference(cfg: DictConfig, spec: ScoreSpec, template: Any, model_dir: str) -> tuple[Path, dict[str, Any]]:
     """Score the reference records (``scorer.reference.path``, or the synthetic benchmark's reference
     split) with the pool's model and settings into the features cache; (dir, summary)."""
     t0 = time.perf_counter()
@@ -205,10 +213,10 @@ def score_reference(cfg: DictConfig, template: Any, model_dir: str) -> tuple[Pat
         raise ResoFilterError("scorer=target needs its reference records: set scorer.reference.path (records with "
                               "the data's fields) or scorer.reference.features_dir (their `resofilter score` dir)")
     records, info = context.load_data(cfg, path)
-    prepared = prepare_scoring(cfg, records, template, model_dir)
-    ref_dir = Path(cfg.paths.cache_dir) / "features" / prepared.identity.key
+    prepared = prepare_scoring(spec, records, template, model_dir)
+    ref_dir = features_cache_dir(spec, prepared.identity.key)
     cached = (ref_dir / "features.parquet").exists()
-    score_records(cfg, records, template, model_dir, ref_dir, info, prepared, wait_for_lock=True)
+    score_records(spec, records, template, model_dir, ref_dir, info, prepared, wait_for_lock=True)
     log.info("reference set %s: %d records, features %s (%s)", path, len(records), ref_dir,
              "cached" if cached else "scored")
     return ref_dir, {"path": str(path), "n": len(records), "features_dir": str(ref_dir), "cached": cached,

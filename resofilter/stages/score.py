@@ -22,7 +22,7 @@ from resofilter import distributed
 from resofilter._io import model_fingerprint, output_lock, remove_orphans, stable_hash
 from resofilter.data.records import Record, record_hashes
 from resofilter.data.templates import Template
-from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeStats, tokenize_records
+from resofilter.data.tokenize import IGNORE_INDEX, TokenizedSample, TokenizeSpec, TokenizeStats, tokenize_records
 from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.extract import (
@@ -37,6 +37,7 @@ from resofilter.features.sketch import SketchSpec
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
 from resofilter.features.tokens import NO_SPAN, TokenSignalSpec, answer_spans
+from resofilter.identity import identity_of, runtime_field
 from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
 from resofilter.selection.scorers import layer_columns
 from resofilter.stages.config_check import (
@@ -44,7 +45,6 @@ from resofilter.stages.config_check import (
     count_above_bounds,
     precision_check_samples,
     scoring_dtype,
-    statistic_names,
 )
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ def response_alone(samples: list[TokenizedSample], tokenizer: Any) -> list[Token
 
 def settings_from(cfg: DictConfig) -> ScoreSettings:
     s = cfg.score
+    literal = resolve_dtype(s.literal_dtype, "score.literal_dtype")
     return ScoreSettings(
-        mode=s.mode, literal_dtype=resolve_dtype(s.literal_dtype, "score.literal_dtype"),
+        # the literal loop's dtype means nothing to the fast mode: its spec (and features' identity) holds the default
+        mode=s.mode, literal_dtype=literal if s.mode == "literal" else ScoreSettings.literal_dtype,
         statistics=tuple(s.statistics), quantiles=tuple(s.quantiles), count_above=tuple(count_above_bounds(cfg)),
         chunk_elements=s.chunk_elements,
         logits_chunk_elements=s.logits_chunk_elements, batch_size=s.batch_size,
@@ -98,7 +100,11 @@ class PrecisionCheckSpec:
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """What the score stage is asked, built from the config in one place (:meth:`from_cfg`)."""
+    """What the score stage is asked, built from the config in one place (:meth:`from_cfg`).
+
+    Its identity fields (all but the ``runtime_field`` ones) and the model's content fingerprint are the
+    features' identity (:func:`describe`): a field added here is in the cache key unless declared runtime.
+    """
 
     settings: ScoreSettings
     dtype: torch.dtype  # the model is loaded and scored in it (the precision policy)
@@ -107,10 +113,13 @@ class ScoreSpec:
     candidate_indices: Any
     ifd: bool
     attn_implementation: str | None
-    declared_depth: int | None  # model.num_hidden_layers, if the config states it
-    check: PrecisionCheckSpec
-    trainer: dict[str, Any]  # a pytorch_lightning.Trainer ``_target_`` config
-    config: dict[str, Any]  # the resolved config, recorded in the manifest
+    tokenize: TokenizeSpec
+    # checks and bookkeeping, not inputs of the features
+    declared_depth: int | None = runtime_field()  # model.num_hidden_layers, if the config states it
+    check: PrecisionCheckSpec = runtime_field()  # fails the stage or passes it; never changes a value
+    trainer: dict[str, Any] = runtime_field()  # a pytorch_lightning.Trainer config: devices and ranks, not values
+    cache_dir: str | None = runtime_field()  # where the model's fingerprint is remembered
+    config: dict[str, Any] = runtime_field()  # the resolved config, recorded in the manifest
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> ScoreSpec:
@@ -121,8 +130,10 @@ class ScoreSpec:
                    candidate_modules=tuple(cand.modules),
                    candidate_indices=_plain_indices(indices),
                    ifd=bool(cfg.score.ifd), attn_implementation=cfg.model.get("attn_implementation"),
+                   tokenize=TokenizeSpec.from_cfg(cfg.tokenize),
                    declared_depth=cfg.model.get("num_hidden_layers"), check=PrecisionCheckSpec.from_cfg(cfg, dtype),
                    trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+                   cache_dir=cfg.paths.get("cache_dir"),
                    config=OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -137,24 +148,24 @@ class ScoringInput:
     spans: dict[str, tuple[int, int]] | None = None  # answer spans (data.answer_pattern), response-token positions
 
 
-def prepare_scoring(cfg: DictConfig, records: list[Record], template: Template, model_dir: str) -> ScoringInput:
-    """Tokenize and compute the features' identity from the model's structure alone (no weights read).
+def prepare_scoring(spec: ScoreSpec, records: list[Record], template: Template, model_dir: str) -> ScoringInput:
+    """Tokenize and compute the features' identity from the model's structure and content fingerprint
+    (no weights loaded).
 
-    What determines the features: the model (and its embedded build), the scoring dtype and
-    mode, the step, the statistics, the exact samples (ids, tokens, labels: data, template
-    and tokenization) and the scored matrices by name.
+    What determines the features: the model's weights, the spec's identity fields, the exact samples
+    (ids, tokens, labels: data, template and tokenization) and the scored matrices by name.
     """
     tok = load_tokenizer(model_dir)
-    samples, stats = tokenize_records(records, template, tok, cfg.tokenize.max_length,
-                                      cfg.tokenize.prompt_overflow, cfg.tokenize.append_eos)
-    cand = cfg.score.candidates
-    names = [t.name for t in find_targets(model_skeleton(model_dir), list(cand.modules), cand.indices)]
-    pattern = TokenSignalSpec.from_cfg(cfg).answer_pattern
+    t = spec.tokenize
+    samples, stats = tokenize_records(records, template, tok, t.max_length, t.prompt_overflow, t.append_eos)
+    targets = find_targets(model_skeleton(model_dir), list(spec.candidate_modules), spec.candidate_indices)
+    names = [t.name for t in targets]
+    pattern = spec.settings.tokens.answer_pattern
     spans = answer_spans(records, samples, template, tok, pattern) if pattern else None
     if spans is not None:
         found = sum(span != NO_SPAN for span in spans.values())
         log.info("answer span %r found in %d of %d responses", pattern, found, len(samples))
-    return ScoringInput(tok, samples, stats, FeaturesIdentity.of(describe(cfg, model_dir), samples, names), spans)
+    return ScoringInput(tok, samples, stats, FeaturesIdentity.of(describe(spec, model_dir), samples, names), spans)
 
 
 def trainer_factory(trainer: dict[str, Any]) -> Callable[..., pl.Trainer]:
@@ -162,23 +173,11 @@ def trainer_factory(trainer: dict[str, Any]) -> Callable[..., pl.Trainer]:
     return functools.partial(instantiate, trainer)
 
 
-def describe(cfg: DictConfig, model_dir: str) -> dict[str, Any]:
-    """What determines the features (the resume / cache key), in plain values."""
-    local = Path(model_dir).is_dir()
-    return {
-        "model": str(Path(model_dir).resolve()) if local else model_dir,
-        # the weights themselves: a checkpoint overwritten at the same path is another model
-        "model_weights": model_fingerprint(model_dir, cfg.paths.cache_dir),
-        "score_dtype": str(scoring_dtype(cfg)).removeprefix("torch."),
-        "mode": cfg.score.mode,
-        "literal_dtype": cfg.score.literal_dtype if cfg.score.mode == "literal" else None,
-        "step": OmegaConf.to_container(cfg.step, resolve=True),
-        "statistics": statistic_names(cfg),
-        "ifd": bool(cfg.score.ifd),
-        "max_length": cfg.tokenize.max_length,
-        "tokens": TokenSignalSpec.from_cfg(cfg).describe(),
-        **({"sketch": sk} if (sk := SketchSpec.from_cfg(cfg.score.get("sketch")).describe()) else {}),
-    }
+def describe(spec: ScoreSpec, model_dir: str) -> dict[str, Any]:
+    """What determines the features (the resume / cache key), in plain values: the model's content, not
+    its path (a checkpoint overwritten at the same path is another model; the same weights elsewhere are
+    the same one), and every identity field of the spec."""
+    return {"model_weights": model_fingerprint(model_dir, spec.cache_dir), "score": identity_of(spec)}
 
 
 def records_summary(records: list[Record], samples: list[TokenizedSample], hashes: dict[str, str]) -> dict[str, Any]:
@@ -196,7 +195,7 @@ def structure_of(model: torch.nn.Module, targets: list[Target], dtype: torch.dty
             "dtype": str(dtype).removeprefix("torch."), "model_type": getattr(model.config, "model_type", None)}
 
 
-def score_records(cfg: DictConfig, records: list[Record], template: Template, model_dir: str,
+def score_records(spec: ScoreSpec, records: list[Record], template: Template, model_dir: str,
                   out_dir: Path, data_info: dict[str, Any] | None = None,
                   prepared: ScoringInput | None = None,
                   wait_for_lock: bool = False) -> tuple[pd.DataFrame, dict[str, Any]] | None:
@@ -209,8 +208,7 @@ def score_records(cfg: DictConfig, records: list[Record], template: Template, mo
     stage (another process: an error naming it, or with ``wait_for_lock`` a wait) and first
     removes the temporaries a killed run left.
     """
-    spec = ScoreSpec.from_cfg(cfg)
-    prepared = prepared or prepare_scoring(cfg, records, template, model_dir)
+    prepared = prepared or prepare_scoring(spec, records, template, model_dir)
     if not distributed.is_rank_zero():  # rank 0 holds the directory for every rank
         return _score(spec, records, model_dir, out_dir, data_info, prepared)
     with output_lock(out_dir, "score", wait=wait_for_lock):
@@ -241,6 +239,7 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
         features = features.copy()
         features.insert(len(META_COLUMNS), "record_hash", [hashes[s] for s in features["sample_id"]])
         extra: dict[str, Any] = {
+            "model": model_dir,  # where the weights were read (their content is in the key)
             "structure": structure_of(model, targets, dtype),
             "records": records_summary(records, samples, hashes),
             "data": data_info, "tokenized": tstats.as_dict(),

@@ -298,7 +298,7 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     manifest = {
         "spec": spec.as_dict(), "scorer": spec.scorer, "layers": spec.layers, "statistic": spec.statistic,
         "selection": {"keep_ratio": spec.keep_ratio, "direction": spec.direction, "dedup": spec.dedup},
-        "features": str(fpath), "features_hash": file_hash(fpath), "features_model": fman["description"]["model"],
+        "features": str(fpath), "features_hash": file_hash(fpath), "features_model": fman["model"],
         "data": (fman.get("config") or {}).get("data"),  # how subset.jsonl's records are read (finetune takes it)
         "num_hidden_layers": n_layers,
         "columns": (layer_columns(features, list(spec.layers["modules"]), spec.layers["indices"], spec.statistic,
