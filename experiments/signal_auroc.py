@@ -55,7 +55,7 @@ def row_diagnostics(overrides: list[str], out_dir: Path) -> dict[str, Any]:
 
     cfg = compose(overrides)
     validate(cfg)
-    model_dir = context.model_dir(cfg)
+    model_dir = context.ensure_model(cfg)
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
     score_spec = ScoreSpec.from_cfg(cfg)

@@ -39,7 +39,7 @@ def prepare(cfg: DictConfig) -> dict:
     preflight(cfg)
     t0 = time.perf_counter()
     out = context.output_dir(cfg)
-    model_dir = context.model_dir(cfg)
+    model_dir = context.ensure_model(cfg)
     records, data_info = context.load_data(cfg)
     tok = load_tokenizer(model_dir)
     _, stats = tokenize_records(records, context.template(cfg), tok, cfg.tokenize.max_length,
@@ -47,7 +47,7 @@ def prepare(cfg: DictConfig) -> dict:
     report = {"model": model_dir, "data": data_info, "tokenized": stats.as_dict(),
               "time_s": time.perf_counter() - t0}
     if cfg.get("train_model"):  # the model fine-tuning will start from, built now too
-        report["train_model"] = context.train_model_dir(cfg)
+        report["train_model"] = context.ensure_train_model(cfg)
         log.info("model to fine-tune: %s", report["train_model"])
     bench = context.benchmark_dir(cfg)
     if bench is not None:
@@ -68,7 +68,7 @@ def score(cfg: DictConfig) -> dict | None:
     """Per-sample one-step weight-change features → ``<out>/features.parquet`` + ``manifest.json``."""
     preflight(cfg)
     out = context.output_dir(cfg)
-    model_dir = context.model_dir(cfg)
+    model_dir = context.ensure_model(cfg)
     records, data_info = context.load_data(cfg)
     scored = score_records(ScoreSpec.from_cfg(cfg), records, context.template(cfg), model_dir, out, data_info)
     if scored is None:  # not rank zero
@@ -92,7 +92,7 @@ def finetune(cfg: DictConfig) -> dict:
     """SFT on ``subset_path`` (or the data config's records) → ``<out>/checkpoint``."""
     preflight(cfg)
     out = context.output_dir(cfg)
-    model_dir = context.train_model_dir(cfg)  # train_model, else the scoring model
+    model_dir = context.ensure_train_model(cfg)  # train_model, else the scoring model
     subset = cfg.get("subset_path")
     if subset and (Path(subset).parent / "manifest.json").exists():  # a `select` output: read as it was written
         sman = read_json(Path(subset).parent / "manifest.json")
@@ -105,7 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     """Greedy generation on ``eval`` (and every ``evals`` set) → ``predictions.jsonl`` + ``metrics.json``."""
     preflight(cfg)
     out = context.output_dir(cfg)
-    ckpt = cfg.get("checkpoint_dir") or context.train_model_dir(cfg)
+    ckpt = cfg.get("checkpoint_dir") or context.ensure_train_model(cfg)
     trained_template(ckpt, context.trained_template_cfg(cfg))  # the prompt format the checkpoint learned
     trained = context.trained_model_cfg(cfg)
     model, tok = load_checkpoint(ckpt, trained.dtype, trained.get("attn_implementation"))

@@ -38,23 +38,23 @@ def test_prepare_builds_caches_and_reports(tmp_path, caplog):
     # cached: a second resolution reuses the directory without training
     caplog.clear()
     with caplog.at_level("INFO"):
-        assert context.model_dir(cfg) == model_dir
+        assert context.ensure_model(cfg) == model_dir
     assert "cached" in caplog.text and "base training" not in caplog.text
     # a display-only setting does not invalidate the cache; a training setting does
     cfg.model.embedded.base_training.progress_bar = True
-    assert context.model_dir(cfg) == model_dir
+    assert context.ensure_model(cfg) == model_dir
     cfg.model.embedded.base_training.steps = 5
-    assert context.model_dir(cfg) != model_dir
+    assert context.ensure_model(cfg) != model_dir
 
 
 def test_build_seeds_both_the_init_and_the_base_training(tmp_path, caplog):
     cfg = shrink(compose_cfg([], "prepare"), tmp_path, **TINY)
-    zero = context.model_dir(cfg)
+    zero = context.ensure_model(cfg)
     cfg.build = 1
     with caplog.at_level("INFO"):  # the messages are formatted (a misfit argument fails the test)
-        one = context.model_dir(cfg)
+        one = context.ensure_model(cfg)
     assert "embedded base model (build 1) built in" in caplog.text
-    assert one != zero and context.model_dir(cfg) == one  # its own cache entry, reused
+    assert one != zero and context.ensure_model(cfg) == one  # its own cache entry, reused
     build = json.loads(open(f"{one}/build.json").read())
     e = build["embedded"]
     assert build["build"] == 1 and e["init_seed"] == 1 and e["base_training"]["seed"] == 1

@@ -10,8 +10,8 @@ from resofilter.data.templates import FormatTemplate
 from resofilter.data.tokenize import IGNORE_INDEX, Collator, tokenize_records
 from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig, one_step_update
-from resofilter.features.exact import ExactScorer
 from resofilter.features.fast import FastScorer
+from resofilter.features.literal import LiteralScorer
 from resofilter.features.statistics import UpdateStatistics
 from resofilter.features.targets import find_targets
 from tests.conftest import tiny
@@ -103,7 +103,7 @@ def test_fast_equals_exact_oracle_in_float64(arch, step, tokenizer, gsm8k_record
     targets = find_targets(model, ["mlp.up_proj"], [-3, -2, -1])
     stats = ["mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight"]
     fast = FastScorer(model, targets, st, stats, chunk_elements=1000)
-    exact = ExactScorer(model, targets, st, stats, dtype=torch.float64)
+    exact = LiteralScorer(model, targets, st, stats, dtype=torch.float64)
     batch, samples = _batch(tokenizer, gsm8k_records, n=8)
     if arch == "gemma2":  # transformers' gemma-2 mask overflows in float64 with padding: score one by one
         collate = Collator(tokenizer.pad_token_id)

@@ -10,8 +10,8 @@ import torch
 
 from resofilter.data.tokenize import IGNORE_INDEX
 from resofilter.features.closed_form import StepConfig, one_step_update
-from resofilter.features.exact import ExactScorer
 from resofilter.features.fast import FastScorer
+from resofilter.features.literal import LiteralScorer
 from resofilter.features.sketch import Projector, SketchSpec, cosine_rows, projection, rms_error_bound
 from resofilter.features.targets import find_targets
 from tests.conftest import tiny
@@ -63,7 +63,7 @@ def test_fast_sketch_equals_projection_of_brute_force_gradient_and_literal_score
             m = grads[t.name] if of == "gradient" else one_step_update(grads[t.name], t.module.weight.detach(), STEP)
             parts.append((proj.p_out[t.name] @ m @ proj.p_in[t.name].T).flatten())  # P_out · M · P_inᵀ literally
         torch.testing.assert_close(fast.sketch[b], torch.cat(parts), rtol=1e-8, atol=1e-13)
-    literal = ExactScorer(model, targets, STEP, ["mean_abs"], dtype=torch.float64, sketch=spec).score_batch(batch)
+    literal = LiteralScorer(model, targets, STEP, ["mean_abs"], dtype=torch.float64, sketch=spec).score_batch(batch)
     torch.testing.assert_close(fast.sketch, literal.sketch, rtol=1e-6, atol=1e-12)
 
 

@@ -12,8 +12,8 @@ from resofilter.data.templates import FormatTemplate
 from resofilter.data.tokenize import IGNORE_INDEX, Collator, tokenize_records
 from resofilter.errors import ConfigError
 from resofilter.features.closed_form import StepConfig
-from resofilter.features.exact import ExactScorer
 from resofilter.features.fast import FastScorer
+from resofilter.features.literal import LiteralScorer
 from resofilter.features.targets import find_targets
 from resofilter.features.tokens import NO_SPAN, TokenSignalSpec, answer_spans, token_signals
 from tests.conftest import compose_cfg, tiny
@@ -59,7 +59,7 @@ def test_sliced_head_token_losses_equal_whole_logits_and_the_literal_scorer(toke
     step = StepConfig("sgd", lr=1e-3)
     sliced = FastScorer(model, targets, step, ["l2"], logits_chunk_elements=3 * len(tokenizer) * 5).score_batch(batch)
     whole = FastScorer(model, targets, step, ["l2"], logits_chunk_elements=0).score_batch(batch)
-    literal = ExactScorer(model, targets, step, ["l2"]).score_batch(batch)
+    literal = LiteralScorer(model, targets, step, ["l2"]).score_batch(batch)
     # brute force: each sample alone, CE of every response token
     for b, s in enumerate(samples):
         logits = model(input_ids=torch.tensor([s.input_ids])).logits[0, :-1]

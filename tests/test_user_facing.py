@@ -35,7 +35,7 @@ def test_embedded_model_serves_own_data_with_a_warning(monkeypatch, tmp_path, ca
     monkeypatch.setattr(embedded, "ensure_base_model", lambda *a: tmp_path / "models" / "base-x")
     cfg = compose_cfg(["data=gsm8k", f"data.path={GSM8K_TRAIN}", f"paths.cache_dir={tmp_path}"], "score")
     with caplog.at_level("WARNING"):
-        assert context.model_dir(cfg) == str(tmp_path / "models" / "base-x")
+        assert context.ensure_model(cfg) == str(tmp_path / "models" / "base-x")
     default = compose_cfg([], "score").data.synthetic
     assert dict(seen["synth"]) == dict(default)  # the very benchmark the default base model is built on
     assert "toy trained on synthetic" in caplog.text and "model.name_or_path" in caplog.text

@@ -59,8 +59,8 @@ def setup(args: argparse.Namespace):  # noqa: ANN201
 def run_mode(args: argparse.Namespace) -> dict:
     from resofilter.data.tokenize import Collator, length_buckets
     from resofilter.features.closed_form import StepConfig
-    from resofilter.features.exact import ExactScorer
     from resofilter.features.fast import FastScorer
+    from resofilter.features.literal import LiteralScorer
 
     torch.set_num_threads(args.threads)
     tok, samples, model, targets = setup(args)
@@ -87,7 +87,7 @@ def run_mode(args: argparse.Namespace) -> dict:
             sketch = SketchSpec(enabled=True, k_out=16, k_in=16) if args.mode == "fast_signals" else None
             scorer = FastScorer(model, targets, step, stats, sketch=sketch)
         else:  # the literal loop: fresh AdamW over all parameters, step, diff, restore
-            scorer = ExactScorer(model, targets, step, stats,
+            scorer = LiteralScorer(model, targets, step, stats,
                                  dtype=torch.float64 if args.dtype == "float64" else torch.float32)
         from resofilter.features.tokens import token_signals
 

@@ -40,8 +40,8 @@ from resofilter._io import (
 from resofilter.data.tokenize import Collator, TokenizedSample, length_buckets
 from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
-from resofilter.features.exact import ExactScorer
 from resofilter.features.fast import FastScorer, ppl, response_losses
+from resofilter.features.literal import LiteralScorer
 from resofilter.features.sketch import SKETCH_COLUMN, SKETCH_FILE, SketchSpec, sketch_layout
 from resofilter.features.targets import Target
 from resofilter.features.tokens import TokenSignalSpec, token_signals
@@ -119,7 +119,7 @@ class FeatureDataModule(pl.LightningDataModule):
 class FeatureModule(pl.LightningModule):
     """``predict_step`` returns one feature row per sample of the batch."""
 
-    def __init__(self, model: torch.nn.Module, scorer: FastScorer | ExactScorer, ifd: bool = False,
+    def __init__(self, model: torch.nn.Module, scorer: FastScorer | LiteralScorer, ifd: bool = False,
                  topk: int = 4) -> None:
         super().__init__()
         self.model = model
@@ -361,12 +361,12 @@ def completed_features(out_dir: str | Path, identity: FeaturesIdentity) -> tuple
 
 
 def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
-                  settings: ScoreSettings) -> FastScorer | ExactScorer:
+                  settings: ScoreSettings) -> FastScorer | LiteralScorer:
     """The per-sample update scorer of ``settings.mode`` (fast closed form, or the literal loop)."""
     common = dict(statistics=settings.statistics, quantiles=settings.quantiles, count_above=settings.count_above,
                   sketch=settings.sketch)
     if settings.mode == "literal":
-        return ExactScorer(model, targets, step, dtype=settings.literal_dtype, **common)
+        return LiteralScorer(model, targets, step, dtype=settings.literal_dtype, **common)
     return FastScorer(model, targets, step, chunk_elements=settings.chunk_elements,
                       logits_chunk_elements=settings.logits_chunk_elements, **common)
 

@@ -59,7 +59,6 @@ def scoring_dtype(cfg: DictConfig) -> torch.dtype:
     always precision-checked (:func:`precision_check_samples`).
     """
     dtype = resolve_dtype(cfg.score.dtype or "float32", "score.dtype")
-    renamed(cfg)
     if cfg.score.mode == "literal":
         dtype_key, dtype = "score.literal_dtype", resolve_dtype(cfg.score.literal_dtype, "score.literal_dtype")
     else:
@@ -78,15 +77,6 @@ def precision_check_samples(cfg: DictConfig, dtype: torch.dtype) -> int:
     if dtype in LOW_PRECISION:
         n = max(n, int(pc.low_precision_n_samples))
     return n
-
-
-def renamed(cfg: DictConfig) -> None:
-    """Old names users may still have in scripts: a ConfigError that says the new one."""
-    if cfg.score.mode == "exact":
-        raise ConfigError("score.mode", "`exact` is now `literal` (the literal optimizer step per sample; "
-                          "the fast mode is exact too)")
-    if cfg.score.get("exact_dtype") is not None:
-        raise ConfigError("score.exact_dtype", "is now score.literal_dtype")
 
 
 def count_above_bounds(cfg: DictConfig) -> list[float]:
@@ -146,7 +136,6 @@ def check_build(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid key."""
-    renamed(cfg)
     for key in ("model", "train_model"):  # the scoring model, and the fine-tuned one when it is another
         if (m := cfg.get(key)) is not None:
             resolve_dtype(m.dtype, f"{key}.dtype")

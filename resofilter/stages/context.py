@@ -97,15 +97,16 @@ def build_id(cfg: DictConfig) -> int | None:
     return build_of(cfg) if is_embedded(cfg) else None
 
 
-def model_dir(cfg: DictConfig) -> str:
-    """The scoring model: ``model.name_or_path``, or the embedded base model (built and cached on first use)."""
+def ensure_model(cfg: DictConfig) -> str:
+    """The scoring model's directory: ``model.name_or_path``, or the embedded base model — **trained** here
+    (minutes) when the cache does not hold this build yet, then reused."""
     return _model_dir(cfg, cfg.model, "model", template(cfg))
 
 
-def train_model_dir(cfg: DictConfig) -> str:
+def ensure_train_model(cfg: DictConfig) -> str:
     """The model fine-tuning starts from (:func:`trained_model_cfg`), built like the scoring model."""
     if not cfg.get("train_model"):
-        return model_dir(cfg)
+        return ensure_model(cfg)
     return _model_dir(cfg, cfg.train_model, "train_model", train_template(cfg))
 
 

@@ -331,10 +331,7 @@ def _finished(record: Path, final: Path, key: str) -> dict[str, Any] | None:
     if not record.exists():
         return None
     done = read_json(record)
-    if "key" not in done:  # written before finetune.json recorded its key: redo it
-        log.warning("%s has no key (an older resofilter wrote it): fine-tuning again", record)
-        return None
-    if done["key"] != key:
+    if done.get("key") != key:
         raise ResoFilterError(f"{record.parent} holds a finished fine-tuning of another configuration, data or "
                               "model (its finetune.json); use another output_dir, or delete it to redo it")
     return done if final.is_dir() else None  # weights deleted after evaluation (run.keep_checkpoint=false)

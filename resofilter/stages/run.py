@@ -47,7 +47,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return done if distributed.is_rank_zero() else {}
     t_start = time.perf_counter()
     stages: dict[str, Any] = {}
-    model_dir = context.model_dir(cfg)  # scores the pool
+    model_dir = context.ensure_model(cfg)  # scores the pool
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
 
@@ -71,7 +71,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     # what is fine-tuned and evaluated: the scoring model, or train_model (selection hands over records,
     # so the trained model tokenizes them with its own tokenizer and template)
-    train_dir, train_template = context.train_model_dir(cfg), context.train_template(cfg)
+    train_dir, train_template = context.ensure_train_model(cfg), context.train_template(cfg)
     subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
     ft = run_finetune(FinetuneSpec.from_cfg(cfg), train_dir, subset, train_template, out / "finetune",
                       scored_by=model_dir)

@@ -65,7 +65,7 @@ def features_manifest(features_dir: Path) -> dict[str, Any]:
     manifest = read_json(mpath)
     if "structure" not in manifest or "records" not in manifest:
         raise ResoFilterError(f"{mpath} does not record the model structure and records it covers "
-                              "(written by an older resofilter): score again")
+                              "(it is not a `resofilter score` manifest): score again")
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""The exact oracle: the authors' literal per-sample procedure.
+"""The literal oracle (``score.mode=literal``): the authors' literal per-sample procedure.
 
 For every sample: restore the original weights, build a fresh ``torch.optim`` optimizer
 over all parameters, one forward/backward on that sample alone (prompt masked), one
@@ -27,7 +27,7 @@ from resofilter.features.statistics import UpdateStatistics
 from resofilter.features.targets import Target, decoder_layers
 
 
-class ExactScorer:
+class LiteralScorer:
     """Same interface and output as :class:`~resofilter.features.fast.FastScorer`."""
 
     def __init__(self, model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
