@@ -76,3 +76,24 @@ def test_library_never_imports_a_stage_or_the_cli():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_never_reads_a_dictconfig():
+    """Below the command layer a stage gets typed specs: no library package imports omegaconf, and the
+    stage modules that still do are exactly these (issue 24 shrinks the list; a new one is a regression)."""
+    readers = set()
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(m.split(".")[0] == "omegaconf" for m in mods):
+                readers.add(module_name(path))
+    library = {m for m in readers if m.split(".")[1] in LIBRARY}
+    assert not library, f"library modules import omegaconf: {sorted(library)}"
+    assert readers == {
+        "resofilter.cli", "resofilter.commands", "resofilter.configs",  # the command layer
+        "resofilter.stages.config_check", "resofilter.stages.context", "resofilter.stages.embedded",
+        "resofilter.stages.evaluate", "resofilter.stages.finetune", "resofilter.stages.run",
+        "resofilter.stages.score", "resofilter.stages.select",
+    }, sorted(readers)

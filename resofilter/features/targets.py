@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import ListConfig
 
 from resofilter.errors import ConfigError
 
@@ -21,7 +20,7 @@ def resolve_indices(indices: Any, n_layers: int, key: str) -> list[int]:
         return list(range(n_layers))
     if isinstance(indices, int):
         indices = [indices]
-    if not isinstance(indices, (Sequence, ListConfig)) or not indices:
+    if not isinstance(indices, Sequence) or not indices:  # a ListConfig is a Sequence
         raise ConfigError(key, f"expected `all` or a non-empty list of layer indices, got {indices!r}")
     out = []
     for i in indices:
