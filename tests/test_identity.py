@@ -139,7 +139,7 @@ def test_adding_a_scorer_is_one_registered_builder(monkeypatch):
         return scorers.ColumnScorer("longest_query", "n_tokens", c.get("bad_end", "high"))
 
     s = scorers.build_scorer({"name": "longest_query"}, {"modules": [], "indices": [-1]}, "mean_abs", 4)
-    assert np.array_equal(s.scores(pd.DataFrame({"n_tokens": [3, 1, 2]})), [3, 1, 2])
+    assert np.array_equal(s.scores(scorers.ScoredPool(pd.DataFrame({"n_tokens": [3, 1, 2]}), 4)), [3, 1, 2])
     validate(compose_cfg(["scorer.name=longest_query"]))  # no ConfigError
     with pytest.raises(ConfigError, match="scorer.name"):
         validate(compose_cfg(["scorer.name=nonexistent"]))

@@ -11,7 +11,7 @@ import pytest
 
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.selection.diagnostics import auprc, auroc
-from resofilter.selection.scorers import ColumnScorer, CombinedScorer, ResoFilterScorer, badness
+from resofilter.selection.scorers import ColumnScorer, CombinedScorer, ResoFilterScorer, ScoredPool, badness
 from resofilter.selection.select import n_to_keep, select
 from resofilter.stages import context
 from tests.conftest import compose_cfg, write_features_dir, write_jsonl
@@ -79,25 +79,26 @@ FEATURES = pd.DataFrame({
     **{f"model.layers.{i}.mlp.up_proj/mean_abs": [1.0 + i, 2.0, 0.5 * i] for i in range(4)},
     **{f"model.layers.{i}.mlp.up_proj/l2": [3.0, 2.0, 1.0] for i in range(4)},
 })
+POOL = ScoredPool(FEATURES, 4)
 
 
 def test_resofilter_scorer_averages_the_layer_set():
     s = ResoFilterScorer(["mlp.up_proj"], [-3, -2, -1], "mean_abs", 4)
-    np.testing.assert_allclose(s.scores(FEATURES), [(2 + 3 + 4) / 3, 2.0, (0.5 + 1 + 1.5) / 3])
+    np.testing.assert_allclose(s.scores(POOL), [(2 + 3 + 4) / 3, 2.0, (0.5 + 1 + 1.5) / 3])
     with pytest.raises(ConfigError, match="available statistics"):
-        ResoFilterScorer(["mlp.up_proj"], "all", "max_abs", 4).scores(FEATURES)
+        ResoFilterScorer(["mlp.up_proj"], "all", "max_abs", 4).scores(POOL)
 
 
 def test_combined_rank_mean_and_topsis():
     loss = ColumnScorer("loss", "loss")
     l2 = ResoFilterScorer(["mlp.up_proj"], "all", "l2", 4)
-    rm = CombinedScorer([(loss, 1.0), (l2, 1.0)], "rank_mean").scores(FEATURES)
+    rm = CombinedScorer([(loss, 1.0), (l2, 1.0)], "rank_mean").scores(POOL)
     # loss ranks a,b,c = 1,3,2; l2 ranks 3,2,1 → mean percentiles (1+3)/6, (3+2)/6, (2+1)/6
     np.testing.assert_allclose(rm, [4 / 6, 5 / 6, 3 / 6])
-    t = CombinedScorer([(loss, 1.0), (l2, 0.0)], "topsis").scores(FEATURES)
+    t = CombinedScorer([(loss, 1.0), (l2, 0.0)], "topsis").scores(POOL)
     assert np.argsort(t).tolist() == np.argsort(FEATURES["loss"].to_numpy()).tolist()  # one indicator = its order
     low = ColumnScorer("loss", "loss", bad_end="low")
-    assert badness(low, FEATURES).tolist() == [-1.0, -3.0, -2.0]
+    assert badness(low, POOL).tolist() == [-1.0, -3.0, -2.0]
 
 
 def _stage_cfg(tmp_path, *extra, mean_abs=None):
@@ -205,9 +206,9 @@ class ShortestFirstScorer:
     def __init__(self, name: str = "shortest", bad_end: str = "high") -> None:
         self.name, self.bad_end = name, bad_end
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray:
-        assert features.attrs["num_hidden_layers"] == 4  # the scored model's depth, from the manifest
-        return features["n_tokens"].to_numpy(dtype=float)
+    def scores(self, pool) -> np.ndarray:
+        assert pool.n_layers == 4  # the scored model's depth, from the manifest
+        return pool.features["n_tokens"].to_numpy(dtype=float)
 
 
 def test_a_user_scorer_is_one_class_and_a_target(tmp_path):

@@ -15,6 +15,7 @@ from resofilter.selection.scorers import (
     ColumnScorer,
     CombinedScorer,
     ConsensusScorer,
+    ScoredPool,
     TargetScorer,
     badness,
     build_scorer,
@@ -24,11 +25,9 @@ from tests.test_selection import _stage_cfg
 LAYOUT = {"k_out": 1, "k_in": 2, "seed": 0, "of": "gradient", "targets": ["m"], "model": "test", "model_weights": None}
 
 
-def _with_sketches(features: pd.DataFrame, matrix, ids=None) -> pd.DataFrame:
-    features = features.copy()
-    features.attrs["sketches"] = SketchMatrix(ids or features["sample_id"].tolist(), np.asarray(matrix, float),
-                                              {**LAYOUT, "dir": "pool"})
-    return features
+def _with_sketches(features: pd.DataFrame, matrix, ids=None) -> ScoredPool:
+    return ScoredPool(features, 4, SketchMatrix(ids or features["sample_id"].tolist(), np.asarray(matrix, float),
+                                                {**LAYOUT, "dir": "pool"}))
 
 
 def _add_sketches(d, matrix, **layout) -> None:
@@ -52,11 +51,11 @@ def test_consensus_by_hand():
 
 def test_consensus_without_sketches_is_a_config_error():
     with pytest.raises(ConfigError, match="score.sketch.enabled=true"):
-        ConsensusScorer().scores(pd.DataFrame({"sample_id": ["a"]}))
+        ConsensusScorer().scores(ScoredPool(pd.DataFrame({"sample_id": ["a"]}), 4))
 
 
 def test_answer_loss_missing_ranks_worst():
-    f = pd.DataFrame({"answer_loss": [0.1, np.nan, 3.0]})
+    f = ScoredPool(pd.DataFrame({"answer_loss": [0.1, np.nan, 3.0]}), 4)
     np.testing.assert_allclose(ColumnScorer("answer_loss", "answer_loss").scores(f), [0.1, 4.0, 3.0])
     np.testing.assert_allclose(ColumnScorer("x", "answer_loss", bad_end="low").scores(f), [0.1, -0.9, 3.0])
 

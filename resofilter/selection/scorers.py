@@ -1,14 +1,16 @@
-"""Scorers: one number per sample from the features file; each says which end is "bad".
+"""Scorers: one number per sample of a scored pool; each says which end is "bad".
 
-Every scorer satisfies :class:`Scorer`. ``scores()`` returns the raw score (its own units);
-``badness()`` orients it so that higher = worse, which is what selection drops first.
+Every scorer satisfies :class:`Scorer`. ``scores(pool)`` returns the raw score (its own units)
+of every row of a :class:`ScoredPool` (the features, the scored model's depth and the gradient
+sketches, all read from the features' artifact); ``badness()`` orients it so that higher =
+worse, which is what selection drops first. A selection computes its scorer once.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -21,17 +23,35 @@ from resofilter.features.targets import resolve_indices
 _COLUMN = re.compile(r"^(?P<prefix>.*\.)(?P<layer>\d+)\.(?P<module>[^/]+(?:\.[^/]+)*)/(?P<stat>.+)$")
 
 
+@dataclass(frozen=True)
+class ScoredPool:
+    """What a scorer reads: the features (one row per sample), the depth of the model that scored
+    them and their gradient sketches (``None`` when scored without), as the artifact records them."""
+
+    features: pd.DataFrame
+    n_layers: int
+    sketches: Any = None  # a SketchMatrix keyed by sample id (any row order reads the right rows)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
 @runtime_checkable
 class Scorer(Protocol):
     name: str
     bad_end: str  # "high": large scores are bad (dropped first by drop_high)
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray: ...
+    def scores(self, pool: ScoredPool) -> np.ndarray: ...
 
 
-def badness(scorer: Scorer, features: pd.DataFrame) -> np.ndarray:
-    s = np.asarray(scorer.scores(features), dtype=np.float64)
-    return s if scorer.bad_end == "high" else -s
+def oriented(scores: np.ndarray, bad_end: str) -> np.ndarray:
+    """Raw scores as badness (higher = worse)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return s if bad_end == "high" else -s
+
+
+def badness(scorer: Scorer, pool: ScoredPool) -> np.ndarray:
+    return oriented(scorer.scores(pool), scorer.bad_end)
 
 
 def weight_columns(features: pd.DataFrame) -> list[tuple[str, int, str, str]]:
@@ -62,6 +82,20 @@ def layer_columns(features: pd.DataFrame, modules: Sequence[str], indices: Any, 
     return cols
 
 
+def has_layer_columns(features: pd.DataFrame, modules: Sequence[str], indices: Any, statistic: str,
+                      n_layers: int) -> bool:
+    """Whether the features hold ``statistic`` for ``modules`` in every chosen layer (a layer set out of
+    the model's range holds none)."""
+    if isinstance(indices, str):
+        layers = set(range(n_layers)) if indices == "all" else None
+    else:
+        layers = {i % n_layers for i in indices} if all(-n_layers <= i < n_layers for i in indices) else None
+    if not layers:
+        return False
+    have = {(layer, mod) for _, layer, mod, stat in weight_columns(features) if stat == statistic}
+    return all((layer, mod) in have for layer in layers for mod in modules)
+
+
 @dataclass
 class ResoFilterScorer:
     """The paper's score: ``statistic`` of ΔW aggregated (mean) over the layer set."""
@@ -74,9 +108,9 @@ class ResoFilterScorer:
     bad_end: str = "high"
     name: str = "resofilter"
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray:
-        cols = layer_columns(features, self.modules, self.indices, self.statistic, self.n_layers)
-        x = features[cols].to_numpy(dtype=np.float64)
+    def scores(self, pool: ScoredPool) -> np.ndarray:
+        cols = layer_columns(pool.features, self.modules, self.indices, self.statistic, self.n_layers)
+        x = pool.features[cols].to_numpy(dtype=np.float64)
         return {"mean": x.mean, "sum": x.sum, "max": x.max}[self.aggregate](axis=1)
 
 
@@ -92,7 +126,8 @@ class ColumnScorer:
     column: str
     bad_end: str = "high"
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray:
+    def scores(self, pool: ScoredPool) -> np.ndarray:
+        features = pool.features
         if self.column not in features.columns:
             hint = {"ifd": " (score with score.ifd=true)",
                     "answer_loss": " (score with data.answer_pattern set)"}.get(self.column, "")
@@ -106,13 +141,12 @@ class ColumnScorer:
         return x
 
 
-def sketches_of(features: pd.DataFrame, who: str) -> np.ndarray:
-    """The gradient sketches of ``features``' rows, in row order (``features.attrs["sketches"]``)."""
-    sk = features.attrs.get("sketches")
-    if sk is None:
+def sketches_of(pool: ScoredPool, who: str) -> np.ndarray:
+    """The gradient sketches of the pool's rows, in row order."""
+    if pool.sketches is None:
         raise ConfigError("scorer", f"{who} needs gradient sketches and these features have none: score with "
                           "score.sketch.enabled=true")
-    return sk.rows(features["sample_id"].tolist())
+    return pool.sketches.rows(pool.features["sample_id"].tolist())
 
 
 @dataclass
@@ -126,8 +160,8 @@ class ConsensusScorer:
     name: str = "consensus"
     bad_end: str = "low"
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray:
-        s = sketches_of(features, self.name)
+    def scores(self, pool: ScoredPool) -> np.ndarray:
+        s = sketches_of(pool, self.name)
         return cosine_rows(s, s.mean(axis=0, keepdims=True))[:, 0]
 
 
@@ -143,17 +177,14 @@ class TargetScorer:
     reduce: str = "mean"
     name: str = "target"
     bad_end: str = "low"
-    _reference: Any = field(default=None, repr=False, compare=False)  # read once: scores() runs per use
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray:
+    def scores(self, pool: ScoredPool) -> np.ndarray:
         if self.reduce not in ("mean", "max"):
             raise ConfigError("scorer.reduce", f"expected mean|max, got {self.reduce!r}")
-        pool = sketches_of(features, self.name)
-        if self._reference is None:
-            self._reference = load_sketches(self.reference_dir)
-        ref = self._reference
-        check_comparable(features.attrs["sketches"].layout, ref.layout)
-        cos = cosine_rows(pool, ref.matrix)
+        rows = sketches_of(pool, self.name)
+        ref = load_sketches(self.reference_dir)
+        check_comparable(pool.sketches.layout, ref.layout)
+        cos = cosine_rows(rows, ref.matrix)
         return cos.mean(axis=1) if self.reduce == "mean" else cos.max(axis=1)
 
 
@@ -163,8 +194,8 @@ class RandomScorer:
     name: str = "random"
     bad_end: str = "high"
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray:
-        return np.random.default_rng(self.seed).random(len(features))
+    def scores(self, pool: ScoredPool) -> np.ndarray:
+        return np.random.default_rng(self.seed).random(len(pool))
 
 
 def rank_percentiles(x: np.ndarray) -> np.ndarray:
@@ -188,10 +219,9 @@ class CombinedScorer:
     method: str = "topsis"
     name: str = "combined"
     bad_end: str = "high"
-    parts: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
-    def scores(self, features: pd.DataFrame) -> np.ndarray:
-        cols = np.stack([badness(s, features) for s, _ in self.indicators], axis=1)  # (N, k)
+    def scores(self, pool: ScoredPool) -> np.ndarray:
+        cols = np.stack([badness(s, pool) for s, _ in self.indicators], axis=1)  # (N, k)
         w = np.array([wt for _, wt in self.indicators], dtype=np.float64)
         if (w < 0).any() or w.sum() <= 0:
             raise ConfigError("scorer.indicators", "weights must be ≥ 0 with a positive sum")
@@ -297,8 +327,8 @@ def build_scorer(scorer_cfg: Any, layers_cfg: Any, statistic: str, n_layers: int
 
     The registered scorers go by ``name`` (:data:`SCORERS`); any other is a class named by
     ``_target_`` and built from the config's other keys, which must satisfy :class:`Scorer`
-    (``name``, ``bad_end``, ``scores(features)``; the scored model's depth is
-    ``features.attrs["num_hidden_layers"]``).
+    (``name``, ``bad_end``, ``scores(pool)``: a :class:`ScoredPool` with the features, the scored
+    model's depth and the sketches).
     """
     if "_target_" in scorer_cfg:
         from hydra.utils import instantiate

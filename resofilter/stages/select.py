@@ -41,11 +41,14 @@ from resofilter.selection.scorers import (
     ConsensusScorer,
     RandomScorer,
     ResoFilterScorer,
+    ScoredPool,
     Scorer,
     TargetScorer,
     badness,
     build_scorer,
+    has_layer_columns,
     layer_columns,
+    oriented,
     weight_columns,
 )
 from resofilter.selection.select import select
@@ -179,28 +182,25 @@ def labels_of(records: list[Record], field: str) -> np.ndarray | None:
         return None
 
 
-def panel(features: pd.DataFrame, n_layers: int, modules: list[str], seed: int) -> dict[str, Scorer]:
-    """Every scorer the diagnostics compare: statistics × layer sets, and the baselines."""
+def panel(pool: ScoredPool, modules: list[str], seed: int) -> dict[str, Scorer]:
+    """Every scorer the diagnostics compare: statistics × layer sets the features hold, and the baselines."""
     out: dict[str, Scorer] = {}
+    features, n_layers = pool.features, pool.n_layers
     stats = sorted({s for *_, s in weight_columns(features)})
     for stat in stats:
         for set_name, idx in LAYER_SETS.items():
-            try:
-                s = ResoFilterScorer(modules, idx, stat, n_layers)
-                s.scores(features)
-            except (ConfigError, IndexError):
-                continue
-            out[f"{stat}/{set_name}"] = s
+            if has_layer_columns(features, modules, idx, stat, n_layers):
+                out[f"{stat}/{set_name}"] = ResoFilterScorer(modules, idx, stat, n_layers)
     for name, col in BASELINE_COLUMNS.items():
         if col in features.columns:
             out[name] = ColumnScorer(name, col)
-    if features.attrs.get("sketches") is not None:
+    if pool.sketches is not None:
         out["consensus"] = ConsensusScorer()
     out["random"] = RandomScorer(seed)
     return out
 
 
-def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_layers: int, chosen: Scorer,
+def diagnose(spec: SelectSpec, pool: ScoredPool, recs: list[Record], chosen: Scorer,
              bad: np.ndarray, kept: np.ndarray, y: np.ndarray | None, out_dir: Path) -> dict[str, Any]:
     """What every scorer of the panel ranks by and whom the selection keeps; with noise labels, how
     well each flags noise overall and per kind. Writes ``confounds.png`` (and ``roc.png`` with labels).
@@ -211,11 +211,10 @@ def diagnose(spec: SelectSpec, features: pd.DataFrame, recs: list[Record], n_lay
     - labels only: ``scorers`` (AUROC, AUPRC and, with ``data.kind_field``, AUROC per noise
       kind against the clean samples), ``selected_scorer`` (precision/recall of the dropped set).
     """
-    selected = chosen.name
-    scorers = panel(features, n_layers, list(spec.layers["modules"]), spec.seed)
-    if isinstance(chosen, TargetScorer):  # its reference exists for this selection only
-        scorers["target"] = chosen
-    bads = {name: badness(s, features) for name, s in scorers.items()}
+    selected, features = chosen.name, pool.features
+    bads = {name: badness(s, pool) for name, s in panel(pool, list(spec.layers["modules"]), spec.seed).items()}
+    if isinstance(chosen, TargetScorer):  # its reference exists for this selection only (computed once, above)
+        bads["target"] = bad
     covariates = {"response_tokens": features["n_tokens"].to_numpy(dtype=float),
                   "response_chars": np.array([len(r.response) for r in recs], dtype=float),
                   "loss": features["loss"].to_numpy(dtype=float)}
@@ -263,12 +262,11 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     features = pd.read_parquet(fpath)
     verify_records(features, records, fman, features_dir, spec.allow_unscored)
     features, recs, n_unscored = align(features, records)
-    features.attrs["num_hidden_layers"] = n_layers  # what the artifact knows travels with it to every scorer
-    if "sketch" in fman:  # keyed by sample id, so any row order reads the right rows
-        features.attrs["sketches"] = load_sketches(features_dir)
+    # what the artifact knows (depth, sketches) travels with the features to every scorer
+    pool = ScoredPool(features, n_layers, load_sketches(features_dir) if "sketch" in fman else None)
     scorer = build_scorer(spec.scorer, spec.layers, spec.statistic, n_layers, spec.seed)
-    bad = badness(scorer, features)
-    raw_scores = np.asarray(scorer.scores(features), dtype=np.float64)
+    raw_scores = np.asarray(scorer.scores(pool), dtype=np.float64)  # once per selection
+    bad = oriented(raw_scores, scorer.bad_end)
     if not np.isfinite(bad).all():
         nonfinite = features["sample_id"][~np.isfinite(bad)].tolist()
         raise ResoFilterError(f"{scorer.name} gives {len(nonfinite)} non-finite scores (e.g. {nonfinite[:3]}) "
@@ -286,7 +284,7 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     if y is None and (want is True or want == "true"):
         raise ConfigError("data.label_field", f"records have no field {label_field!r} (needed by diagnostics)")
     if want not in (False, "false"):
-        diag = diagnose(spec, features, recs, n_layers, scorer, bad, sel.kept, y, out_dir)
+        diag = diagnose(spec, pool, recs, scorer, bad, sel.kept, y, out_dir)
     what = f"{scorer.name} ({spec.statistic})" if isinstance(scorer, ResoFilterScorer) else scorer.name
     plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y, f"{what}: keep {spec.keep_ratio:g}")
 
