@@ -60,7 +60,7 @@ def row_diagnostics(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     template = context.template(cfg)
     score_spec = ScoreSpec.from_cfg(cfg)
     feat_dir, _ = score_pool(score_spec, records, template, model_dir, data_info)
-    spec = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir, {})
+    spec, _ = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir)
     manifest = run_selection(spec, feat_dir, records, out_dir)
     if "diagnostics" not in manifest:
         raise SystemExit(f"{overrides}: the data have no noise labels (data.label_field); nothing to measure")

@@ -40,6 +40,8 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     it, another setting in the directory is an error. Otherwise cached features are reused,
     selection is redone (seconds), a finished fine-tuning is reused or a killed one resumed
     from its last training state, and evaluation skips the problems already generated.
+    Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
+    rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
     """
     done = _finished_run(out, run_setting(cfg), cfg.seed, context.build_id(cfg))
     if done is not None:
@@ -47,7 +49,7 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         return done if distributed.is_rank_zero() else {}
     t_start = time.perf_counter()
     stages: dict[str, Any] = {}
-    model_dir = context.ensure_model(cfg)  # scores the pool
+    model_dir = context.ensure_model(cfg)  # scores the pool (the embedded one is built on first use)
     records, data_info = context.load_data(cfg)
     template = context.template(cfg)
 
@@ -55,48 +57,86 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     feat_dir, stages["score"] = score_pool(score_spec, records, template, model_dir, data_info)
     if _stops_after(cfg, "score", stages):
         return stages
-    select_spec = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir, stages)
+
+    select_spec, stages["reference"] = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir)
+    sel = select_pool(select_spec, feat_dir, records, out / "select", stages)
+    if _stops_after(cfg, "select", stages):
+        return stages
+
+    # what is fine-tuned and evaluated: the scoring model, or train_model (selection hands over records,
+    # so the trained model tokenizes them with its own tokenizer and template)
+    train_dir, train_template = context.ensure_train_model(cfg), context.train_template(cfg)
+    ft = finetune_subset(cfg, train_dir, train_template, model_dir, out, stages)
+    if _stops_after(cfg, "finetune", stages):
+        return stages
+
+    evals = evaluate_checkpoint(cfg, ft, train_template, out, stages)
+    if not distributed.is_rank_zero():
+        return {}
+    results = run_results(cfg, stages, evals, model_dir, train_dir, data_info, time.perf_counter() - t_start)
+    write_results(cfg, out, results, ft)
+    verdict, inside = against_expected(cfg, evals[cfg.eval.name]["accuracy"], context.task_overrides())
+    build = "" if results["build"] is None else f" build {results['build']}"
+    log.log(logging.INFO if inside is not False else logging.WARNING,
+            "%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s%s", cfg.variant_name,
+            cfg.selection.keep_ratio, cfg.seed, build, cfg.eval.name, evals[cfg.eval.name]["accuracy"], sel["n_out"],
+            sel["n_in"], results["total_time_s"], verdict)
+    return results
+
+
+def select_pool(spec: SelectSpec, feat_dir: Path, records: list[Any], out_dir: Path,
+                stages: dict[str, Any]) -> dict[str, Any]:
+    """Selection on rank 0 (the others wait for the subset); its summary into ``stages["select"]``."""
+    sel: dict[str, Any] = {}
     if distributed.is_rank_zero():
         t0 = time.perf_counter()
-        sel = run_selection(select_spec, feat_dir, records, out / "select")
+        sel = run_selection(spec, feat_dir, records, out_dir)
         stages["select"] = {
             "n_in": sel["n_in"], "n_out": sel["n_out"], "dedup_removed": sel["dedup_removed"],
             "time_s": time.perf_counter() - t0, "confounds": sel.get("confounds"),
             **({"noise_auroc": sel["diagnostics"]["auroc"],
                 "noise_rate_kept": sel["diagnostics"]["noise_rate_kept"]} if "diagnostics" in sel else {})}
     distributed.barrier()  # the subset exists
-    if _stops_after(cfg, "select", stages):
-        return stages
+    return sel
 
+
+def finetune_subset(cfg: DictConfig, train_dir: str, train_template: Any, scored_by: str, out: Path,
+                    stages: dict[str, Any]) -> dict[str, Any]:
+    """Fine-tune ``train_dir`` on the selected subset; its summary into ``stages["finetune"]``."""
     t0 = time.perf_counter()
-    # what is fine-tuned and evaluated: the scoring model, or train_model (selection hands over records,
-    # so the trained model tokenizes them with its own tokenizer and template)
-    train_dir, train_template = context.ensure_train_model(cfg), context.train_template(cfg)
     subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
     ft = run_finetune(FinetuneSpec.from_cfg(cfg), train_dir, subset, train_template, out / "finetune",
-                      scored_by=model_dir)
+                      scored_by=scored_by)
     stages["finetune"] = {"steps": ft["steps"], "n_records": ft["n_records"], "time_s": time.perf_counter() - t0,
                           "resumed_from_step": ft.get("resumed_from_step"),
                           "train_loss": ft.get("final_metrics", {}).get("train/loss"),
                           "tokens_per_s": ft.get("tokens_per_s"), "world_size": distributed.world_size()}
-    if _stops_after(cfg, "finetune", stages):
-        return stages
+    return ft
 
+
+def evaluate_checkpoint(cfg: DictConfig, ft: dict[str, Any], train_template: Any, out: Path,
+                        stages: dict[str, Any]) -> dict[str, Any]:
+    """Every eval set on the fine-tuned checkpoint (sharded over ranks); the main one into ``stages``.
+    The checkpoint is deleted afterwards unless ``run.keep_checkpoint``."""
     t0 = time.perf_counter()
     trained = context.trained_model_cfg(cfg)
     model, tok = load_checkpoint(ft["checkpoint"], trained.dtype, trained.get("attn_implementation"))
     model.to(distributed.local_device(cfg.trainer.accelerator))
     evals = run_evaluations(cfg, model, tok, train_template, out / "eval", checkpoint_id(ft["checkpoint"]))
     if not distributed.is_rank_zero():
-        return {}
-    metrics = evals[cfg.eval.name]
-    stages["evaluate"] = {**metrics, "time_s": time.perf_counter() - t0}
+        return evals
+    stages["evaluate"] = {**evals[cfg.eval.name], "time_s": time.perf_counter() - t0}
     if len(evals) > 1:
         stages["evaluate"]["more"] = {k: v for k, v in evals.items() if k != cfg.eval.name}
     if not cfg.run.keep_checkpoint:
         shutil.rmtree(ft["checkpoint"])
+    return evals
 
-    results = {
+
+def run_results(cfg: DictConfig, stages: dict[str, Any], evals: dict[str, Any], model_dir: str, train_dir: str,
+                data_info: dict[str, Any], total_time_s: float) -> dict[str, Any]:
+    """``results.json``: what the run was (setting, choices, build, seed, environment) and what it gave."""
+    return {
         "variant": cfg.variant_name, "scorer": cfg.scorer.name, "keep_ratio": cfg.selection.keep_ratio,
         "budget": cfg.finetune.budget,
         "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
@@ -106,11 +146,15 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
         "eval": {k: v["accuracy"] for k, v in evals.items()},
         "eval_protocols": {k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
                            for k, v in evals.items()},
-        "stages": stages, "total_time_s": time.perf_counter() - t_start,
+        "stages": {k: v for k, v in stages.items() if v is not None}, "total_time_s": total_time_s,
         "base_model": _base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
         "setting": run_setting(cfg), "choices": _hydra_choices(),
         "environment": environment(),  # package versions, torch's CPU code path and threads: `table` compares them
     }
+
+
+def write_results(cfg: DictConfig, out: Path, results: dict[str, Any], ft: dict[str, Any]) -> None:
+    """The resolved config, the W&B summary (if logging there), then ``results.json``: the last write."""
     write_json_atomic(out / "resolved_config.json", OmegaConf.to_container(cfg, resolve=True))
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
     if is_wandb(logger_cfg):
@@ -119,13 +163,6 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
                                                read_json(diag_file) if diag_file.exists() else None,
                                                run_id=ft.get("wandb_run_id"))
     write_json_atomic(out / "results.json", results)
-    build = "" if results["build"] is None else f" build {results['build']}"
-    verdict, inside = against_expected(cfg, metrics["accuracy"], context.task_overrides())
-    log.log(logging.INFO if inside is not False else logging.WARNING,
-            "%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s%s", cfg.variant_name,
-            cfg.selection.keep_ratio, cfg.seed, build, cfg.eval.name, metrics["accuracy"], sel["n_out"], sel["n_in"],
-            results["total_time_s"], verdict)
-    return results
 
 
 def against_expected(cfg: DictConfig, accuracy: float, overrides: list[str] | None) -> tuple[str, bool | None]:
@@ -187,15 +224,16 @@ def features_cache_dir(spec: ScoreSpec, key: str) -> Path:
     return Path(spec.cache_dir) / "features" / key
 
 
-def with_reference(cfg: DictConfig, spec: SelectSpec, score_spec: ScoreSpec, template: Any, model_dir: str,
-                   stages: dict[str, Any]) -> SelectSpec:
-    """``spec`` with its target scorer's reference features scored (when the config asks the run to)."""
+def with_reference(cfg: DictConfig, spec: SelectSpec, score_spec: ScoreSpec, template: Any,
+                   model_dir: str) -> tuple[SelectSpec, dict[str, Any] | None]:
+    """``spec`` with its target scorer's reference features scored (when the config asks the run to), and
+    the reference's summary (``None``: no reference scored)."""
     if not needs_reference(cfg):
-        return spec
+        return spec, None
     # every rank scores the reference set (sharded under DDP), as the pool
-    ref_dir, stages["reference"] = score_reference(cfg, score_spec, template, model_dir)
+    ref_dir, summary = score_reference(cfg, score_spec, template, model_dir)
     return replace(spec, scorer={**spec.scorer, "reference": {**spec.scorer["reference"],
-                                                              "features_dir": str(ref_dir)}})
+                                                              "features_dir": str(ref_dir)}}), summary
 
 
 def score_reference(cfg: DictConfig, spec: ScoreSpec, template: Any, model_dir: str) -> tuple[Path, dict[str, Any]]:
