@@ -177,3 +177,15 @@ def test_adding_a_step_optimizer_is_one_registered_closed_form(monkeypatch):
     torch.testing.assert_close(w.detach() - before, cf.one_step_update(g, before, step), rtol=0, atol=1e-15)
     with pytest.raises(Exception, match="step.name"):
         cf.one_step_update(g, before, cf.StepConfig(name="nonexistent"))
+
+
+def test_the_finetune_key_is_every_identity_field_of_its_spec():
+    """The fine-tuning's resume / reuse key: every FinetuneSpec field but the driving and logging ones."""
+    from resofilter.stages.finetune import FinetuneSpec
+
+    ft = FinetuneSpec.from_cfg(compose_cfg([]))
+    base = identity_of(ft)
+    paths = leaves(ft)
+    assert {p for p, ident in paths if not ident} == {"trainer", "logger", "checkpoint_every_n_steps"}
+    for path, ident in paths:
+        assert (identity_of(changed(ft, path)) != base) == ident, path

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil
@@ -32,6 +31,7 @@ from resofilter.data.templates import Template
 from resofilter.data.tokenize import tokenize_records
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features.extract import samples_hash
+from resofilter.identity import identity_of, runtime_field
 from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from resofilter.reporting.wandb_log import is_wandb
 from resofilter.stages.context import trained_model_cfg, trained_template_cfg
@@ -111,8 +111,10 @@ class FinetuneSpec:
     warmup_ratio: float
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    trainer: dict[str, Any]
-    logger: dict[str, Any]
+    # how the run is driven and logged, not where it goes: not in the fine-tuning's key (the number of
+    # processes, which sets the data order, is checked by the data module when it loads a checkpoint)
+    trainer: dict[str, Any] = runtime_field()
+    logger: dict[str, Any] = runtime_field()
     template: dict[str, Any]
     tokenize: dict[str, Any]
     model_dtype: str = "float32"
@@ -120,7 +122,7 @@ class FinetuneSpec:
     lora: dict[str, Any] | None = None
     merge_lora: bool = False
     gradient_checkpointing: bool = False
-    checkpoint_every_n_steps: int | None = None
+    checkpoint_every_n_steps: int | None = runtime_field(None)
     budget: str = "steps"
     global_batch_size: int | None = None
 
@@ -183,13 +185,9 @@ def accumulation(global_batch: int | None, batch_size: int, world_size: int, acc
 
 def finetune_key(spec: FinetuneSpec, model_dir: str, samples_key: str, memo_dir: Path | None = None) -> str:
     """What a fine-tuning's trajectory depends on: a resume checkpoint or a finished output of
-    another key is not this run's. Trainer/logger settings (progress bars, callbacks, log
-    intervals) are not in it; the number of processes, which sets the data order, is checked
-    by the data module when it loads the checkpoint."""
-    trajectory = {k: v for k, v in dataclasses.asdict(spec).items()
-                  if k not in ("trainer", "logger", "checkpoint_every_n_steps")}
-    return stable_hash({"spec": trajectory, "model": str(Path(model_dir).resolve()),
-                        "model_weights": model_fingerprint(model_dir, memo_dir),  # its content, not only its path
+    another key is not this run's. The spec's identity fields (all but the ``runtime_field`` ones:
+    trainer, logger, checkpoint interval), the model's content (not its path) and the samples."""
+    return stable_hash({"spec": identity_of(spec), "model_weights": model_fingerprint(model_dir, memo_dir),
                         "samples": samples_key})
 
 
