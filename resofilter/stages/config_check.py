@@ -135,12 +135,26 @@ def check_build(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming the first invalid key."""
+    """Raise :class:`ConfigError` naming the first invalid key: each group of checks in turn, each
+    knowing the model's depth where the config alone gives it (else checked against the loaded model)."""
+    for check in (_check_models, _check_data):  # the sources first: the depth is read from them
+        check(cfg)
+    n_layers = model_depth(cfg)
+    for stage_check in STAGE_CHECKS:
+        stage_check(cfg, n_layers)
+
+
+def _check_models(cfg: DictConfig) -> None:
+    """The scoring model, and the fine-tuned one when it is another: a dtype and a source."""
     for key in ("model", "train_model"):  # the scoring model, and the fine-tuned one when it is another
         if (m := cfg.get(key)) is not None:
             resolve_dtype(m.dtype, f"{key}.dtype")
             if m.get("name_or_path") is None and m.get("embedded") is None:
                 raise ConfigError(f"{key}.name_or_path", "is null and there is no `embedded` recipe")
+
+
+def _check_data(cfg: DictConfig) -> None:
+    """The embedded build and the synthetic pool."""
     check_build(cfg)
     if pool := cfg.data.get("pool"):
         from resofilter.data.synthetic import check_pool
@@ -148,7 +162,10 @@ def validate(cfg: DictConfig) -> None:
         if cfg.data.get("synthetic") is None:
             raise ConfigError("data.pool", "is another pool of the synthetic benchmark: this data has none")
         check_pool(OmegaConf.to_container(pool, resolve=True))
-    n_layers = model_depth(cfg)
+
+
+def _check_layers(cfg: DictConfig, n_layers: int | None) -> None:
+    """The templates, and the layer sets against the model's depth."""
     for key in ("template", "train_template"):
         if cfg.get(key) is not None and not hasattr(instantiate(cfg[key]), "render_prompt"):
             raise ConfigError(f"{key}._target_", "does not build a Template")
@@ -158,6 +175,10 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.layers.modules:
         raise ConfigError("layers.modules", "needs at least one module name")
     _one_of(cfg.layers.get("aggregate", "mean"), ("mean", "sum", "max"), "layers.aggregate")
+
+
+def _check_score(cfg: DictConfig, n_layers: int | None) -> None:
+    """The score stage: mode, statistics, precision policy and check, sizes, sketches, token signals, step."""
     _one_of(cfg.score.mode, SCORE_MODES, "score.mode")
     for s in cfg.score.statistics:
         _one_of(s, (*BASIC, "quantiles", "count_above"), "score.statistics")  # BASIC: the registered ones
@@ -187,17 +208,24 @@ def validate(cfg: DictConfig) -> None:
     if cfg.statistic.name not in stat_names:
         raise ConfigError("statistic.name",
                           f"{cfg.statistic.name!r} is not computed; score.statistics give {stat_names}")
+
+
+def _check_selection(cfg: DictConfig, n_layers: int | None) -> None:
+    """The scorer, the keep ratio, the direction and the deduplication."""
     if "_target_" not in cfg.scorer:  # a user's own scorer class is checked when built
         _one_of(cfg.scorer.name, tuple(SCORERS), "scorer.name")
     _one_of(cfg.scorer.get("bad_end", "high"), ("high", "low"), "scorer.bad_end")
     check_keep_ratio(cfg.selection.keep_ratio)
     _one_of(cfg.selection.direction, DIRECTIONS, "selection.direction")
     _one_of(cfg.selection.get("dedup"), (None, "exact", "normalized"), "selection.dedup")
+
+
+def _check_finetune(cfg: DictConfig, n_layers: int | None) -> None:
+    """The fine-tuning recipe: every ``_target_`` bound to its signature, schedule, budget, batch, checkpoints."""
     _one_of(cfg.finetune.mode, ("full", "lora"), "finetune.mode")
     # bf16/fp16 "-true" precision trains the weights themselves in half precision: a 1e-5 step
     # vanishes below their resolution (16 % of up_proj weights moved in 10 steps, issue 11)
     _one_of(str(cfg.finetune.precision), FINETUNE_PRECISIONS, "finetune.precision")
-    from resofilter.stages.evaluate import answer_extractor
     from resofilter.stages.finetune import check_target, lora_config
 
     check_target(cfg.finetune.optimizer, "finetune.optimizer", params=[])
@@ -234,7 +262,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("finetune.checkpoint_every_n_steps", f"must be a whole number ≥ 1, or null, got {every!r}")
     if not 0 <= cfg.finetune.warmup_ratio < 1:
         raise ConfigError("finetune.warmup_ratio", f"must be in [0, 1), got {cfg.finetune.warmup_ratio}")
+
+
+def _check_evaluation(cfg: DictConfig, n_layers: int | None) -> None:
+    """Every eval set (extractor, protocol, overflow), tokenization and ``run.until``."""
     from resofilter.evaluation.protocols import ProtocolSpec
+    from resofilter.stages.evaluate import answer_extractor
 
     for ev, key in context.eval_sets(cfg).values():
         answer_extractor(ev.extractor, f"{key}.extractor")
@@ -242,6 +275,10 @@ def validate(cfg: DictConfig) -> None:
         _one_of(ev.get("prompt_overflow", "error"), ("error", "count_wrong"), f"{key}.prompt_overflow")
     _one_of(cfg.tokenize.prompt_overflow, ("skip", "error"), "tokenize.prompt_overflow")
     _one_of(cfg.run.get("until"), (None, "score", "select", "finetune"), "run.until")
+
+
+
+STAGE_CHECKS = (_check_layers, _check_score, _check_selection, _check_finetune, _check_evaluation)
 
 
 # What each command reads besides the model: checked from the config alone at start-up, so a missing
