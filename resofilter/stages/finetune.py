@@ -231,6 +231,53 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
             write_json_atomic(resume / "key.json", {"key": key, "run_id": run_id})
     distributed.barrier()
     pl.seed_everything(spec.seed, workers=True, verbose=False)
+    model = trainable_model(spec, model_dir)
+    module = SFTModule(model, instantiate(spec.optimizer), instantiate(spec.scheduler), spec.warmup_ratio,
+                       seed=spec.seed)
+    trainer, run_id = build_trainer(spec, len(samples), out_dir, resume, resume_from, run_id)
+    if resume_from is not None:
+        log.info("resuming fine-tuning from %s (step %d)", resume_from["path"], resume_from["step"])
+    t0 = time.perf_counter()
+    try:
+        with quiet_resume_warning():
+            trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, spec.batch_size, seed=spec.seed),
+                        ckpt_path=resume_from["path"] if resume_from else None, weights_only=False)
+    except BaseException:
+        if is_wandb(spec.logger):  # close the W&B run as a dying process would (its resume reopens it by id)
+            import wandb
+
+            wandb.finish(exit_code=1)
+        raise
+    train_s = time.perf_counter() - t0
+    check_finished(spec, trainer, resume)
+    if not trainer.is_global_zero:  # rank 0 saves; the others wait for it, then know where it is
+        trainer.strategy.barrier("checkpoint-saved")
+        return {"checkpoint": str(final), "steps": trainer.global_step, "n_records": len(records)}
+    save_checkpoint(spec, model, tok, final)
+    result = {"checkpoint": str(final), "base_model": model_dir, "scored_by": scored_by, "mode": spec.mode,
+              "n_records": len(records),
+              "budget": spec.budget,
+              # the optimisation as run: samples per optimizer step = batch × accumulation × processes
+              "batch": {"per_device": spec.batch_size, "accumulate_grad_batches": spec.accumulation(trainer.world_size),
+                        "world_size": trainer.world_size,
+                        "global": spec.batch_size * spec.accumulation(trainer.world_size) * trainer.world_size},
+              "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
+              "tokens_per_s": (module.tokens_seen - (resume_from or {}).get("tokens_seen", 0)) / max(train_s, 1e-9),
+              "final_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}, "key": key,
+              "resumed_from_step": resume_from["step"] if resume_from else None,
+              "wandb_run_id": run_id if is_wandb(spec.logger) else None,
+              # what evaluating this checkpoint must reuse: the prompt format it was trained on
+              "template": spec.template, "tokenize": spec.tokenize}
+    write_json_atomic(record, result)  # complete from here on
+    shutil.rmtree(resume, ignore_errors=True)
+    trainer.strategy.barrier("checkpoint-saved")
+    log.info("fine-tuned %d steps in %.0f s (%.0f tokens/s) → %s", trainer.global_step, train_s,
+             result["tokens_per_s"], final)
+    return result
+
+
+def trainable_model(spec: FinetuneSpec, model_dir: str) -> torch.nn.Module:
+    """The model to fit: loaded in its training dtype, LoRA-wrapped for ``mode=lora``, in train mode."""
     model = load_causal_lm(model_dir, training_load_dtype(spec.model_dtype, spec.mode), spec.attn_implementation)
     if spec.mode == "lora":
         model = wrap_lora(model, spec.lora)
@@ -238,8 +285,13 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()  # from_pretrained returns eval mode: dropout (attention, LoRA) must be on while fitting
-    optimizer = instantiate(spec.optimizer)
-    module = SFTModule(model, optimizer, instantiate(spec.scheduler), spec.warmup_ratio, seed=spec.seed)
+    return model
+
+
+def build_trainer(spec: FinetuneSpec, n_samples: int, out_dir: Path, resume: Path,
+                  resume_from: dict[str, Any] | None, run_id: str) -> tuple[pl.Trainer, str]:
+    """The Lightning Trainer of the recipe (budget, accumulation, precision, the periodic training state,
+    the logger continuing a killed run's); the logger's run id it uses."""
     trainer_cfg = dict(spec.trainer)
     shown = progress.trainer_progress(trainer_cfg.pop("enable_progress_bar", True), "fine-tuning")
     callbacks = [*instantiate(trainer_cfg.pop("callbacks", None) or []), *shown["callbacks"]]
@@ -256,37 +308,30 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
         if wandb.run is not None and wandb.run.id != run_id:  # another fine-tuning's, still open in this process:
             wandb.finish()  # WandbLogger would log into it
     trainer = instantiate(
-        trainer_cfg, **spec.limits(len(samples), distributed.world_size()),
+        trainer_cfg, **spec.limits(n_samples, distributed.world_size()),
         accumulate_grad_batches=spec.accumulation(distributed.world_size()),
         gradient_clip_val=spec.gradient_clip_val, precision=spec.precision, enable_checkpointing=False,
         enable_model_summary=False, logger=instantiate(spec.logger, save_dir=str(out_dir), **log_kwargs),
         enable_progress_bar=shown["enable_progress_bar"],
         deterministic=True, callbacks=callbacks,
         use_distributed_sampler=False)  # the data module deals the ranks' batches itself
-    if resume_from is not None:
-        log.info("resuming fine-tuning from %s (step %d)", resume_from["path"], resume_from["step"])
-    t0 = time.perf_counter()
-    try:
-        with quiet_resume_warning():
-            trainer.fit(module, SFTDataModule(samples, tok.pad_token_id, spec.batch_size, seed=spec.seed),
-                        ckpt_path=resume_from["path"] if resume_from else None, weights_only=False)
-    except BaseException:
-        if is_wandb(spec.logger):  # close the W&B run as a dying process would (its resume reopens it by id)
-            import wandb
+    return trainer, run_id
 
-            wandb.finish(exit_code=1)
-        raise
-    train_s = time.perf_counter() - t0
-    if trainer.interrupted:  # Ctrl-C / SIGTERM: Lightning returns normally; the model is not finished
+
+def check_finished(spec: FinetuneSpec, trainer: pl.Trainer, resume: Path) -> None:
+    """An interrupted fit (Ctrl-C / SIGTERM: Lightning returns normally) or a step count off the budget is
+    an error, not a model."""
+    if trainer.interrupted:
         then = (f"; rerun the same command to resume from {resume / LAST_CKPT}" if (resume / LAST_CKPT).exists()
                 else "")
         raise ResoFilterError(f"fine-tuning was interrupted at step {trainer.global_step}{then}")
     if spec.budget == "steps" and trainer.global_step != spec.max_steps:
         raise ResoFilterError(f"fine-tuning stopped at step {trainer.global_step} of finetune.max_steps="
                               f"{spec.max_steps} (a bug in the epoch bound: please report it)")
-    if not trainer.is_global_zero:  # rank 0 saves; the others wait for it, then know where it is
-        trainer.strategy.barrier("checkpoint-saved")
-        return {"checkpoint": str(final), "steps": trainer.global_step, "n_records": len(records)}
+
+
+def save_checkpoint(spec: FinetuneSpec, model: torch.nn.Module, tok: Any, final: Path) -> None:
+    """Weights and tokenizer (and the merged LoRA model) into a temporary dir, renamed onto ``final``."""
     tmp = temporary_dir(final)
     try:
         model.save_pretrained(tmp)
@@ -301,27 +346,6 @@ def _finetune(spec: FinetuneSpec, model_dir: str, records: list[Record], templat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    result = {"checkpoint": str(final), "base_model": model_dir, "scored_by": scored_by, "mode": spec.mode,
-              "n_records": len(records),
-              "budget": spec.budget,
-              # the optimisation as run: samples per optimizer step = batch × accumulation × processes
-              "batch": {"per_device": spec.batch_size, "accumulate_grad_batches": spec.accumulation(trainer.world_size),
-                        "world_size": trainer.world_size,
-                        "global": spec.batch_size * spec.accumulation(trainer.world_size) * trainer.world_size},
-              "tokenized": stats.as_dict(), "steps": trainer.global_step, "train_s": train_s,
-              "tokens_per_s": (module.tokens_seen - (resume_from or {}).get("tokens_seen", 0)) / max(train_s, 1e-9),
-              "final_metrics": metrics, "key": key,
-              "resumed_from_step": resume_from["step"] if resume_from else None,
-              "wandb_run_id": run_id if is_wandb(spec.logger) else None,
-              # what evaluating this checkpoint must reuse: the prompt format it was trained on
-              "template": spec.template, "tokenize": spec.tokenize}
-    write_json_atomic(record, result)  # complete from here on
-    shutil.rmtree(resume, ignore_errors=True)
-    trainer.strategy.barrier("checkpoint-saved")
-    log.info("fine-tuned %d steps in %.0f s (%.0f tokens/s) → %s", trainer.global_step, train_s,
-             result["tokens_per_s"], final)
-    return result
 
 
 def _finished(record: Path, final: Path, key: str) -> dict[str, Any] | None:
