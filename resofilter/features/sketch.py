@@ -62,10 +62,10 @@ class SketchSpec:
     def from_cfg(cls, c: Any) -> SketchSpec:
         if c is None:
             return cls()
+        indices = c.get("indices", (-3, -2, -1))
         spec = cls(enabled=bool(c.get("enabled", False)), k_out=int(c.get("k_out", 16)), k_in=int(c.get("k_in", 16)),
                    seed=int(c.get("seed", 0)), of=str(c.get("of", "gradient")),
-                   indices=tuple(c.get("indices", [-3, -2, -1])) if not isinstance(c.get("indices"), str)
-                   else c.get("indices"))
+                   indices=indices if isinstance(indices, str) else tuple(indices))  # `all`, or plain ints
         spec.validate()
         return spec if spec.enabled else cls()  # off: its sizes mean nothing (nor change the features' identity)
 
@@ -77,7 +77,7 @@ class SketchSpec:
                 raise ConfigError(f"score.sketch.{key}", f"must be ≥ 1, got {getattr(self, key)}")
 
     def describe(self) -> dict[str, Any] | None:
-        """Plain values for the features' identity; ``None`` when off (old caches stay valid)."""
+        """Plain values of an enabled sketch (the features' sketch layout); ``None`` when off."""
         if not self.enabled:
             return None
         idx = self.indices if isinstance(self.indices, str) else [int(i) for i in self.indices]

@@ -64,12 +64,17 @@ def weight_columns(features: pd.DataFrame) -> list[tuple[str, int, str, str]]:
     return out
 
 
+def _matching_columns(parsed: list[tuple[str, int, str, str]], modules: Sequence[str], layers: list[int],
+                      statistic: str) -> list[str]:
+    return [c for c, layer, mod, stat in parsed if layer in layers and mod in modules and stat == statistic]
+
+
 def layer_columns(features: pd.DataFrame, modules: Sequence[str], indices: Any, statistic: str,
                   n_layers: int) -> list[str]:
     """The feature columns of ``statistic`` for ``modules`` in the chosen layers; error lists what exists."""
     layers = resolve_indices(indices, n_layers, "layers.indices")
     parsed = weight_columns(features)
-    cols = [c for c, layer, mod, stat in parsed if layer in layers and mod in modules and stat == statistic]
+    cols = _matching_columns(parsed, modules, layers, statistic)
     want = len(layers) * len(modules)
     if len(cols) != want:
         have_stats = sorted({s for *_, s in parsed})
@@ -84,16 +89,12 @@ def layer_columns(features: pd.DataFrame, modules: Sequence[str], indices: Any, 
 
 def has_layer_columns(features: pd.DataFrame, modules: Sequence[str], indices: Any, statistic: str,
                       n_layers: int) -> bool:
-    """Whether the features hold ``statistic`` for ``modules`` in every chosen layer (a layer set out of
-    the model's range holds none)."""
-    if isinstance(indices, str):
-        layers = set(range(n_layers)) if indices == "all" else None
-    else:
-        layers = {i % n_layers for i in indices} if all(-n_layers <= i < n_layers for i in indices) else None
-    if not layers:
+    """Whether :func:`layer_columns` finds every column (a layer set outside the model's depth has none)."""
+    try:
+        layers = resolve_indices(indices, n_layers, "layers.indices")
+    except ConfigError:  # e.g. first3 on a 2-layer model
         return False
-    have = {(layer, mod) for _, layer, mod, stat in weight_columns(features) if stat == statistic}
-    return all((layer, mod) in have for layer in layers for mod in modules)
+    return len(_matching_columns(weight_columns(features), modules, layers, statistic)) == len(layers) * len(modules)
 
 
 @dataclass

@@ -58,7 +58,9 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     if _stops_after(cfg, "score", stages):
         return stages
 
-    select_spec, stages["reference"] = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir)
+    select_spec, reference = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir)
+    if reference is not None:
+        stages["reference"] = reference
     sel = select_pool(select_spec, feat_dir, records, out / "select", stages)
     if _stops_after(cfg, "select", stages):
         return stages
@@ -146,7 +148,7 @@ def run_results(cfg: DictConfig, stages: dict[str, Any], evals: dict[str, Any], 
         "eval": {k: v["accuracy"] for k, v in evals.items()},
         "eval_protocols": {k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
                            for k, v in evals.items()},
-        "stages": {k: v for k, v in stages.items() if v is not None}, "total_time_s": total_time_s,
+        "stages": stages, "total_time_s": total_time_s,
         "base_model": _base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
         "setting": run_setting(cfg), "choices": _hydra_choices(),
         "environment": environment(),  # package versions, torch's CPU code path and threads: `table` compares them
