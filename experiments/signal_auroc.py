@@ -47,21 +47,18 @@ def compose(overrides: list[str]) -> Any:
 
 def row_diagnostics(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """Score (cached) and select with one row's scorer; the selected scorer's AUROC overall and per kind."""
-    from resofilter.stages import context
+    from resofilter.stages import specs
     from resofilter.stages.config_check import validate
     from resofilter.stages.run import score_pool, with_reference
-    from resofilter.stages.score import ScoreSpec
-    from resofilter.stages.select import SelectSpec, run_selection
+    from resofilter.stages.select import run_selection
 
     cfg = compose(overrides)
     validate(cfg)
-    model_dir = context.ensure_model(cfg)
-    records, data_info = context.load_data(cfg)
-    template = context.template(cfg)
-    score_spec = ScoreSpec.from_cfg(cfg)
-    feat_dir, _ = score_pool(score_spec, records, template, model_dir, data_info)
-    spec, _ = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir)
-    manifest = run_selection(spec, feat_dir, records, out_dir)
+    run, inputs = specs.run_spec(cfg), specs.run_inputs(cfg)
+    model_dir = inputs.model_dir()
+    records, data_info = inputs.load()
+    feat_dir, _ = score_pool(run.score, records, inputs.template, model_dir, data_info)
+    manifest = run_selection(with_reference(run, inputs, model_dir, {}), feat_dir, records, out_dir)
     if "diagnostics" not in manifest:
         raise SystemExit(f"{overrides}: the data have no noise labels (data.label_field); nothing to measure")
     return {"model": model_dir, "features_dir": str(feat_dir), **manifest["diagnostics"]}

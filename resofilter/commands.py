@@ -14,13 +14,13 @@ from resofilter.data.tokenize import tokenize_records
 from resofilter.distributed import local_device
 from resofilter.models.loading import load_tokenizer
 from resofilter.reporting.table import write_table
-from resofilter.stages import context
+from resofilter.stages import context, specs
 from resofilter.stages.config_check import check_inputs, validate
 from resofilter.stages.evaluate import run_evaluations
-from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune, trained_template
+from resofilter.stages.finetune import checkpoint_id, load_checkpoint, run_finetune, trained_template
 from resofilter.stages.run import run_pipeline
-from resofilter.stages.score import ScoreSpec, score_records
-from resofilter.stages.select import SelectSpec, features_manifest, run_selection
+from resofilter.stages.score import score_records
+from resofilter.stages.select import features_manifest, run_selection
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def score(cfg: DictConfig) -> dict | None:
     out = context.output_dir(cfg)
     model_dir = context.ensure_model(cfg)
     records, data_info = context.load_data(cfg)
-    scored = score_records(ScoreSpec.from_cfg(cfg), records, context.template(cfg), model_dir, out, data_info)
+    scored = score_records(specs.score_spec(cfg), records, context.template(cfg), model_dir, out, data_info)
     if scored is None:  # not rank zero
         return None
     features, manifest = scored
@@ -85,7 +85,7 @@ def select(cfg: DictConfig) -> dict:
     cfg = context.adopt_recorded_data(cfg, (fman.get("config") or {}).get("data"), (fman.get("data") or {}).get("path"),
                                       Path(cfg.features_dir) / "manifest.json")
     records, _ = context.load_data(cfg)
-    return run_selection(SelectSpec.from_cfg(cfg), cfg.features_dir, records, context.output_dir(cfg))
+    return run_selection(specs.select_spec(cfg), cfg.features_dir, records, context.output_dir(cfg))
 
 
 def finetune(cfg: DictConfig) -> dict:
@@ -98,7 +98,7 @@ def finetune(cfg: DictConfig) -> dict:
         sman = read_json(Path(subset).parent / "manifest.json")
         cfg = context.adopt_recorded_data(cfg, sman.get("data"), None, Path(subset).parent / "manifest.json")
     records, _ = context.load_data(cfg, subset)
-    return run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, records, context.train_template(cfg), out)
+    return run_finetune(specs.finetune_spec(cfg), model_dir, records, context.train_template(cfg), out)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, dict]:
@@ -106,18 +106,17 @@ def evaluate(cfg: DictConfig) -> dict[str, dict]:
     preflight(cfg)
     out = context.output_dir(cfg)
     ckpt = cfg.get("checkpoint_dir") or context.ensure_train_model(cfg)
-    trained_template(ckpt, context.trained_template_cfg(cfg))  # the prompt format the checkpoint learned
+    trained_template(ckpt, context.plain(context.trained_template_cfg(cfg)))  # the prompt format it learned
     trained = context.trained_model_cfg(cfg)
     model, tok = load_checkpoint(ckpt, trained.dtype, trained.get("attn_implementation"))
     model.to(local_device(cfg.trainer.accelerator))
-    results = run_evaluations(cfg, model, tok, context.train_template(cfg), out, checkpoint_id(ckpt))
-    return results
+    return run_evaluations(specs.eval_specs(cfg), model, tok, context.train_template(cfg), out, checkpoint_id(ckpt))
 
 
 def run(cfg: DictConfig) -> dict:
     """score → select → finetune → evaluate in one run dir → ``results.json``."""
     preflight(cfg)
-    return run_pipeline(cfg, context.output_dir(cfg))
+    return run_pipeline(specs.run_spec(cfg), specs.run_inputs(cfg), context.output_dir(cfg))
 
 
 def table(argv: list[str]) -> dict:

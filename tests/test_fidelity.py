@@ -17,8 +17,8 @@ from resofilter.data.records import Record
 from resofilter.data.tokenize import IGNORE_INDEX, tokenize_record
 from resofilter.errors import ConfigError
 from resofilter.evaluation.protocols import ProtocolSpec, stop_strings
+from resofilter.stages import specs
 from resofilter.stages.config_check import validate
-from resofilter.stages.finetune import FinetuneSpec
 from tests.conftest import FIXTURES, compose_cfg, shrink
 from tests.test_training_eval import ft_overrides
 
@@ -110,7 +110,7 @@ def test_the_paper_recipe_is_a_global_batch_of_16_on_any_number_of_gpus(devices,
     cfg = compose_cfg(["experiment=paper_gemma2_2b_metamathqa", "data.path=/d.json", "trainer=ddp",
                        f"trainer.devices={devices}"])
     validate(cfg)
-    spec = FinetuneSpec.from_cfg(cfg)
+    spec = specs.finetune_spec(cfg)
     assert spec.batch_size == 2 and spec.accumulation(devices) == accumulation  # 2 × devices × accumulation = 16
 
 

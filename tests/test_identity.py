@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from resofilter.identity import identity_fields, identity_of, runtime_field
+from resofilter.stages import specs
 from resofilter.stages.score import ScoreSpec
 from tests.conftest import compose_cfg
 
@@ -67,7 +68,7 @@ def changed(spec: Any, path: str) -> Any:
 
 @pytest.fixture(scope="module")
 def spec() -> ScoreSpec:
-    return ScoreSpec.from_cfg(compose_cfg(["score.sketch.enabled=true", "data.answer_pattern='#### (.*)'"], "score"))
+    return specs.score_spec(compose_cfg(["score.sketch.enabled=true", "data.answer_pattern='#### (.*)'"], "score"))
 
 
 def test_every_identity_field_changes_the_key_and_no_runtime_field_does(spec):
@@ -94,11 +95,11 @@ def test_a_new_field_is_in_the_identity_unless_declared_runtime():
 
 def test_settings_that_mean_nothing_in_a_mode_are_normalized_out_of_the_spec():
     """The literal loop's dtype in fast mode and a disabled sketch's sizes do not split the cache."""
-    a = ScoreSpec.from_cfg(compose_cfg(["score.sketch.enabled=false"], "score"))
-    b = ScoreSpec.from_cfg(compose_cfg(["score.sketch.enabled=false", "score.literal_dtype=float32",
+    a = specs.score_spec(compose_cfg(["score.sketch.enabled=false"], "score"))
+    b = specs.score_spec(compose_cfg(["score.sketch.enabled=false", "score.literal_dtype=float32",
                                         "score.sketch.k_out=4"], "score"))
     assert identity_of(a) == identity_of(b)
-    c = ScoreSpec.from_cfg(compose_cfg(["score.mode=literal", "score.literal_dtype=float32"], "score"))
+    c = specs.score_spec(compose_cfg(["score.mode=literal", "score.literal_dtype=float32"], "score"))
     assert identity_of(c)["settings"]["literal_dtype"] == "float32"
 
 
@@ -181,9 +182,8 @@ def test_adding_a_step_optimizer_is_one_registered_closed_form(monkeypatch):
 
 def test_the_finetune_key_is_every_identity_field_of_its_spec():
     """The fine-tuning's resume / reuse key: every FinetuneSpec field but the driving and logging ones."""
-    from resofilter.stages.finetune import FinetuneSpec
 
-    ft = FinetuneSpec.from_cfg(compose_cfg([]))
+    ft = specs.finetune_spec(compose_cfg([]))
     base = identity_of(ft)
     paths = leaves(ft)
     assert {p for p, ident in paths if not ident} == {"trainer", "logger", "checkpoint_every_n_steps"}

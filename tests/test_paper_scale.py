@@ -353,7 +353,8 @@ def test_precision_check_reports_and_enforces_by_hand(tokenizer, gsm8k_records):
     from resofilter.features.closed_form import StepConfig
     from resofilter.features.fast import FastScorer
     from resofilter.features.targets import find_targets
-    from resofilter.stages.score import PrecisionCheckSpec, enforce_precision, precision_check
+    from resofilter.stages import specs
+    from resofilter.stages.score import enforce_precision, precision_check
 
     cfg = compose_cfg([])
     model = tiny("llama", tokenizer).to(torch.float64).eval()
@@ -367,7 +368,7 @@ def test_precision_check_reports_and_enforces_by_hand(tokenizer, gsm8k_records):
         for t in targets:
             cols[t.name].append(stats[t.name]["mean_abs"].item())
     features = pd.DataFrame({f"{k}/mean_abs": v for k, v in cols.items()})
-    check = replace(PrecisionCheckSpec.from_cfg(cfg, torch.float32), n_samples=10)
+    check = replace(specs.precision_check_spec(cfg, torch.float32), n_samples=10)
     report = precision_check(model, samples, targets, step, features, check, tokenizer.pad_token_id)
     assert report["spearman_vs_float64"] == pytest.approx(1.0) and report["max_abs_error"] < 1e-15
     last3 = [f"model.layers.{i}.mlp.up_proj/mean_abs" for i in (1, 2, 3)]

@@ -150,15 +150,19 @@ def test_builds_swept_like_seeds_are_a_factor_of_the_table(tmp_path):
 
 def test_the_last_line_of_readme_command_1_checks_its_band():
     from resofilter.stages.run import against_expected
+    from resofilter.stages.specs import expected_band
 
     cfg = compose_cfg([], "run")
     lo, hi = cfg.expected.accuracy
-    text, inside = against_expected(cfg, (lo + hi) / 2, [])
+    band = expected_band(cfg, [])
+    assert band == (lo, hi)
+    text, inside = against_expected(band, (lo + hi) / 2)
     assert inside is True and f"inside the band README command 1 expects ({lo:g}–{hi:g})" in text
-    text, inside = against_expected(cfg, hi + 0.01, [])
+    text, inside = against_expected(band, hi + 0.01)
     assert inside is False and "OUTSIDE" in text
     # any override (a sweep, another seed, another output dir) or a run outside Hydra: nothing is claimed
-    assert against_expected(cfg, 0.3, ["seed=1"]) == ("", None) and against_expected(cfg, 0.3, None) == ("", None)
+    assert expected_band(cfg, ["seed=1"]) is None and expected_band(cfg, None) is None
+    assert against_expected(None, 0.3) == ("", None)
     readme = (Path(CONF_DIR).parent / "README.md").read_text()
     band = f"{lo:g}–{hi:g}"
     assert f"accuracy {band} (1000/2000 kept) in … s — inside the band README command 1 expects ({band})" in readme

@@ -167,8 +167,8 @@ def test_a_model_overwritten_at_the_same_path_is_rescored(tmp_path, tiny_model_d
     import torch
     from transformers import AutoModelForCausalLM
 
-    from resofilter.stages import context
-    from resofilter.stages.score import ScoreSpec, prepare_scoring
+    from resofilter.stages import context, specs
+    from resofilter.stages.score import prepare_scoring
 
     model_dir = tmp_path / "checkpoint"
     shutil.copytree(tiny_model_dir, model_dir)
@@ -178,7 +178,7 @@ def test_a_model_overwritten_at_the_same_path_is_rescored(tmp_path, tiny_model_d
     template = context.template(cfg)
 
     def key() -> str:
-        return prepare_scoring(ScoreSpec.from_cfg(cfg), records, template, str(model_dir)).identity.key
+        return prepare_scoring(specs.score_spec(cfg), records, template, str(model_dir)).identity.key
 
     before = key()
     assert list((tmp_path / "cache" / "fingerprints").glob("*.json"))  # computed once, remembered by size + mtime

@@ -8,8 +8,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from resofilter.stages import context
-from resofilter.stages.finetune import FinetuneSpec
+from resofilter.stages import context, specs
 from resofilter.stages.score import warn_unlearned
 from tests.conftest import GSM8K_TRAIN, compose_cfg
 
@@ -47,11 +46,11 @@ def test_embedded_model_serves_own_data_with_a_warning(monkeypatch, tmp_path, ca
     (30, 1, 4, 3, 7, 4),        # 8 batches → 3 steps an epoch (the last partial accumulation steps too): 3 + 1
 ])
 def test_steps_budget_epoch_bound_by_hand(n, world, batch, accum, steps, epochs):
-    spec = FinetuneSpec.from_cfg(compose_cfg(["finetune.budget=steps", f"finetune.max_steps={steps}",
+    spec = specs.finetune_spec(compose_cfg(["finetune.budget=steps", f"finetune.max_steps={steps}",
                                               f"finetune.batch_size={batch}",
                                               f"finetune.accumulate_grad_batches={accum}"], "finetune"))
     assert spec.limits(n, world) == {"max_epochs": epochs, "max_steps": steps}
-    spec = FinetuneSpec.from_cfg(compose_cfg(["finetune.budget=epochs", "finetune.epochs=3"], "finetune"))
+    spec = specs.finetune_spec(compose_cfg(["finetune.budget=epochs", "finetune.epochs=3"], "finetune"))
     assert spec.limits(n, world) == {"max_epochs": 3, "max_steps": -1}
 
 

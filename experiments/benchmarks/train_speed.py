@@ -67,10 +67,11 @@ def build_model(args: argparse.Namespace, model_dir: Path) -> None:
 
 
 def run_lightning(cfg: Any, model_dir: str, out_dir: str) -> dict[str, Any]:
-    from resofilter.stages.finetune import FinetuneSpec, run_finetune
+    from resofilter.stages import specs
+    from resofilter.stages.finetune import run_finetune
 
     records, tmpl = records_and_template(cfg)
-    r = run_finetune(FinetuneSpec.from_cfg(cfg), model_dir, records, tmpl, out_dir)
+    r = run_finetune(specs.finetune_spec(cfg), model_dir, records, tmpl, out_dir)
     tokens = r["tokens_per_s"] * r["train_s"]
     return {"tokens": tokens, "seconds": r["train_s"], "steps": r["steps"],
             "final_loss": r["final_metrics"]["train/loss"]}

@@ -128,7 +128,7 @@ def check_build(cfg: DictConfig) -> None:
     check_build_seed(b)
     for key in ("model", "train_model"):
         if (m := cfg.get(key)) is not None and m.get("embedded") is not None and not m.get("name_or_path"):
-            build_recipe(m.embedded, b)  # a recipe that still sets its own seeds is an error naming them
+            build_recipe(OmegaConf.to_container(m.embedded, resolve=True), b)  # a recipe still setting seeds: error
     if b != 0 and not context.is_embedded(cfg):
         raise ConfigError("build", f"={b} picks a build of the embedded base model, but every model here is loaded "
                           "from a path (model.name_or_path): it would change nothing; drop it")
@@ -228,14 +228,15 @@ def _check_finetune(cfg: DictConfig, n_layers: int | None) -> None:
     _one_of(str(cfg.finetune.precision), FINETUNE_PRECISIONS, "finetune.precision")
     from resofilter.stages.finetune import check_target, lora_config
 
-    check_target(cfg.finetune.optimizer, "finetune.optimizer", params=[])
-    check_target(cfg.trainer, "trainer", max_steps=1, precision="32-true", logger=False, callbacks=[])
-    check_target(cfg.logger, "logger", save_dir=".")
+    plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    check_target(plain(cfg.finetune.optimizer), "finetune.optimizer", params=[])
+    check_target(plain(cfg.trainer), "trainer", max_steps=1, precision="32-true", logger=False, callbacks=[])
+    check_target(plain(cfg.logger), "logger", save_dir=".")
     if cfg.finetune.mode == "lora":
         if not cfg.finetune.get("lora"):
             raise ConfigError("finetune.lora", "finetune.mode=lora needs a `lora` section")
-        lora_config(cfg.finetune.lora)
-    check_target(cfg.finetune.scheduler, "finetune.scheduler", optimizer=None, num_warmup_steps=0,
+        lora_config(plain(cfg.finetune.lora))
+    check_target(plain(cfg.finetune.scheduler), "finetune.scheduler", optimizer=None, num_warmup_steps=0,
                  num_training_steps=1)
     from transformers import SchedulerType
 

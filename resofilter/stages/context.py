@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from resofilter.configs import load_group_option
 from resofilter.data.records import Record, dedup_records, load_hf_records, load_records
@@ -19,6 +19,12 @@ from resofilter.data.templates import Template
 from resofilter.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python values (dicts, lists), resolved, for the stages (which never read a
+    DictConfig); anything else as it is."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -83,7 +89,7 @@ def benchmark_dir(cfg: DictConfig, *, of_model: bool = False) -> Path | None:
         return None
     from resofilter.stages.embedded import ensure_benchmark
 
-    return ensure_benchmark(synth, cfg.paths.cache_dir)
+    return ensure_benchmark(plain(synth), cfg.paths.cache_dir)
 
 
 def build_of(cfg: DictConfig) -> int:
@@ -119,7 +125,7 @@ def _model_dir(cfg: DictConfig, model: DictConfig, key: str, tpl: Template) -> s
 
     # own data: the embedded model is still the one trained on the default benchmark
     bench = benchmark_dir(cfg, of_model=True)
-    built = str(ensure_base_model(model.embedded, bench, tpl, cfg.paths.cache_dir, build_of(cfg)))
+    built = str(ensure_base_model(plain(model.embedded), bench, tpl, cfg.paths.cache_dir, build_of(cfg)))
     if cfg.data.get("synthetic") is None:
         log.warning("%s.name_or_path is null: using the embedded base model (%s), a 1 M-parameter toy trained on "
                     "synthetic one-step arithmetic, on data=%s. The pipeline runs, but its scores say little about "
@@ -169,7 +175,7 @@ def data_path(cfg: DictConfig) -> Path:
     if cfg.data.get("pool") and source == "benchmark":
         from resofilter.stages.embedded import ensure_pool
 
-        return ensure_pool(benchmark_recipe(cfg), benchmark_dir(cfg), cfg.data.pool)
+        return ensure_pool(plain(benchmark_recipe(cfg)), benchmark_dir(cfg), plain(cfg.data.pool))
     return _path_or_benchmark(cfg, "data", cfg.data.get("split") or "pool")
 
 
@@ -194,7 +200,7 @@ def eval_path(cfg: DictConfig, key: str = "eval") -> Path:
     if extra and not node.get("path") and (bench := benchmark_dir(cfg, of_model=True)) is not None:
         from resofilter.stages.embedded import ensure_extended_test
 
-        return ensure_extended_test(benchmark_recipe(cfg, of_model=True), bench, int(extra))
+        return ensure_extended_test(plain(benchmark_recipe(cfg, of_model=True)), bench, int(extra))
     return _path_or_benchmark(cfg, key, "test")
 
 

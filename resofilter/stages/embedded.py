@@ -8,6 +8,7 @@ an ordinary HF model directory: the rest of the pipeline loads it through
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import shutil
@@ -19,7 +20,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from transformers import get_scheduler
 
 from resofilter import progress
@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    """A private deep copy of a recipe (plain dicts from the command layer): the build seeds are written into it."""
+    return copy.deepcopy(dict(cfg))
 
 
 def synthetic_config(cfg: Any) -> SyntheticConfig:

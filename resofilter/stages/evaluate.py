@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed
 from resofilter._io import read_json, stable_hash, write_json_atomic, write_jsonl_atomic
@@ -21,7 +21,6 @@ from resofilter.evaluation.extract import AnswerExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
 from resofilter.evaluation.protocols import ProtocolSpec, build_prompts, draw_exemplars, stop_strings
 from resofilter.progress import iterate
-from resofilter.stages import context
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +58,6 @@ class EvalSpec:
     protocol: ProtocolSpec = ProtocolSpec()
     prompt_overflow: str = "error"  # error | count_wrong
     key: str = "eval"  # the config node it came from (eval, evals.<name>), for messages
-
-    @classmethod
-    def from_cfg(cls, ev: DictConfig, path: str | Path, key: str = "eval") -> EvalSpec:
-        extractor = ev.extractor
-        return cls(name=ev.name, path=str(path), query_field=ev.query_field, answer_field=ev.answer_field,
-                   extractor=OmegaConf.to_container(extractor, resolve=True) if isinstance(extractor, DictConfig)
-                   else extractor, id_field=ev.get("id_field"), max_samples=ev.get("max_samples"),
-                   batch_size=ev.batch_size, save_every=ev.get("save_every"), max_new_tokens=ev.max_new_tokens,
-                   min_new_tokens=ev.get("min_new_tokens", 0), stop_strings=tuple(ev.get("stop_strings") or ()),
-                   protocol=ProtocolSpec.from_cfg(ev, key), prompt_overflow=ev.get("prompt_overflow", "error"),
-                   key=key)
 
 
 def load_eval_set(ev: EvalSpec) -> tuple[list[Record], list[str], Any]:
@@ -228,21 +216,16 @@ def _finished(out_dir: Path, key: str) -> dict[str, Any] | None:
     return done if done.get("key") == key else None
 
 
-def run_evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template,
+def run_evaluations(specs: Sequence[EvalSpec], model: Any, tokenizer: Any, template: Template,
                     out_dir: str | Path, model_id: str = "") -> dict[str, dict[str, Any]]:
-    """Evaluate on ``eval`` (into ``<out>/``) and on every ``evals`` entry (into ``<out>/<name>/``)."""
+    """Evaluate on each eval set: the first (``eval``) into ``<out>/``, every other (``evals``) into
+    ``<out>/<name>/``; metrics by set name (rank 0; other ranks get ``{}``)."""
     out_dir = Path(out_dir)
-    with distributed.rank_zero_lock(out_dir, "evaluate"):
-        return _evaluations(cfg, model, tokenizer, template, out_dir, model_id)
-
-
-def _evaluations(cfg: DictConfig, model: Any, tokenizer: Any, template: Template, out_dir: Path,
-                 model_id: str) -> dict[str, dict[str, Any]]:
     results = {}
-    for i, (name, (ev, key)) in enumerate(context.eval_sets(cfg).items()):
-        metrics = run_evaluation(model, tokenizer, EvalSpec.from_cfg(ev, context.eval_path(cfg, key), key), template,
-                                 out_dir if i == 0 else out_dir / name, model_id)
-        if metrics is not None:  # rank 0
-            results[name] = metrics
-            log.info("%s: accuracy %.4f (n=%d)", name, metrics["accuracy"], metrics["n"])
+    with distributed.rank_zero_lock(out_dir, "evaluate"):
+        for i, ev in enumerate(specs):
+            metrics = run_evaluation(model, tokenizer, ev, template, out_dir if i == 0 else out_dir / ev.name, model_id)
+            if metrics is not None:  # rank 0
+                results[ev.name] = metrics
+                log.info("%s: accuracy %.4f (n=%d)", ev.name, metrics["accuracy"], metrics["n"])
     return results

@@ -14,7 +14,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from resofilter import distributed, progress
 from resofilter._io import (
@@ -34,7 +33,6 @@ from resofilter.features.extract import samples_hash
 from resofilter.identity import identity_of, runtime_field
 from resofilter.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from resofilter.reporting.wandb_log import is_wandb
-from resofilter.stages.context import trained_model_cfg, trained_template_cfg
 from resofilter.training.sft import PeriodicCheckpoint, SFTDataModule, SFTModule, quiet_resume_warning
 
 log = logging.getLogger(__name__)
@@ -53,8 +51,7 @@ def lora_config(lora: Any) -> Any:
     from peft import LoraConfig
 
     kwargs = {_LORA_NAMES.get(k, k): (list(v) if k == "target_modules" else v)
-              for k, v in (OmegaConf.to_container(lora, resolve=True) if isinstance(lora, DictConfig)
-                           else dict(lora)).items()}
+              for k, v in dict(lora).items()}
     try:
         return LoraConfig(task_type="CAUSAL_LM", **kwargs)
     except (TypeError, ValueError) as e:
@@ -71,7 +68,6 @@ def check_target(node: Any, key: str, **supplied: Any) -> None:
 
     from hydra.utils import get_object
 
-    node = OmegaConf.to_container(node, resolve=True)
     try:
         cls = get_object(node["_target_"])
     except Exception as e:  # noqa: BLE001 - hydra raises several kinds
@@ -94,7 +90,7 @@ def wrap_lora(model: torch.nn.Module, lora: Any) -> torch.nn.Module:
 
 @dataclass(frozen=True)
 class FinetuneSpec:
-    """What the finetune stage is asked, built from the config in one place (:meth:`from_cfg`).
+    """What the finetune stage is asked, built from the config once (:func:`~resofilter.stages.specs.finetune_spec`).
 
     ``optimizer``, ``scheduler``, ``trainer`` and ``logger`` are ``_target_`` configs (plain
     dicts) that the stage instantiates; ``template`` is recorded in ``finetune.json``.
@@ -146,22 +142,6 @@ class FinetuneSpec:
         batches = math.ceil(math.ceil(n_samples / max(1, world_size)) / self.batch_size)
         per_epoch = max(1, math.ceil(batches / self.accumulation(world_size)))
         return {"max_epochs": math.ceil(self.max_steps / per_epoch) + 1, "max_steps": self.max_steps}
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> FinetuneSpec:
-        ft = cfg.finetune
-        plain = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-        return cls(mode=ft.mode, batch_size=ft.batch_size, accumulate_grad_batches=ft.accumulate_grad_batches,
-                   global_batch_size=ft.get("global_batch_size"),
-                   epochs=ft.epochs, max_steps=ft.max_steps, gradient_clip_val=ft.gradient_clip_val,
-                   precision=str(ft.precision), seed=ft.seed, warmup_ratio=ft.warmup_ratio,
-                   optimizer=plain(ft.optimizer), scheduler=plain(ft.scheduler), trainer=plain(cfg.trainer),
-                   logger=plain(cfg.logger), template=plain(trained_template_cfg(cfg)), tokenize=plain(cfg.tokenize),
-                   model_dtype=trained_model_cfg(cfg).dtype,
-                   attn_implementation=trained_model_cfg(cfg).get("attn_implementation"),
-                   lora=plain(ft.lora) if ft.get("lora") else None, merge_lora=bool(ft.get("merge_lora")),
-                   gradient_checkpointing=bool(ft.get("gradient_checkpointing")),
-                   checkpoint_every_n_steps=ft.get("checkpoint_every_n_steps"), budget=ft.budget)
 
 
 def accumulation(global_batch: int | None, batch_size: int, world_size: int, accumulate: int | None) -> int:
@@ -411,13 +391,12 @@ def checkpoint_id(checkpoint_dir: str | Path) -> str:
     return stable_hash([str(Path(checkpoint_dir).resolve()), file_hash(record) if record else None])
 
 
-def trained_template(checkpoint_dir: str | Path, template_cfg: DictConfig) -> None:
+def trained_template(checkpoint_dir: str | Path, given: dict[str, Any]) -> None:
     """A fine-tuned checkpoint is evaluated with the template it was trained on; another is a ConfigError."""
     record = _finetune_record(checkpoint_dir)
     if record is None:  # a base model or another tool's checkpoint: the config's template
         return
     trained = read_json(record).get("template")
-    given = OmegaConf.to_container(template_cfg, resolve=True)
     if trained is not None and trained != given:
         raise ConfigError("template", f"{checkpoint_dir} was fine-tuned with template {trained.get('name')!r} "
                           f"({record}); the config gives {given.get('name')!r}: evaluate it with the template "

@@ -13,19 +13,19 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from resofilter import distributed
 from resofilter._io import read_json, write_json_atomic
+from resofilter.data.records import Record
+from resofilter.data.templates import Template
 from resofilter.environment import environment
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.wandb_log import is_wandb, log_run_summary
-from resofilter.stages import context
-from resofilter.stages.evaluate import run_evaluations
+from resofilter.stages.evaluate import EvalSpec, run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune
 from resofilter.stages.score import ScoreSpec, prepare_scoring, score_records
 from resofilter.stages.select import SelectSpec, run_selection
@@ -33,7 +33,44 @@ from resofilter.stages.select import SelectSpec, run_selection
 log = logging.getLogger(__name__)
 
 
-def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunSpec:
+    """What ``resofilter run`` is asked: the four stages' specs and what ``results.json`` records about the
+    setting, built from the config once (:func:`~resofilter.stages.specs.run_spec`)."""
+
+    score: ScoreSpec
+    select: SelectSpec
+    finetune: FinetuneSpec
+    evals: tuple[EvalSpec, ...]  # the main eval set first
+    variant: str
+    seed: int
+    build: int | None  # the embedded base model's build (None: a model from a path)
+    setting: dict[str, Any]  # the flattened resolved config minus replicates and locations: a table row's key
+    choices: dict[str, Any]  # scorer, keep ratio, budget, direction, layers, statistic, step: results.json's columns
+    until: str | None  # run.until: stop after this stage
+    keep_checkpoint: bool
+    accelerator: str
+    scores_reference: bool  # scorer=target without a scored reference: the run scores it
+    expected_band: tuple[float, float] | None  # README command 1 only: the accuracy band it claims
+    logger: dict[str, Any]
+    config: dict[str, Any]  # the resolved config (resolved_config.json)
+    hydra_choices: dict[str, Any] | None  # the config group options, under Hydra
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What the run reads, resolved by the command layer when the run first needs it: building the
+    embedded base model takes minutes, and a finished run needs none of it."""
+
+    model_dir: Callable[[], str]  # the scoring model (built on first use)
+    train_model_dir: Callable[[], str]  # the model fine-tuned: train_model, else the scoring model
+    load: Callable[..., tuple[list[Record], dict[str, Any]]]  # (path=None) → the data's records, or path's read alike
+    template: Template
+    train_template: Template
+    reference_path: Callable[[], Path]  # the target scorer's reference records
+
+
+def run_pipeline(spec: RunSpec, inputs: RunInputs, out: Path) -> dict[str, Any]:
     """The four stages into ``out``; a rerun of a killed run picks up where it stopped.
 
     Complete when ``results.json`` (the last write) exists: a rerun of the same setting returns
@@ -43,45 +80,42 @@ def run_pipeline(cfg: DictConfig, out: Path) -> dict[str, Any]:
     Under DDP every rank walks every stage: scoring is sharded over ranks, selection runs on
     rank 0 while the others wait, fine-tuning is DDP, evaluation is sharded, rank 0 reports.
     """
-    done = _finished_run(out, run_setting(cfg), cfg.seed, context.build_id(cfg))
+    done = _finished_run(out, spec.setting, spec.seed, spec.build)
     if done is not None:
         log.info("run already complete in %s: %s", out, out / "results.json")
         return done if distributed.is_rank_zero() else {}
     t_start = time.perf_counter()
     stages: dict[str, Any] = {}
-    model_dir = context.ensure_model(cfg)  # scores the pool (the embedded one is built on first use)
-    records, data_info = context.load_data(cfg)
-    template = context.template(cfg)
+    model_dir = inputs.model_dir()  # scores the pool (the embedded one is built on first use)
+    records, data_info = inputs.load()
 
-    score_spec = ScoreSpec.from_cfg(cfg)
-    feat_dir, stages["score"] = score_pool(score_spec, records, template, model_dir, data_info)
-    if _stops_after(cfg, "score", stages):
+    feat_dir, stages["score"] = score_pool(spec.score, records, inputs.template, model_dir, data_info)
+    if _stops_after(spec, "score", stages):
         return stages
 
-    select_spec, reference = with_reference(cfg, SelectSpec.from_cfg(cfg), score_spec, template, model_dir)
-    if reference is not None:
-        stages["reference"] = reference
+    select_spec = with_reference(spec, inputs, model_dir, stages)
     sel = select_pool(select_spec, feat_dir, records, out / "select", stages)
-    if _stops_after(cfg, "select", stages):
+    if _stops_after(spec, "select", stages):
         return stages
 
     # what is fine-tuned and evaluated: the scoring model, or train_model (selection hands over records,
     # so the trained model tokenizes them with its own tokenizer and template)
-    train_dir, train_template = context.ensure_train_model(cfg), context.train_template(cfg)
-    ft = finetune_subset(cfg, train_dir, train_template, model_dir, out, stages)
-    if _stops_after(cfg, "finetune", stages):
+    train_dir = inputs.train_model_dir()
+    ft = finetune_subset(spec, inputs, train_dir, model_dir, out, stages)
+    if _stops_after(spec, "finetune", stages):
         return stages
 
-    evals = evaluate_checkpoint(cfg, ft, train_template, out, stages)
+    evals = evaluate_checkpoint(spec, ft, inputs.train_template, out, stages)
     if not distributed.is_rank_zero():
         return {}
-    results = run_results(cfg, stages, evals, model_dir, train_dir, data_info, time.perf_counter() - t_start)
-    write_results(cfg, out, results, ft)
-    verdict, inside = against_expected(cfg, evals[cfg.eval.name]["accuracy"], context.task_overrides())
-    build = "" if results["build"] is None else f" build {results['build']}"
+    results = run_results(spec, stages, evals, model_dir, train_dir, data_info, time.perf_counter() - t_start)
+    write_results(spec, out, results, ft)
+    main = spec.evals[0].name
+    verdict, inside = against_expected(spec.expected_band, evals[main]["accuracy"])
+    build = "" if spec.build is None else f" build {spec.build}"
     log.log(logging.INFO if inside is not False else logging.WARNING,
-            "%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s%s", cfg.variant_name,
-            cfg.selection.keep_ratio, cfg.seed, build, cfg.eval.name, evals[cfg.eval.name]["accuracy"], sel["n_out"],
+            "%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s%s", spec.variant,
+            spec.select.keep_ratio, spec.seed, build, main, evals[main]["accuracy"], sel["n_out"],
             sel["n_in"], results["total_time_s"], verdict)
     return results
 
@@ -102,13 +136,12 @@ def select_pool(spec: SelectSpec, feat_dir: Path, records: list[Any], out_dir: P
     return sel
 
 
-def finetune_subset(cfg: DictConfig, train_dir: str, train_template: Any, scored_by: str, out: Path,
+def finetune_subset(spec: RunSpec, inputs: RunInputs, train_dir: str, scored_by: str, out: Path,
                     stages: dict[str, Any]) -> dict[str, Any]:
     """Fine-tune ``train_dir`` on the selected subset; its summary into ``stages["finetune"]``."""
     t0 = time.perf_counter()
-    subset, _ = context.load_data(cfg, out / "select" / "subset.jsonl")
-    ft = run_finetune(FinetuneSpec.from_cfg(cfg), train_dir, subset, train_template, out / "finetune",
-                      scored_by=scored_by)
+    subset, _ = inputs.load(out / "select" / "subset.jsonl")
+    ft = run_finetune(spec.finetune, train_dir, subset, inputs.train_template, out / "finetune", scored_by=scored_by)
     stages["finetune"] = {"steps": ft["steps"], "n_records": ft["n_records"], "time_s": time.perf_counter() - t0,
                           "resumed_from_step": ft.get("resumed_from_step"),
                           "train_loss": ft.get("final_metrics", {}).get("train/loss"),
@@ -116,63 +149,58 @@ def finetune_subset(cfg: DictConfig, train_dir: str, train_template: Any, scored
     return ft
 
 
-def evaluate_checkpoint(cfg: DictConfig, ft: dict[str, Any], train_template: Any, out: Path,
+def evaluate_checkpoint(spec: RunSpec, ft: dict[str, Any], train_template: Template, out: Path,
                         stages: dict[str, Any]) -> dict[str, Any]:
     """Every eval set on the fine-tuned checkpoint (sharded over ranks); the main one into ``stages``.
     The checkpoint is deleted afterwards unless ``run.keep_checkpoint``."""
     t0 = time.perf_counter()
-    trained = context.trained_model_cfg(cfg)
-    model, tok = load_checkpoint(ft["checkpoint"], trained.dtype, trained.get("attn_implementation"))
-    model.to(distributed.local_device(cfg.trainer.accelerator))
-    evals = run_evaluations(cfg, model, tok, train_template, out / "eval", checkpoint_id(ft["checkpoint"]))
+    model, tok = load_checkpoint(ft["checkpoint"], spec.finetune.model_dtype, spec.finetune.attn_implementation)
+    model.to(distributed.local_device(spec.accelerator))
+    evals = run_evaluations(spec.evals, model, tok, train_template, out / "eval", checkpoint_id(ft["checkpoint"]))
     if not distributed.is_rank_zero():
         return evals
-    stages["evaluate"] = {**evals[cfg.eval.name], "time_s": time.perf_counter() - t0}
+    main = spec.evals[0].name
+    stages["evaluate"] = {**evals[main], "time_s": time.perf_counter() - t0}
     if len(evals) > 1:
-        stages["evaluate"]["more"] = {k: v for k, v in evals.items() if k != cfg.eval.name}
-    if not cfg.run.keep_checkpoint:
+        stages["evaluate"]["more"] = {k: v for k, v in evals.items() if k != main}
+    if not spec.keep_checkpoint:
         shutil.rmtree(ft["checkpoint"])
     return evals
 
 
-def run_results(cfg: DictConfig, stages: dict[str, Any], evals: dict[str, Any], model_dir: str, train_dir: str,
+def run_results(spec: RunSpec, stages: dict[str, Any], evals: dict[str, Any], model_dir: str, train_dir: str,
                 data_info: dict[str, Any], total_time_s: float) -> dict[str, Any]:
     """``results.json``: what the run was (setting, choices, build, seed, environment) and what it gave."""
     return {
-        "variant": cfg.variant_name, "scorer": cfg.scorer.name, "keep_ratio": cfg.selection.keep_ratio,
-        "budget": cfg.finetune.budget,
-        "direction": cfg.selection.direction, "layers": OmegaConf.to_container(cfg.layers, resolve=True),
-        "statistic": cfg.statistic.name, "step": cfg.step.name, "seed": cfg.seed,
-        "build": context.build_id(cfg),  # the embedded base model's build (None: a model from a path)
+        "variant": spec.variant, **spec.choices, "seed": spec.seed,
+        "build": spec.build,  # the embedded base model's build (None: a model from a path)
         "model": model_dir, "train_model": train_dir, "data": data_info,
         "eval": {k: v["accuracy"] for k, v in evals.items()},
         "eval_protocols": {k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
                            for k, v in evals.items()},
         "stages": stages, "total_time_s": total_time_s,
         "base_model": _base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
-        "setting": run_setting(cfg), "choices": _hydra_choices(),
+        "setting": spec.setting, "choices": spec.hydra_choices,
         "environment": environment(),  # package versions, torch's CPU code path and threads: `table` compares them
     }
 
 
-def write_results(cfg: DictConfig, out: Path, results: dict[str, Any], ft: dict[str, Any]) -> None:
+def write_results(spec: RunSpec, out: Path, results: dict[str, Any], ft: dict[str, Any]) -> None:
     """The resolved config, the W&B summary (if logging there), then ``results.json``: the last write."""
-    write_json_atomic(out / "resolved_config.json", OmegaConf.to_container(cfg, resolve=True))
-    logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True)
-    if is_wandb(logger_cfg):
+    write_json_atomic(out / "resolved_config.json", spec.config)
+    if is_wandb(spec.logger):
         diag_file = out / "select" / "diagnostics.json"
-        results["wandb_dir"] = log_run_summary(logger_cfg, out / "finetune", results,
+        results["wandb_dir"] = log_run_summary(spec.logger, out / "finetune", results,
                                                read_json(diag_file) if diag_file.exists() else None,
                                                run_id=ft.get("wandb_run_id"))
     write_json_atomic(out / "results.json", results)
 
 
-def against_expected(cfg: DictConfig, accuracy: float, overrides: list[str] | None) -> tuple[str, bool | None]:
-    """README command 1 only — ``resofilter run`` with no overrides (``overrides == []``): whether its final
-    accuracy lies in the band the README gives (``expected.accuracy``); the text the last log line ends with,
-    and True/False (None: another run, nothing claimed)."""
-    band = (cfg.get("expected") or {}).get("accuracy")
-    if overrides != [] or band is None:
+def against_expected(band: tuple[float, float] | None, accuracy: float) -> tuple[str, bool | None]:
+    """Whether README command 1's final accuracy lies in the band the README gives (``expected.accuracy``,
+    set for that run only: :func:`~resofilter.stages.specs.expected_band`); the text the last log line ends
+    with, and True/False (None: another run, nothing claimed)."""
+    if band is None:
         return "", None
     lo, hi = band
     if lo <= accuracy <= hi:
@@ -181,21 +209,15 @@ def against_expected(cfg: DictConfig, accuracy: float, overrides: list[str] | No
             "please report it with this run's results.json (it records the environment)"), False
 
 
-def _stops_after(cfg: DictConfig, stage: str, stages: dict[str, Any]) -> bool:
+def _stops_after(spec: RunSpec, stage: str, stages: dict[str, Any]) -> bool:
     """``run.until=<stage>``: the run ends after that stage, writing no ``results.json`` (it is not a
     finished run). ``run.until=score`` fills the shared features cache once — on a cluster, one
     multi-GPU job before the sweep whose members then all find their features there."""
-    if cfg.run.get("until") != stage:
+    if spec.until != stage:
         return False
     log.info("run.until=%s: stopping after %s%s", stage, stage,
              f" (features in {stages['score']['features_dir']})" if stage == "score" and stages.get("score") else "")
     return True
-
-
-def needs_reference(cfg: DictConfig) -> bool:
-    """``scorer=target`` without a scored reference dir: the run scores the reference records."""
-    ref = cfg.scorer.get("reference") if cfg.scorer.get("name") == "target" else None
-    return ref is not None and not ref.get("features_dir")
 
 
 def score_pool(spec: ScoreSpec, records: list[Any], template: Any, model_dir: str,
@@ -226,37 +248,27 @@ def features_cache_dir(spec: ScoreSpec, key: str) -> Path:
     return Path(spec.cache_dir) / "features" / key
 
 
-def with_reference(cfg: DictConfig, spec: SelectSpec, score_spec: ScoreSpec, template: Any,
-                   model_dir: str) -> tuple[SelectSpec, dict[str, Any] | None]:
-    """``spec`` with its target scorer's reference features scored (when the config asks the run to), and
-    the reference's summary (``None``: no reference scored)."""
-    if not needs_reference(cfg):
-        return spec, None
+def with_reference(spec: RunSpec, inputs: RunInputs, model_dir: str, stages: dict[str, Any]) -> SelectSpec:
+    """The select spec, with its target scorer's reference features scored first when the config asks the run
+    to (their summary into ``stages["reference"]``)."""
+    if not spec.scores_reference:
+        return spec.select
     # every rank scores the reference set (sharded under DDP), as the pool
-    ref_dir, summary = score_reference(cfg, score_spec, template, model_dir)
-    return replace(spec, scorer={**spec.scorer, "reference": {**spec.scorer["reference"],
-                                                              "features_dir": str(ref_dir)}}), summary
+    ref_dir, stages["reference"] = score_reference(spec.score, inputs, model_dir)
+    scorer = spec.select.scorer
+    return replace(spec.select, scorer={**scorer, "reference": {**scorer["reference"], "features_dir": str(ref_dir)}})
 
 
-def score_reference(cfg: DictConfig, spec: ScoreSpec, template: Any, model_dir: str) -> tuple[Path, dict[str, Any]]:
+def score_reference(spec: ScoreSpec, inputs: RunInputs, model_dir: str) -> tuple[Path, dict[str, Any]]:
     """Score the reference records (``scorer.reference.path``, or the synthetic benchmark's reference
     split) with the pool's model and settings into the features cache; (dir, summary)."""
     t0 = time.perf_counter()
-    ref = cfg.scorer.reference
-    if ref.get("path"):
-        path = Path(ref.path)
-    elif (bench := context.benchmark_dir(cfg)) is not None:
-        from resofilter.stages.embedded import ensure_reference
-
-        path = ensure_reference(cfg.data.synthetic, bench, int(ref.n))
-    else:
-        raise ResoFilterError("scorer=target needs its reference records: set scorer.reference.path (records with "
-                              "the data's fields) or scorer.reference.features_dir (their `resofilter score` dir)")
-    records, info = context.load_data(cfg, path)
-    prepared = prepare_scoring(spec, records, template, model_dir)
+    path = inputs.reference_path()
+    records, info = inputs.load(path)
+    prepared = prepare_scoring(spec, records, inputs.template, model_dir)
     ref_dir = features_cache_dir(spec, prepared.identity.key)
     cached = (ref_dir / "features.parquet").exists()
-    score_records(spec, records, template, model_dir, ref_dir, info, prepared, wait_for_lock=True)
+    score_records(spec, records, inputs.template, model_dir, ref_dir, info, prepared, wait_for_lock=True)
     log.info("reference set %s: %d records, features %s (%s)", path, len(records), ref_dir,
              "cached" if cached else "scored")
     return ref_dir, {"path": str(path), "n": len(records), "features_dir": str(ref_dir), "cached": cached,
@@ -275,43 +287,6 @@ def _finished_run(out: Path, setting: dict[str, Any], seed: int, build: int | No
         raise ResoFilterError(f"{out} holds the finished run of seed {done.get('seed')}, build {done.get('build')} "
                               f"({results}), not of seed {seed}, build {build}: use another output_dir")
     return done
-
-
-# Keys that never distinguish one setting from another: the replicates of a row (fine-tuning seed, embedded
-# build), where outputs go.
-_NOT_SETTING = {"output_dir", "paths", "features_dir", "subset_path", "checkpoint_dir", "hydra", "command", "build",
-                "expected"}
-
-
-def run_setting(cfg: DictConfig) -> dict[str, Any]:
-    """The run's resolved config, flattened (``a.b.c: value``), minus seeds and output locations.
-
-    ``resofilter table`` groups runs by it: two runs are one row exactly when their settings
-    are equal, whatever keys differ.
-    """
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if (not prefix and k in _NOT_SETTING) or k == "seed":
-                    continue
-                walk(v, f"{prefix}{k}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
-
-
-def _hydra_choices() -> dict[str, Any] | None:
-    """The config group options this run was composed from (``layers: last3_mlp``), when under Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return None
-    return {k: v for k, v in OmegaConf.to_container(HydraConfig.get().runtime.choices).items()
-            if not k.startswith("hydra")}
 
 
 def _base_accuracy(model_dir: str) -> dict[str, float] | None:

@@ -16,7 +16,6 @@ import pandas as pd
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from resofilter import distributed
 from resofilter._io import model_fingerprint, output_lock, remove_orphans, stable_hash
@@ -33,19 +32,13 @@ from resofilter.features.extract import (
     extract_features,
 )
 from resofilter.features.fast import FastScorer
-from resofilter.features.sketch import SketchSpec
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
-from resofilter.features.tokens import NO_SPAN, TokenSignalSpec, answer_spans
+from resofilter.features.tokens import NO_SPAN, answer_spans
 from resofilter.identity import identity_of, runtime_field
-from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton, resolve_dtype
+from resofilter.models.loading import load_causal_lm, load_tokenizer, model_skeleton
 from resofilter.selection.scorers import layer_columns
-from resofilter.stages.config_check import (
-    check_depth,
-    count_above_bounds,
-    precision_check_samples,
-    scoring_dtype,
-)
+from resofilter.stages.config_check import check_depth
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +53,6 @@ def response_alone(samples: list[TokenizedSample], tokenizer: Any) -> list[Token
     return out
 
 
-def settings_from(cfg: DictConfig) -> ScoreSettings:
-    s = cfg.score
-    literal = resolve_dtype(s.literal_dtype, "score.literal_dtype")
-    return ScoreSettings(
-        # the literal loop's dtype means nothing to the fast mode: its spec (and features' identity) holds the default
-        mode=s.mode, literal_dtype=literal if s.mode == "literal" else ScoreSettings.literal_dtype,
-        statistics=tuple(s.statistics), quantiles=tuple(s.quantiles), count_above=tuple(count_above_bounds(cfg)),
-        chunk_elements=s.chunk_elements,
-        logits_chunk_elements=s.logits_chunk_elements, batch_size=s.batch_size,
-        max_tokens_per_batch=s.max_tokens_per_batch, shard_size=s.shard_size, progress_bar=s.progress_bar,
-        tokens=TokenSignalSpec.from_cfg(cfg), sketch=SketchSpec.from_cfg(s.get("sketch")))
-
-
-def _plain_indices(indices: Any) -> Any:
-    """Layer indices as plain values (``all`` or a list of ints) for a frozen spec."""
-    return list(indices) if isinstance(indices, ListConfig) else indices
-
-
 @dataclass(frozen=True)
 class PrecisionCheckSpec:
     """The float64 re-scoring of random samples and the bounds that fail the stage."""
@@ -90,17 +65,11 @@ class PrecisionCheckSpec:
     layer_modules: tuple[str, ...]
     layer_indices: Any
 
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig, dtype: torch.dtype) -> PrecisionCheckSpec:
-        pc = cfg.score.precision_check
-        return cls(n_samples=precision_check_samples(cfg, dtype), min_spearman=pc.min_spearman,
-                   max_error_over_std=pc.max_error_over_std, seed=cfg.seed, statistic=cfg.statistic.name,
-                   layer_modules=tuple(cfg.layers.modules), layer_indices=_plain_indices(cfg.layers.indices))
 
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """What the score stage is asked, built from the config in one place (:meth:`from_cfg`).
+    """What the score stage is asked, built from the config in one place (:func:`~resofilter.stages.specs.score_spec`).
 
     Its identity fields (all but the ``runtime_field`` ones) and the model's content fingerprint are the
     features' identity (:func:`describe`): a field added here is in the cache key unless declared runtime.
@@ -120,21 +89,6 @@ class ScoreSpec:
     trainer: dict[str, Any] = runtime_field()  # a pytorch_lightning.Trainer config: devices and ranks, not values
     cache_dir: str | None = runtime_field()  # where the model's fingerprint is remembered
     config: dict[str, Any] = runtime_field()  # the resolved config, recorded in the manifest
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> ScoreSpec:
-        dtype = scoring_dtype(cfg)
-        cand = cfg.score.candidates
-        indices = cand.indices
-        return cls(settings=settings_from(cfg), dtype=dtype, step=StepConfig.from_cfg(cfg.step),
-                   candidate_modules=tuple(cand.modules),
-                   candidate_indices=_plain_indices(indices),
-                   ifd=bool(cfg.score.ifd), attn_implementation=cfg.model.get("attn_implementation"),
-                   tokenize=TokenizeSpec.from_cfg(cfg.tokenize),
-                   declared_depth=cfg.model.get("num_hidden_layers"), check=PrecisionCheckSpec.from_cfg(cfg, dtype),
-                   trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
-                   cache_dir=cfg.paths.get("cache_dir"),
-                   config=OmegaConf.to_container(cfg, resolve=True))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
 
 from resofilter._io import (
     file_hash,
@@ -55,9 +54,6 @@ from resofilter.selection.select import select
 from resofilter.stages.config_check import check_depth
 
 log = logging.getLogger(__name__)
-
-LAYER_SETS = {"last3": [-3, -2, -1], "first3": [0, 1, 2], "all": "all", "last": [-1]}
-
 
 def features_manifest(features_dir: Path) -> dict[str, Any]:
     """The features' manifest: what they know about the model and records they came from."""
@@ -107,7 +103,7 @@ def verify_records(features: pd.DataFrame, records: list[Record], manifest: dict
 
 @dataclass(frozen=True)
 class SelectSpec:
-    """What the select stage is asked, built from the config in one place (:meth:`from_cfg`).
+    """What the select stage is asked, built from the config once (:func:`~resofilter.stages.specs.select_spec`).
 
     Everything the features know (depth, records) comes from their manifest instead.
     """
@@ -116,6 +112,7 @@ class SelectSpec:
     layers: dict[str, Any]
     statistic: str
     keep_ratio: float
+    panel_layer_sets: dict[str, Any]  # diagnostics: the layer sets (of the selected modules) compared, by name
     direction: str = "drop_high"
     dedup: str | None = None
     diagnostics: Any = "auto"  # auto | true | false
@@ -127,19 +124,6 @@ class SelectSpec:
     declared_depth: int | None = None  # model.num_hidden_layers, if the config states it
     report_k: int = 10  # report.html: the k highest- and k lowest-scored samples
     report_excerpt_chars: int = 300
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> SelectSpec:
-        sel = cfg.selection
-        return cls(scorer=OmegaConf.to_container(cfg.scorer, resolve=True),
-                   layers=OmegaConf.to_container(cfg.layers, resolve=True), statistic=cfg.statistic.name,
-                   keep_ratio=sel.keep_ratio, direction=sel.direction, dedup=sel.get("dedup"),
-                   diagnostics=sel.get("diagnostics", "auto"), allow_unscored=bool(sel.get("allow_unscored", False)),
-                   label_field=cfg.data.get("label_field"), kind_field=cfg.data.get("kind_field"),
-                   group_fields=tuple(cfg.data.get("group_fields") or ()), seed=cfg.seed,
-                   declared_depth=cfg.model.get("num_hidden_layers"),
-                   report_k=int(sel.get("report", {}).get("k", 10)),
-                   report_excerpt_chars=int(sel.get("report", {}).get("excerpt_chars", 300)))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,13 +166,13 @@ def labels_of(records: list[Record], field: str) -> np.ndarray | None:
         return None
 
 
-def panel(pool: ScoredPool, modules: list[str], seed: int) -> dict[str, Scorer]:
+def panel(pool: ScoredPool, modules: list[str], layer_sets: dict[str, Any], seed: int) -> dict[str, Scorer]:
     """Every scorer the diagnostics compare: statistics × layer sets the features hold, and the baselines."""
     out: dict[str, Scorer] = {}
     features, n_layers = pool.features, pool.n_layers
     stats = sorted({s for *_, s in weight_columns(features)})
     for stat in stats:
-        for set_name, idx in LAYER_SETS.items():
+        for set_name, idx in layer_sets.items():
             if has_layer_columns(features, modules, idx, stat, n_layers):
                 out[f"{stat}/{set_name}"] = ResoFilterScorer(modules, idx, stat, n_layers)
     for name, col in BASELINE_COLUMNS.items():
@@ -212,7 +196,8 @@ def diagnose(spec: SelectSpec, pool: ScoredPool, recs: list[Record], chosen: Sco
       kind against the clean samples), ``selected_scorer`` (precision/recall of the dropped set).
     """
     selected, features = chosen.name, pool.features
-    bads = {name: badness(s, pool) for name, s in panel(pool, list(spec.layers["modules"]), spec.seed).items()}
+    compared = panel(pool, list(spec.layers["modules"]), spec.panel_layer_sets, spec.seed)
+    bads = {name: badness(s, pool) for name, s in compared.items()}
     if isinstance(chosen, TargetScorer):  # its reference exists for this selection only (computed once, above)
         bads["target"] = bad
     covariates = {"response_tokens": features["n_tokens"].to_numpy(dtype=float),
