@@ -99,3 +99,27 @@ def write_features_dir(d: Path, features, records, n_layers: int = 4) -> Path:
         "model": "test", "description": {"model_weights": "test"}, "records": records_summary(records, samples, hashes),
         "structure": {"num_hidden_layers": n_layers, "layers_prefix": "model.layers", "targets": []}})
     return d
+
+
+def write_result(d: Path, *, variant: str = "resofilter", keep_ratio: float = 0.5, seed: int = 0,
+                 accs: dict | None = None, select: dict | None = None, setting: dict | None = None,
+                 **fields) -> Path:
+    """A finished run's ``results.json`` as the run writes it (a typed RunResult), with test values;
+    ``setting`` defaults to the fields a table row is told apart by."""
+    from resofilter.reporting.results import RunResult
+
+    base = {"scorer": "resofilter", "budget": "steps", "direction": "drop_high",
+            "layers": {"modules": ["mlp.up_proj"], "indices": [-1]}, "statistic": "mean_abs", "step": "adamw",
+            "build": None, "model": "model", "train_model": "model", "data": {}, "eval_protocols": {},
+            "total_time_s": 10.0, "base_model": None, "choices": None, "environment": {}}
+    base.update(fields)
+    stages = {"score": {"cached": True, "time_s": 1.0}, "select": {"n_out": 50, "time_s": 1.0, **(select or {})},
+              "finetune": {"time_s": 1.0}, "evaluate": {"time_s": 1.0}}
+    if setting is None:
+        setting = {"variant_name": variant, "scorer.name": base["scorer"], "selection.keep_ratio": keep_ratio,
+                   "layers.modules": base["layers"]["modules"], "layers.indices": base["layers"]["indices"],
+                   "statistic.name": base["statistic"], "step.name": base["step"]}
+    d.mkdir(parents=True, exist_ok=True)
+    RunResult(variant=variant, keep_ratio=keep_ratio, seed=seed, eval=accs or {"math_synth": 0.25}, stages=stages,
+              setting=setting, **base).write(d / "results.json")
+    return d

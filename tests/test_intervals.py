@@ -17,6 +17,7 @@ from resofilter.reporting.intervals import (
     two_way_bootstrap,
 )
 from resofilter.reporting.table import write_table
+from tests.conftest import write_result
 
 
 def literal_bootstrap(values: np.ndarray, n_resamples: int, seed: int, chunk: int) -> np.ndarray:
@@ -116,16 +117,12 @@ def test_pairing_by_seed_and_problem():
 
 def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: list[int], build: int | None = None
          ) -> None:
-    d.mkdir(parents=True)
     setting = {"variant_name": variant, "scorer.name": scorer, "selection.keep_ratio": keep,
                "finetune.max_steps": 400, "eval.name": "gsm8k"}
-    (d / "results.json").write_text(json.dumps({
-        "variant": variant, "scorer": scorer, "keep_ratio": keep, "direction": "drop_high",
-        "layers": {"indices": [-1]}, "statistic": "mean_abs", "step": "adamw", "seed": seed, "build": build,
-        "eval": {"gsm8k": sum(correct) / len(correct)}, "total_time_s": 1.0, "setting": setting,
-        "stages": {"select": {"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6,
-                              "confounds": {"response_tokens": 0.25 if scorer == "resofilter" else -0.1}},
-                   "score": {"cached": True}}}))
+    write_result(d, variant=variant, scorer=scorer, keep_ratio=keep, seed=seed, build=build, setting=setting,
+                 accs={"gsm8k": sum(correct) / len(correct)}, total_time_s=1.0,
+                 select={"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6,
+                         "confounds": {"response_tokens": 0.25 if scorer == "resofilter" else -0.1}})
     (d / "eval").mkdir()
     (d / "eval" / "metrics.json").write_text(json.dumps({"eval": "gsm8k", "accuracy": sum(correct) / len(correct)}))
     (d / "eval" / "predictions.jsonl").write_text("".join(

@@ -20,7 +20,7 @@ from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features import extract as extract_mod
 from resofilter.reporting.table import write_table
 from resofilter.stages.config_check import scoring_dtype, validate
-from tests.conftest import GSM8K_TRAIN, compose_cfg, tiny, write_jsonl
+from tests.conftest import GSM8K_TRAIN, compose_cfg, tiny, write_jsonl, write_result
 
 FAST = ["tokenize.max_length=192", "score.shard_size=16", "score.batch_size=8", "score.progress_bar=false",
         "score.statistics=[mean_abs,l2]"]
@@ -204,15 +204,11 @@ def test_f5_resume_with_another_shard_size_gives_identical_features(tmp_path, ti
 
 
 def _result(d: Path, seed: int, acc: float, modules: list[str], layers_choice: str) -> None:
-    d.mkdir(parents=True)
     setting = {"variant_name": "resofilter", "selection.keep_ratio": 0.5, "layers.modules": modules,
                "layers.indices": [-3, -2, -1], "statistic.name": "mean_abs"}
-    (d / "results.json").write_text(json.dumps({
-        "variant": "resofilter", "keep_ratio": 0.5, "direction": "drop_high",
-        "layers": {"modules": modules, "indices": [-3, -2, -1]}, "statistic": "mean_abs", "step": "adamw",
-        "seed": seed, "eval": {"math_synth": acc}, "total_time_s": 10.0, "setting": setting,
-        "choices": {"layers": layers_choice, "variant": "reso50"},
-        "stages": {"select": {"n_out": 50}, "score": {"cached": True}}}))
+    write_result(d, seed=seed, accs={"math_synth": acc}, setting=setting,
+                 layers={"modules": modules, "indices": [-3, -2, -1]},
+                 choices={"layers": layers_choice, "variant": "reso50"})
 
 
 def test_f6_table_keeps_settings_apart_and_labels_them(tmp_path):

@@ -16,7 +16,7 @@ from resofilter.cli import CONF_DIR
 from resofilter.commands import run
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.table import write_table
-from tests.conftest import compose_cfg, shrink
+from tests.conftest import compose_cfg, shrink, write_result
 from tests.test_embedded import TINY
 
 TINY_RUN = {**TINY, "model.embedded.base_training.steps": 60, "finetune.max_steps": 3, "finetune.batch_size": 4,
@@ -169,12 +169,8 @@ def test_the_last_line_of_readme_command_1_checks_its_band():
 
 
 def _fake_result(d: Path, variant: str, seed: int, accs: dict, auroc: float | None = 0.6) -> None:
-    d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps({
-        "variant": variant, "keep_ratio": 0.5, "direction": "drop_high", "layers": {"indices": [-1]},
-        "statistic": "mean_abs", "step": "adamw", "seed": seed, "eval": accs, "total_time_s": 10.0 + seed,
-        "stages": {"select": {"n_out": 50, "noise_rate_kept": 0.3, "noise_auroc": auroc}, "score": {"cached": True}},
-    }))
+    write_result(d, variant=variant, seed=seed, accs=accs, total_time_s=10.0 + seed,
+                 select={"noise_rate_kept": 0.3, "noise_auroc": auroc})
 
 
 def test_table_numbers_by_hand(tmp_path):
@@ -186,12 +182,14 @@ def test_table_numbers_by_hand(tmp_path):
     t = write_table(tmp_path)
     assert t["n_runs"] == 4
     md = (tmp_path / "table.md").read_text().splitlines()
-    assert md[0].startswith("| variant | keep_ratio | gsm8k % [95 % CI] | Δ full | Δ random | math % [95 % CI] |")
-    rows = {line.split(" | ")[0].strip("| "): line for line in md[2:] if line.startswith("|")}
+    assert md[0].startswith(
+        "| budget | variant | keep_ratio | gsm8k % [95 % CI] | Δ full | Δ random | math % [95 % CI] |")
+    rows = {line.split(" | ")[1]: line for line in md[2:] if line.startswith("|")}
     # no predictions kept: mean ± sd over seeds; std of (20, 40) with ddof 1 = 14.14…; of (10, 30) the same
-    assert "| 30.0 ± 14.1 (sd) | – | – | 20.0 ± 14.1 (sd) | – | – | 2 | 50 | 30.0 | 0.600 | – | 10 |" in \
+    # time/run: the four stages' times (1 s each in write_result), not total_time_s (10 s, a base-model build)
+    assert "| 30.0 ± 14.1 (sd) | – | – | 20.0 ± 14.1 (sd) | – | – | 2 | 50 | 30.0 | 0.600 | – | 4 |" in \
         rows["resofilter"]
-    assert "| 10.0 ± 0.0 (sd) | – | – | 0.0 ± 0.0 (sd) | – | – | 1 | 50 | 30.0 | – | – | 10 |" in rows["random"]
+    assert "| 10.0 ± 0.0 (sd) | – | – | 0.0 ± 0.0 (sd) | – | – | 1 | 50 | 30.0 | – | – | 4 |" in rows["random"]
 
 
 def test_table_on_empty_dir_is_an_error(tmp_path):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
+from resofilter.errors import ResoFilterError
 from resofilter.stages import context, specs
 from resofilter.stages.score import warn_unlearned
-from tests.conftest import GSM8K_TRAIN, compose_cfg
+from tests.conftest import GSM8K_TRAIN, compose_cfg, write_result
 
 
 def test_warns_when_the_model_has_not_learned_the_text(caplog):
@@ -141,10 +143,30 @@ def test_data_by_datasets_name_offline(tmp_path, monkeypatch):
         context.load_data(compose_cfg(["data=gsm8k", f"data.hf_name={ds}"], "score"))  # path and name: which?
 
 
-def test_time_per_run_leaves_out_the_base_model_build():
-    from resofilter.reporting.table import _run_time
+def test_time_per_run_leaves_out_the_base_model_build(tmp_path):
+    from dataclasses import replace
 
-    built = {"total_time_s": 700.0, "stages": {"score": {"time_s": 50.0}, "select": {"time_s": 2.0},
-                                               "finetune": {"time_s": 60.0}, "evaluate": {"time_s": 8.0}}}
-    assert _run_time(built) == 120.0  # not the 580 s the first run spent building the base model
-    assert _run_time({"total_time_s": 33.0, "stages": {"score": {"cached": True}}}) == 33.0  # older results
+    from resofilter.reporting.results import RunResult
+
+    r = RunResult.read(write_result(tmp_path, total_time_s=700.0) / "results.json")
+    stages = {"score": {"time_s": 50.0, "cached": False}, "select": {"time_s": 2.0, "n_out": 5},
+              "finetune": {"time_s": 60.0}, "evaluate": {"time_s": 8.0}}
+    assert replace(r, stages=stages).run_time_s == 120.0  # not the 580 s the first run spent building the base model
+    with_ref = replace(r, stages={**stages, "reference": {"time_s": 5.0}})
+    assert with_ref.run_time_s == 125.0  # the reference the run scored is its own work too
+
+
+def test_a_results_json_of_another_schema_or_missing_a_field_is_an_error(tmp_path):
+    from resofilter.reporting.results import RESULTS_SCHEMA, RunResult
+
+    f = write_result(tmp_path) / "results.json"
+    d = json.loads(f.read_text())
+    assert RunResult.from_dict(d).as_dict() == d  # it reads back what it wrote
+    with pytest.raises(ResoFilterError, match=rf"{f}.*schema 0.*reads schema {RESULTS_SCHEMA}"):
+        RunResult.from_dict({**d, "schema": 0}, f)
+    with pytest.raises(ResoFilterError, match=r"missing \['setting'\]"):
+        RunResult.from_dict({k: v for k, v in d.items() if k != "setting"}, f)
+    with pytest.raises(ResoFilterError, match=r"unknown \['budgte'\]"):
+        RunResult.from_dict({**d, "budgte": "steps"}, f)
+    with pytest.raises(ResoFilterError, match=r"stages.select"):
+        RunResult.from_dict({**d, "stages": {k: v for k, v in d["stages"].items() if k != "select"}}, f)

@@ -23,11 +23,9 @@ from resofilter.environment import differences
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.html import table_report
 from resofilter.reporting.intervals import Z_80_POWER, Z_95, Unit, bootstrap, paired_matrix, row_matrix
+from resofilter.reporting.results import RunResult
 
 log = logging.getLogger(__name__)
-
-GROUP_KEYS = ["variant", "keep_ratio", "direction", "layers", "statistic", "step"]
-
 
 def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
     """One row per finished run; and the run dirs that have no results.json."""
@@ -41,51 +39,24 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
         if not f.exists():
             incomplete.append(str(d.relative_to(root)))
             continue
-        r = read_json(f)
+        r = RunResult.read(f)
         row: dict[str, Any] = {
-            "run": str(d.relative_to(root)), "variant": r["variant"], "keep_ratio": r["keep_ratio"],
-            "direction": r["direction"], "layers": str(r["layers"]["indices"]), "statistic": r["statistic"],
-            "step": r["step"], "seed": r["seed"], "build": _build(r.get("build")),
-            "n_kept": r["stages"]["select"]["n_out"],
-            "noise_rate_kept": r["stages"]["select"].get("noise_rate_kept"),
-            "noise_auroc": r["stages"]["select"].get("noise_auroc"),
-            # what the score ranks by: Spearman ρ of its badness with response length (1: length itself)
-            "rho_length": ((r["stages"]["select"].get("confounds") or {}).get("response_tokens")),
-            "score_cached": r["stages"]["score"]["cached"], "time_s": _run_time(r),
-            "scorer": r.get("scorer"), "budget": r.get("budget") or _budget(r.get("setting") or {}),
-            "protocols": json.dumps(r.get("eval_protocols") or {}, sort_keys=True),
-            "scored_by": _model_name(r.get("model")),
-            "trained": _model_name(r.get("train_model") or r.get("model")),
-            "_dir": str(d), "_environment": r.get("environment"),
+            "run": str(d.relative_to(root)), "variant": r.variant, "keep_ratio": r.keep_ratio,
+            "direction": r.direction, "layers": str(r.layers["indices"]), "statistic": r.statistic,
+            "step": r.step, "seed": r.seed, "build": _build(r.build), "n_kept": r.n_kept,
+            "noise_rate_kept": r.noise_rate_kept, "noise_auroc": r.noise_auroc, "rho_length": r.rho_length,
+            "score_cached": r.features_cached, "time_s": r.run_time_s, "scorer": r.scorer, "budget": r.budget,
+            "protocols": json.dumps(r.eval_protocols, sort_keys=True),
+            "scored_by": _model_name(r.model), "trained": _model_name(r.train_model),
+            "_dir": str(d), "_environment": r.environment,
+            "setting_key": stable_hash(r.setting), "_setting": r.setting, "_choices": r.choices or {},
         }
-        if r.get("setting") is not None:
-            row["setting_key"] = stable_hash(r["setting"])
-            row["_setting"], row["_choices"] = r["setting"], r.get("choices") or {}
-        else:  # results.json from before settings were recorded: the fields it has, layers in full
-            row["layers"] = json.dumps(r["layers"], sort_keys=True)
-            row["setting_key"] = stable_hash([row[k] for k in GROUP_KEYS])
-            row["_setting"], row["_choices"] = {k: row[k] for k in GROUP_KEYS}, {}
-        for name, acc in r["eval"].items():
+        for name, acc in r.eval.items():
             row[f"acc/{name}"] = acc
         rows.append(row)
     if not rows and not incomplete:
         raise ResoFilterError(f"no run directories (results.json or .hydra/) under {root}")
     return pd.DataFrame(rows), incomplete
-
-
-def _run_time(r: dict[str, Any]) -> float:
-    """The run's own stages (score, select, finetune, evaluate), without a base-model build that the
-    first run of a sweep pays for every other; older results without stage times: the total."""
-    stages = [v.get("time_s") for v in r.get("stages", {}).values() if isinstance(v, dict)]
-    return float(sum(stages)) if stages and all(t is not None for t in stages) else float(r["total_time_s"])
-
-
-def _budget(setting: dict[str, Any]) -> str | None:
-    """``steps`` (compute-matched) or ``epochs`` (the paper's), from a setting without ``finetune.budget``."""
-    if "finetune.budget" in setting:
-        return setting["finetune.budget"]
-    steps = setting.get("finetune.max_steps")
-    return None if steps is None else ("steps" if steps > 0 else "epochs")
 
 
 # Setting keys that say how a subset was chosen; the rest (model, data, fine-tuning, evaluation)

@@ -24,6 +24,7 @@ from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.environment import environment
 from resofilter.errors import ResoFilterError
+from resofilter.reporting.results import RunResult
 from resofilter.reporting.wandb_log import is_wandb, log_run_summary
 from resofilter.stages.evaluate import EvalSpec, run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune
@@ -109,15 +110,15 @@ def run_pipeline(spec: RunSpec, inputs: RunInputs, out: Path) -> dict[str, Any]:
     if not distributed.is_rank_zero():
         return {}
     results = run_results(spec, stages, evals, model_dir, train_dir, data_info, time.perf_counter() - t_start)
-    write_results(spec, out, results, ft)
+    results = write_results(spec, out, results, ft)
     main = spec.evals[0].name
     verdict, inside = against_expected(spec.expected_band, evals[main]["accuracy"])
     build = "" if spec.build is None else f" build {spec.build}"
     log.log(logging.INFO if inside is not False else logging.WARNING,
             "%s keep %.2f seed %d%s: %s accuracy %.4f (%d/%d kept) in %.0f s%s", spec.variant,
             spec.select.keep_ratio, spec.seed, build, main, evals[main]["accuracy"], sel["n_out"],
-            sel["n_in"], results["total_time_s"], verdict)
-    return results
+            sel["n_in"], results.total_time_s, verdict)
+    return results.as_dict()
 
 
 def select_pool(spec: SelectSpec, feat_dir: Path, records: list[Any], out_dir: Path,
@@ -169,31 +170,30 @@ def evaluate_checkpoint(spec: RunSpec, ft: dict[str, Any], train_template: Templ
 
 
 def run_results(spec: RunSpec, stages: dict[str, Any], evals: dict[str, Any], model_dir: str, train_dir: str,
-                data_info: dict[str, Any], total_time_s: float) -> dict[str, Any]:
+                data_info: dict[str, Any], total_time_s: float) -> RunResult:
     """``results.json``: what the run was (setting, choices, build, seed, environment) and what it gave."""
-    return {
-        "variant": spec.variant, **spec.choices, "seed": spec.seed,
-        "build": spec.build,  # the embedded base model's build (None: a model from a path)
-        "model": model_dir, "train_model": train_dir, "data": data_info,
-        "eval": {k: v["accuracy"] for k, v in evals.items()},
-        "eval_protocols": {k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
-                           for k, v in evals.items()},
-        "stages": stages, "total_time_s": total_time_s,
-        "base_model": _base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
-        "setting": spec.setting, "choices": spec.hydra_choices,
-        "environment": environment(),  # package versions, torch's CPU code path and threads: `table` compares them
-    }
+    return RunResult(
+        variant=spec.variant, **spec.choices, seed=spec.seed, build=spec.build, model=model_dir,
+        train_model=train_dir, data=data_info, eval={k: v["accuracy"] for k, v in evals.items()},
+        eval_protocols={k: f"{v['protocol']}" + (f" ({v['few_shot']}-shot)" if v.get("few_shot") else "")
+                        for k, v in evals.items()},
+        stages=stages, total_time_s=total_time_s,
+        base_model=_base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
+        setting=spec.setting, choices=spec.hydra_choices,
+        environment=environment(),  # package versions, torch's CPU code path and threads: `table` compares them
+    )
 
 
-def write_results(spec: RunSpec, out: Path, results: dict[str, Any], ft: dict[str, Any]) -> None:
+def write_results(spec: RunSpec, out: Path, results: RunResult, ft: dict[str, Any]) -> RunResult:
     """The resolved config, the W&B summary (if logging there), then ``results.json``: the last write."""
     write_json_atomic(out / "resolved_config.json", spec.config)
     if is_wandb(spec.logger):
         diag_file = out / "select" / "diagnostics.json"
-        results["wandb_dir"] = log_run_summary(spec.logger, out / "finetune", results,
-                                               read_json(diag_file) if diag_file.exists() else None,
-                                               run_id=ft.get("wandb_run_id"))
-    write_json_atomic(out / "results.json", results)
+        results = replace(results, wandb_dir=log_run_summary(spec.logger, out / "finetune", results.as_dict(),
+                                                             read_json(diag_file) if diag_file.exists() else None,
+                                                             run_id=ft.get("wandb_run_id")))
+    results.write(out / "results.json")
+    return results
 
 
 def against_expected(band: tuple[float, float] | None, accuracy: float) -> tuple[str, bool | None]:
@@ -279,14 +279,14 @@ def _finished_run(out: Path, setting: dict[str, Any], seed: int, build: int | No
     results = out / "results.json"
     if not results.exists():
         return None
-    done = read_json(results)
-    if done.get("setting") != json.loads(json.dumps(setting, default=str)):
+    done = RunResult.read(results)
+    if done.setting != json.loads(json.dumps(setting, default=str)):
         raise ResoFilterError(f"{out} holds a finished run of another setting ({results}); use another "
                               "output_dir, or delete it to redo the run")
-    if (done.get("seed"), done.get("build")) != (seed, build):  # the same row, another replicate
-        raise ResoFilterError(f"{out} holds the finished run of seed {done.get('seed')}, build {done.get('build')} "
+    if (done.seed, done.build) != (seed, build):  # the same row, another replicate
+        raise ResoFilterError(f"{out} holds the finished run of seed {done.seed}, build {done.build} "
                               f"({results}), not of seed {seed}, build {build}: use another output_dir")
-    return done
+    return done.as_dict()
 
 
 def _base_accuracy(model_dir: str) -> dict[str, float] | None:
