@@ -83,6 +83,8 @@ def test_data_configs_map_the_paper_fields():
     ("scorer.name", "oracle", "scorer.name"),
     ("score.batch_size", 0, "score.batch_size"),
     ("score.logits_chunk_elements", -1, "score.logits_chunk_elements"),
+    ("score.mmap_threshold", 0, "score.mmap_threshold"),
+    ("score.recompute_layers", "yes", "score.recompute_layers"),
     ("build", -1, "build"),
     ("build", "b1", "build"),
     ("model.embedded.init_seed", 3, "model.embedded.init_seed"),  # a recipe's own seed: the build sets it now

@@ -239,3 +239,38 @@ def test_a_new_statistic_is_one_registered_function():
         validate(compose_cfg(["score.statistics=[mean_abs,mean_sq]", "statistic.name=mean_sq"]))
     finally:
         del BASIC["mean_sq"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_recomputed_layers_give_the_same_gradients_to_the_last_bit(arch, dtype, tokenizer, gsm8k_records):
+    """score.recompute_layers: the scored layers' activations recomputed in the backward change no bit of
+    the per-sample gradients or the statistics (attention and MLP targets, several in the lowest layer)."""
+    model = tiny(arch, tokenizer, seed=3).to(dtype)
+    targets = find_targets(model, ["mlp.up_proj", "mlp.gate_proj", "self_attn.q_proj"], [-3, -1])
+    batch, samples = _batch(tokenizer, gsm8k_records, n=1 if arch == "gemma2" and dtype == torch.float64 else 4)
+    plain = FastScorer(model, targets, STEPS["adamw"], ["mean_abs", "l2"])
+    again = FastScorer(model, targets, STEPS["adamw"], ["mean_abs", "l2"], recompute=True)
+    g0, g1 = plain.per_sample_grads(batch), again.per_sample_grads(batch)
+    s0, s1 = plain(batch)[0], again(batch)[0]
+    for t in targets:
+        assert torch.equal(g0[t.name], g1[t.name]), t.name
+        assert g0[t.name].abs().sum() > 0  # a gradient to agree on
+        for k in ("mean_abs", "l2"):
+            assert torch.equal(s0[t.name][k], s1[t.name][k]), (t.name, k)
+    decoder = model.get_decoder()
+    assert all("forward" not in vars(layer) for layer in decoder.layers)  # the layers' own forward again
+
+
+def test_the_mmap_threshold_is_applied_through_glibc():
+    from resofilter.features import memory
+
+    assert memory.set_mmap_threshold(None) is False  # null: the allocator is left alone
+    if ctypes_glibc():
+        assert memory.set_mmap_threshold(1 << 20) is True and (1 << 20) in memory._APPLIED
+
+
+def ctypes_glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

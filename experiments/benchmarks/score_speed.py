@@ -2,6 +2,19 @@
 
     python experiments/benchmarks/score_speed.py                      # defaults below (~10 min on 2 cores)
     python experiments/benchmarks/score_speed.py --n 128 --layers 4   # a quick look
+    python experiments/benchmarks/score_speed.py --memory             # fast vs fast without recompute/mmap threshold
+
+On a lent GPU (one device with ≥ 24 GB; ~3-5 minutes, most of it building the random model):
+
+    python experiments/benchmarks/score_speed.py --device cuda --shape gemma2-2b --n 256 \
+        --modes forward,fast,fast_signals,literal --batch-size 8
+
+``--shape`` takes a real model's shape with random weights (no download): ``gemma2-2b``
+(Gemma2Config of the 2b: 26 layers, d 2304, up_proj 9216×2304, vocabulary 256k, fp32 ≈ 10.5 GB)
+or ``llama2-7b`` (d 4096, up_proj 11008×4096, vocabulary 32k; ``--layers 8`` keeps it ≈ 8 GB).
+On CUDA peak memory is ``torch.cuda.max_memory_allocated`` of each mode's own process; on CPU the
+process's peak RSS. The projection prints GPU-hours for 395k MetaMathQA samples of the fixture's
+length distribution (tests/fixtures/metamathqa) at the measured fast tokens per second.
 
 ``fast_signals`` adds the issue-15 signals (16 × 16 gradient sketches of the three matrices,
 token-level losses) to ``fast``: their cost is ``fast+signals / fast``.
@@ -33,26 +46,89 @@ if not DEFAULT_DATA.exists():
     DEFAULT_DATA = ROOT / "tests" / "fixtures" / "gsm8k" / "train.jsonl"
 
 
+# Real models' shapes (random weights): the sizes of their Hugging Face configs.
+SHAPES = {
+    "tiny": None,  # the 12-layer d256 tiny Llama below (--layers, --vocab)
+    "gemma2-2b": ("gemma2", dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                                 num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                                 final_logit_softcapping=30.0, attn_logit_softcapping=50.0, query_pre_attn_scalar=256,
+                                 sliding_window=4096, max_position_embeddings=8192, tie_word_embeddings=True)),
+    "llama2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                                tie_word_embeddings=False)),
+}
+
+
+def model_config(args: argparse.Namespace, vocab: int):  # noqa: ANN201
+    """The benchmark model's config: ``--shape`` (a real model's sizes, ``--layers`` overriding its depth if
+    given) or the tiny Llama."""
+    from resofilter.models.loading import tiny_model_config
+
+    if SHAPES.get(args.shape) is None:
+        # d 256 → up_proj 688: the tiny Llama's 2.69× MLP width kept at every --hidden
+        return tiny_model_config("llama", vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 688 // 256,
+                                 num_hidden_layers=args.layers, num_attention_heads=8)
+    from transformers import Gemma2Config, LlamaConfig
+
+    arch, sizes = SHAPES[args.shape]
+    sizes = {**sizes, **({"num_hidden_layers": args.layers} if args.layers else {})}
+    return (Gemma2Config if arch == "gemma2" else LlamaConfig)(**sizes)
+
+
+def fp32_bytes(config) -> int:  # noqa: ANN001
+    """The model's fp32 weights, counted on the meta device (nothing allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return 4 * sum(p.numel() for p in model.parameters())
+
+
+class Device:
+    """Where a mode runs and how its peak memory is read: CUDA's allocator statistics, or the process's RSS."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.is_cuda = name.startswith("cuda")
+
+    def reset(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.name)
+            torch.cuda.reset_peak_memory_stats(self.name)
+
+    def sync(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.name)
+
+    def peak_mb(self) -> float:
+        if self.is_cuda:
+            return torch.cuda.max_memory_allocated(self.name) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def setup(args: argparse.Namespace):  # noqa: ANN201
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM
 
     from resofilter.data.records import load_records
     from resofilter.data.tokenize import tokenize_records
     from resofilter.features.targets import find_targets
-    from resofilter.models.loading import build_tiny_model
     from resofilter.models.tokenizer import train_tokenizer
 
     records = load_records(args.data, "question", "answer", max_samples=max(args.n, 2000))
     tok = train_tokenizer([f"{r.query}\n{r.response}" for r in records], vocab_size=args.vocab)
     template = instantiate(OmegaConf.load(ROOT / "conf" / "template" / "metamath.yaml"))
     samples, _ = tokenize_records(records[: args.n], template, tok, 512)
-    model = build_tiny_model("llama", len(tok), seed=0, hidden_size=256, intermediate_size=688,
-                             num_hidden_layers=args.layers, num_attention_heads=8,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                             bos_token_id=tok.bos_token_id)
+    config = model_config(args, len(tok))  # a real shape's vocabulary holds the small tokenizer's ids
+    config.pad_token_id, config.eos_token_id, config.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+    with torch.random.fork_rng(devices=[]), torch.device(args.device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation="eager" if config.model_type == "gemma2" else "sdpa")
     model.eval()
-    targets = find_targets(model, ["mlp.up_proj"], [-3, -2, -1])
+    layers = list(range(config.num_hidden_layers)) if args.score_layers == "all" else [-3, -2, -1]
+    targets = find_targets(model, ["mlp.up_proj"], layers)
     return tok, samples, model, targets
 
 
@@ -61,10 +137,13 @@ def run_mode(args: argparse.Namespace) -> dict:
     from resofilter.features.closed_form import StepConfig
     from resofilter.features.fast import FastScorer
     from resofilter.features.literal import LiteralScorer
+    from resofilter.features.memory import set_mmap_threshold
 
     torch.set_num_threads(args.threads)
+    set_mmap_threshold(args.mmap_threshold or None)  # the score stage's default (score.mmap_threshold)
+    device = Device(args.device)
     tok, samples, model, targets = setup(args)
-    samples = samples[: args.count]
+    samples = samples[: args.count or None]
     collate = Collator(tok.pad_token_id)
     batches = [collate([samples[i] for i in b])
                for b in length_buckets([len(s) for s in samples], args.batch_size)]
@@ -72,11 +151,13 @@ def run_mode(args: argparse.Namespace) -> dict:
     stats = ["mean_abs"]
     scores: dict[str, float] = {}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    device.reset()
     t0 = time.perf_counter()
     if args.mode == "forward":
         with torch.no_grad():
             for b in batches:
-                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                model(input_ids=b["input_ids"].to(args.device), attention_mask=b["attention_mask"].to(args.device),
+                      use_cache=False)
     else:
         if args.mode in ("fast", "fast_signals"):
             if args.dtype == "float64":
@@ -85,40 +166,93 @@ def run_mode(args: argparse.Namespace) -> dict:
 
             # fast_signals: + 16×16 gradient sketches of the 3 matrices and the token-level signals
             sketch = SketchSpec(enabled=True, k_out=16, k_in=16) if args.mode == "fast_signals" else None
-            scorer = FastScorer(model, targets, step, stats, sketch=sketch)
+            scorer = FastScorer(model, targets, step, stats, sketch=sketch, recompute=args.recompute,
+                                logits_chunk_elements=args.logits_chunk)
         else:  # the literal loop: fresh AdamW over all parameters, step, diff, restore
             scorer = LiteralScorer(model, targets, step, stats,
-                                 dtype=torch.float64 if args.dtype == "float64" else torch.float32)
+                                   dtype=torch.float64 if args.dtype == "float64" else torch.float32)
         from resofilter.features.tokens import token_signals
 
         for b in batches:
             scored = scorer.score_batch(b)
             out = scored.stats
             if args.mode == "fast_signals":  # what the feature module adds per batch
-                token_signals(scored.token_losses, b["labels"], 4, None)
-                scored.sketch.to(torch.float32).numpy()
-            per = np.mean([out[t.name]["mean_abs"].numpy() for t in targets], axis=0)
+                token_signals(scored.token_losses.cpu(), b["labels"], 4, None)
+                scored.sketch.to(torch.float32).cpu().numpy()
+            per = np.mean([out[t.name]["mean_abs"].cpu().numpy() for t in targets], axis=0)
             scores.update(zip(b["sample_ids"], per.tolist(), strict=True))
+    device.sync()
     elapsed = time.perf_counter() - t0
     return {"mode": args.mode, "dtype": args.dtype, "n": len(samples), "seconds": elapsed,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_mb": rss0 / 1024, "scores": scores,
+            "peak_mb": device.peak_mb(), "rss_before_mb": rss0 / 1024, "scores": scores,
             "tokens": sum(len(s) for s in samples)}
 
 
-def sub(args: argparse.Namespace, mode: str, dtype: str, count: int) -> dict:
+# what each measurement runs: (mode, dtype, samples: n | quarter | exact, recompute, mmap threshold)
+def plan(args: argparse.Namespace) -> dict[str, tuple]:
+    n, thr = args.n, args.mmap_threshold
+    return {
+        "forward": ("forward", "float32", n, True, thr), "fast": ("fast", "float32", n, True, thr),
+        "fast_signals": ("fast_signals", "float32", n, True, thr),
+        "fast_quarter": ("fast", "float32", n // 4, True, thr), "fast64": ("fast", "float64", n // 4, True, thr),
+        "literal": ("literal", "float32", n, True, thr), "exact64": ("literal", "float64", args.exact_n, True, thr),
+        # before issue 25: no recomputation, glibc's dynamic mmap threshold (and a forward pass under it)
+        "fast_before": ("fast", "float32", n, False, 0), "forward_before": ("forward", "float32", n, True, 0),
+    }
+
+
+def sub(args: argparse.Namespace, mode: str, dtype: str, count: int, recompute: bool, threshold: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--mode", mode, "--dtype", dtype, "--count", str(count),
            "--n", str(args.n), "--layers", str(args.layers), "--vocab", str(args.vocab),
-           "--batch-size", str(args.batch_size), "--data", str(args.data), "--threads", str(args.threads)]
+           "--batch-size", str(args.batch_size), "--data", str(args.data), "--threads", str(args.threads),
+           "--device", args.device, "--shape", args.shape, "--mmap-threshold", str(threshold),
+           "--logits-chunk", str(args.logits_chunk), "--hidden", str(args.hidden),
+           "--score-layers", args.score_layers,
+           *([] if recompute else ["--no-recompute"])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def projection(fast: dict, tokens_per_sample: float, samples: int = 395_000) -> float:
+    """Hours to score ``samples`` samples of ``tokens_per_sample`` tokens at ``fast``'s tokens per second."""
+    return samples * tokens_per_sample / (fast["tokens"] / fast["seconds"]) / 3600
+
+
+def metamath_tokens_per_sample(args: argparse.Namespace) -> float:
+    """The mean tokenized length of the MetaMathQA fixture (query + response under the metamath template)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from resofilter.data.records import load_records
+    from resofilter.data.tokenize import tokenize_records
+    from resofilter.models.tokenizer import train_tokenizer
+
+    gsm = load_records(args.data, "question", "answer", max_samples=2000)
+    tok = train_tokenizer([f"{r.query}\n{r.response}" for r in gsm], vocab_size=args.vocab)
+    template = instantiate(OmegaConf.load(ROOT / "conf" / "template" / "metamath.yaml"))
+    mm = load_records(ROOT / "tests" / "fixtures" / "metamathqa" / "train.jsonl", "query", "response")
+    samples, _ = tokenize_records(mm, template, tok, 512)
+    return float(np.mean([len(s) for s in samples]))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=512, help="samples (the 4N growth check uses N/4 and N)")
     p.add_argument("--exact-n", type=int, default=128, help="samples for the float64 oracle (Spearman)")
-    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 12 for tiny, the shape's own)")
+    p.add_argument("--hidden", type=int, default=256, help="the tiny Llama's d_model (up_proj: d × 688/256)")
+    p.add_argument("--score-layers", default="last3", choices=["last3", "all"],
+                   help="the up_proj of the last 3 layers (the paper's) or of every layer (candidates.indices=all)")
+    p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="the model's shape (random weights)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (peak memory: RSS | max_memory_allocated)")
+    p.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                   help="score.mmap_threshold for every mode (0: glibc's dynamic threshold)")
+    p.add_argument("--logits-chunk", type=int, default=1 << 24,
+                   help="score.logits_chunk_elements: the loss runs on slices of ≤ this many logits")
+    p.add_argument("--no-recompute", dest="recompute", action="store_false",
+                   help="score.recompute_layers=false (the child of fast_before)")
+    p.add_argument("--memory", action="store_true",
+                   help="modes forward,fast,forward_before,fast_before: the memory change of issue 25 side by side")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -133,31 +267,45 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.layers is None and args.shape == "tiny":
+        args.layers = 12
+    if args.memory:
+        args.modes = "forward,fast,forward_before,fast_before"
     if args.child:
         print(json.dumps(run_mode(args)))
         return
     from scipy.stats import spearmanr
 
-    n = args.n
-    plan = {
-        "forward": ("forward", "float32", n), "fast": ("fast", "float32", n),
-        "fast_signals": ("fast_signals", "float32", n),
-        "fast_quarter": ("fast", "float32", n // 4), "fast64": ("fast", "float64", n // 4),
-        "literal": ("literal", "float32", n), "exact64": ("literal", "float64", args.exact_n),
-    }
+    config = model_config(args, args.vocab)
+    memory = "peak device memory (max_memory_allocated)" if Device(args.device).is_cuda else "peak RSS"
+    print(f"model: {args.shape}, {config.num_hidden_layers} layers, d {config.hidden_size}, up_proj "
+          f"{config.intermediate_size}×{config.hidden_size}, vocabulary {config.vocab_size}, fp32 weights "
+          f"{fp32_bytes(config) / 2**30:.1f} GiB; device {args.device}; memory: {memory}")
+    steps = plan(args)
     modes = args.modes.split(",")
-    rounds = [{k: sub(args, *plan[k]) for k in modes} for _ in range(max(args.repeat, 1))]
+    rounds = [{k: sub(args, *steps[k]) for k in modes} for _ in range(max(args.repeat, 1))]
     for i, rnd in enumerate(rounds):
         for k, r in rnd.items():
-            print(f"{k:>13}: n={r['n']:4d}  {r['seconds']:8.2f} s  {r['n'] / r['seconds']:7.2f} samples/s  "
-                  f"peak RSS {r['peak_rss_mb']:7.0f} MB" + (f"  (round {i + 1})" if len(rounds) > 1 else ""))
+            print(f"{k:>14}: n={r['n']:4d}  {r['seconds']:8.2f} s  {r['n'] / r['seconds']:7.2f} samples/s  "
+                  f"{r['tokens'] / r['seconds']:8.0f} tokens/s  peak {r['peak_mb']:7.0f} MB"
+                  + (f"  (round {i + 1})" if len(rounds) > 1 else ""))
     res = {k: {**rounds[0][k], "seconds": float(np.median([r[k]["seconds"] for r in rounds])),
-               "peak_rss_mb": float(np.median([r[k]["peak_rss_mb"] for r in rounds]))} for k in modes}
+               "peak_mb": float(np.median([r[k]["peak_mb"] for r in rounds]))} for k in modes}
     f, fw = res["fast"]["seconds"], res["forward"]["seconds"]
     print()
     print(f"fast / forward-only time            {f / fw:6.2f}   (target ≤ 1.8)")
-    print(f"fast peak RSS / forward peak RSS    {res['fast']['peak_rss_mb'] / res['forward']['peak_rss_mb']:6.2f}"
+    print(f"fast peak / forward peak memory     {res['fast']['peak_mb'] / res['forward']['peak_mb']:6.2f}"
           "   (target ≤ 1.5)")
+    if "fast_before" in res and "forward_before" in res:
+        b = res["fast_before"]
+        print(f"  before (no recompute, glibc's dynamic mmap threshold): fast / forward memory "
+              f"{b['peak_mb'] / res['forward_before']['peak_mb']:6.2f}, fast / fast-before memory "
+              f"{res['fast']['peak_mb'] / b['peak_mb']:5.2f}, time {f / b['seconds']:5.2f}")
+    tps = metamath_tokens_per_sample(args)
+    hours = projection(res["fast"], tps)
+    print(f"projected: 395k MetaMathQA samples × {tps:.0f} tokens (fixture mean) at the fast mode's "
+          f"{res['fast']['tokens'] / f:.0f} tokens/s = {hours:.1f} "
+          f"{'GPU-' if Device(args.device).is_cuda else ''}hours")
     if "fast_signals" in res:
         fs = res["fast_signals"]["seconds"]
         per_round = [r["fast_signals"]["seconds"] / r["fast"]["seconds"] for r in rounds]

@@ -42,6 +42,7 @@ from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
 from resofilter.features.fast import FastScorer, ppl, response_losses
 from resofilter.features.literal import LiteralScorer
+from resofilter.features.memory import set_mmap_threshold
 from resofilter.features.sketch import SKETCH_COLUMN, SKETCH_FILE, SketchSpec, sketch_layout
 from resofilter.features.targets import Target
 from resofilter.features.tokens import TokenSignalSpec, token_signals
@@ -314,6 +315,8 @@ class ScoreSettings:
     # how the pass is cut up and shown: not in the features' identity (the same features either way)
     chunk_elements: int = runtime_field(1 << 21)
     logits_chunk_elements: int = runtime_field(1 << 24)
+    recompute_layers: bool = runtime_field(True)  # the scored layers' activations recomputed in the backward
+    mmap_threshold: int | None = runtime_field(1 << 20)  # glibc: blocks ≥ this are returned when freed (memory.py)
     batch_size: int = runtime_field(16)
     max_tokens_per_batch: int | None = runtime_field(None)
     shard_size: int = runtime_field(256)
@@ -367,8 +370,10 @@ def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepC
                   sketch=settings.sketch)
     if settings.mode == "literal":
         return LiteralScorer(model, targets, step, dtype=settings.literal_dtype, **common)
+    set_mmap_threshold(settings.mmap_threshold)
     return FastScorer(model, targets, step, chunk_elements=settings.chunk_elements,
-                      logits_chunk_elements=settings.logits_chunk_elements, **common)
+                      logits_chunk_elements=settings.logits_chunk_elements, recompute=settings.recompute_layers,
+                      **common)
 
 
 def extract_features(

@@ -4,8 +4,10 @@ For a padded batch whose loss is the **sum of per-sample mean losses**, the grad
 sample b's loss w.r.t. a Linear weight is ``G_b = Σ_t δ_{b,t}ᵀ x_{b,t}`` where x is the
 layer's input and δ the gradient w.r.t. its output: no sample's loss depends on another's
 tokens, so padding and batch composition cannot leak between samples. Hooks capture x
-and the outputs; ``torch.autograd.grad`` returns δ; the backward stops at the input of
-the lowest scored decoder layer (everything below runs without a graph), and no weight
+and the outputs; ``torch.autograd.grad`` returns δ. The backward starts at the scored
+modules' outputs: a scored output that no other scored module feeds is made a fresh leaf,
+so everything computed before it (the layers below, the lowest scored layer's attention
+when up_proj is scored) runs without a graph and keeps no activations; and no weight
 gradient is ever formed for the whole batch — only per-sample blocks of rows.
 
 The (B, T, V) logits are never built whole either (``logits_chunk_elements``): the decoder
@@ -135,22 +137,29 @@ def response_losses(model: torch.nn.Module, batch: dict[str, Any],
 
 
 @contextlib.contextmanager
-def _truncate_below(model: torch.nn.Module, lowest_layer: int) -> Iterator[None]:
-    """Make the hidden state entering ``lowest_layer`` a fresh leaf that requires grad."""
+def recomputed_layers(model: torch.nn.Module, lowest: int) -> Iterator[None]:
+    """Decoder layers from ``lowest`` up keep no activations in the forward: the backward recomputes
+    each layer's (``torch.utils.checkpoint``, non-reentrant), so the graph holds one layer's at a time
+    instead of every scored layer's. The recomputation repeats the same kernels on the same inputs:
+    the gradients are the same to the last bit (tested)."""
+    from torch.utils.checkpoint import checkpoint
+
     _, layers = decoder_layers(model)
+    originals = []
+    for layer in list(layers)[lowest:]:
+        forward = layer.forward
+        originals.append((layer, forward))
 
-    def pre_hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            args = (args[0].detach().requires_grad_(True), *args[1:])
-        else:
-            kwargs = {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_(True)}
-        return args, kwargs
+        def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-    h = layers[lowest_layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+        layer.forward = checkpointed
     try:
         yield
     finally:
-        h.remove()
+        for layer, forward in originals:
+            del layer.forward  # the instance attribute: the class's forward again
+            assert layer.forward == forward
 
 
 class FastScorer:
@@ -159,7 +168,8 @@ class FastScorer:
     def __init__(self, model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
                  statistics: Sequence[str], quantiles: Sequence[float] = (),
                  count_above: Sequence[float] = (), chunk_elements: int = 1 << 21,
-                 logits_chunk_elements: int = 1 << 24, sketch: SketchSpec | None = None) -> None:
+                 logits_chunk_elements: int = 1 << 24, sketch: SketchSpec | None = None,
+                 recompute: bool = False) -> None:
         self.model = model
         self.targets = list(targets)
         self.step = step
@@ -167,6 +177,7 @@ class FastScorer:
         self.quantiles = list(quantiles)
         self.count_above = list(count_above)
         self.chunk_elements = chunk_elements
+        self.recompute = recompute
         self.lowest = min(t.layer for t in self.targets)
         for p in model.parameters():
             p.requires_grad_(False)
@@ -217,15 +228,21 @@ class FastScorer:
         outputs: dict[str, torch.Tensor] = {}
 
         def make_hook(name: str):  # noqa: ANN202
-            def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
+            def hook(module: Any, args: tuple, out: torch.Tensor) -> torch.Tensor:
                 inputs[name] = args[0].detach()
+                if not out.requires_grad:
+                    # no scored module upstream reaches this output: the backward stops here, so nothing
+                    # computed before it (the layers below, this layer's attention) keeps a graph
+                    out = out.detach().requires_grad_(True)
                 outputs[name] = out
+                return out
 
             return hook
 
         handles = [t.module.register_forward_hook(make_hook(t.name)) for t in self.targets]
         try:
-            with torch.enable_grad(), _truncate_below(model, self.lowest):
+            recompute = recomputed_layers(model, self.lowest) if self.recompute else contextlib.nullcontext()
+            with torch.enable_grad(), recompute:
                 # positions count real tokens only, so left and right padding see the same sequence
                 pos = (mask.cumsum(-1) - 1).clamp_min(0)
                 kw = dict(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)

@@ -201,6 +201,11 @@ def _check_score(cfg: DictConfig, n_layers: int | None) -> None:
     v = cfg.score.logits_chunk_elements
     if not isinstance(v, int) or v < 0:
         raise ConfigError("score.logits_chunk_elements", f"must be an integer ≥ 0 (0 = whole logits), got {v!r}")
+    v = cfg.score.mmap_threshold
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+        raise ConfigError("score.mmap_threshold", f"must be a positive number of bytes or null, got {v!r}")
+    if not isinstance(cfg.score.recompute_layers, bool):
+        raise ConfigError("score.recompute_layers", f"must be true or false, got {cfg.score.recompute_layers!r}")
     _one_of(cfg.step.name, tuple(STEP_OPTIMIZERS), "step.name")
     if not cfg.step.lr or cfg.step.lr <= 0:
         raise ConfigError("step.lr", "must be > 0")
