@@ -57,9 +57,8 @@ def test_projection_by_hand(bench):
 
 
 def test_a_child_run_on_cpu_scores_every_sample(bench):
-    args = argparse.Namespace(mode="fast", dtype="float32", count=0, n=12, layers=4, vocab=300, batch_size=4,
-                              data=bench.DEFAULT_DATA, threads=1, device="cpu", shape="tiny", mmap_threshold=0,
-                              recompute=True)
+    args = bench.parser().parse_args(["--child", "--mode", "fast", "--n", "12", "--layers", "4", "--vocab", "300",
+                                      "--batch-size", "4", "--threads", "1", "--mmap-threshold", "0"])
     out = bench.run_mode(args)
     assert out["n"] == 12 and len(out["scores"]) == 12 and all(v > 0 for v in out["scores"].values())
     plain = bench.run_mode(argparse.Namespace(**{**vars(args), "recompute": False}))

@@ -235,7 +235,7 @@ def metamath_tokens_per_sample(args: argparse.Namespace) -> float:
     return float(np.mean([len(s) for s in samples]))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=512, help="samples (the 4N growth check uses N/4 and N)")
     p.add_argument("--exact-n", type=int, default=128, help="samples for the float64 oracle (Spearman)")
@@ -266,7 +266,11 @@ def main() -> None:
     p.add_argument("--mode", default="fast", help=argparse.SUPPRESS)
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
     if args.layers is None and args.shape == "tiny":
         args.layers = 12
     if args.memory:
