@@ -63,5 +63,10 @@ def test_a_child_run_on_cpu_scores_every_sample(bench):
     assert out["n"] == 12 and len(out["scores"]) == 12 and all(v > 0 for v in out["scores"].values())
     plain = bench.run_mode(argparse.Namespace(**{**vars(args), "recompute": False}))
     assert plain["scores"] == out["scores"]  # recomputation changes no score
-    assert set(bench.plan(argparse.Namespace(n=8, exact_n=4, mmap_threshold=1 << 20))) >= {
+    # the cost table's options: every layer scored, the stage's eight statistics (the score is the same mean_abs)
+    every = bench.run_mode(argparse.Namespace(**{**vars(args), "score_layers": "all", "statistics": "all"}))
+    last3 = bench.run_mode(argparse.Namespace(**{**vars(args), "statistics": "all"}))
+    assert last3["scores"] == out["scores"] and every["scores"].keys() == out["scores"].keys()
+    assert every["scores"] != out["scores"]  # a mean over 4 layers' up_proj, not the last 3
+    assert set(bench.plan(bench.parser().parse_args(["--n", "8", "--exact-n", "4"]))) >= {
         "forward", "fast", "fast_before", "forward_before"}

@@ -9,6 +9,12 @@
    the shipped path with `bf16-mixed` (fp32 master weights, bf16 autocast), and `32-true`.
    Prints the fraction of ``up_proj`` weights that changed and the mean |change| relative
    to fp32.
+3. A low-precision trunk (issue 25, for models that do not fit a device in fp32): 8- and
+   12-layer models, the layers below the lowest scored one in bf16 or fp16, the scored
+   layers, norm and head in fp32 (each trunk layer's floating inputs cast down, the lowest
+   scored layer's cast back up; the embeddings and rotary tables stay fp32). Same columns
+   as 1. Adopted only if it passes the precision check's bounds (Spearman ≥ 0.95, worst
+   error ≤ 1 std); it does not (experiments/README.md), so the library has no such option.
 
     python experiments/benchmarks/precision.py [--n 48] [--hidden 64]
 """
@@ -40,8 +46,11 @@ TEMPLATE = FormatTemplate("plain", "Question: {query}\nAnswer: ")
 STEP = StepConfig("adamw", lr=1e-5, weight_decay=0.01, eps=1e-8)
 
 
-def scores(model: torch.nn.Module, samples: list, pad: int, dtype: torch.dtype) -> np.ndarray:
+def scores(model: torch.nn.Module, samples: list, pad: int, dtype: torch.dtype,
+           trunk: torch.dtype | None = None) -> np.ndarray:
     m = build_copy(model, dtype)
+    if trunk is not None:
+        cast_trunk(m, m.config.num_hidden_layers - 3, trunk)
     targets = find_targets(m, ["mlp.up_proj"], [-3, -2, -1])
     scorer = FastScorer(m, targets, STEP, ["mean_abs"], logits_chunk_elements=0)
     out = []
@@ -49,6 +58,26 @@ def scores(model: torch.nn.Module, samples: list, pad: int, dtype: torch.dtype) 
         stats, _, _ = scorer(Collator(pad)([s]))
         out.append(np.mean([stats[t.name]["mean_abs"].item() for t in targets]))
     return np.array(out)
+
+
+def _cast(x: object, dtype: torch.dtype) -> object:
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.to(dtype)
+    return tuple(_cast(v, dtype) for v in x) if isinstance(x, tuple) else x  # (cos, sin)
+
+
+def cast_trunk(model: torch.nn.Module, lowest_scored: int, dtype: torch.dtype) -> torch.nn.Module:
+    """Decoder layers below ``lowest_scored`` in ``dtype``, in place; the rest keep theirs."""
+    layers = model.model.layers
+    work = next(layers[lowest_scored].parameters()).dtype
+
+    def to(d: torch.dtype):  # noqa: ANN202
+        return lambda module, args, kwargs: (_cast(args, d), {k: _cast(v, d) for k, v in kwargs.items()})
+
+    for layer in layers[:lowest_scored]:
+        layer.to(dtype).register_forward_pre_hook(to(dtype), with_kwargs=True)
+    layers[lowest_scored].register_forward_pre_hook(to(work), with_kwargs=True)
+    return model
 
 
 def build_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -107,6 +136,20 @@ def main() -> None:
             got = scores(model, samples, pad, dtype)
             rho = spearmanr(got, ref).statistic
             print(f"{arch:>8} {str(dtype)[6:]:>9} {rho:16.4f} {np.abs(got - ref).max() / ref.std():14.3f}")
+    print("\nlow-precision trunk: layers below the scored last 3 in bf16/fp16, scored layers + head in fp32")
+    print(f"{'model':>8} {'layers':>6} {'trunk':>9} {'Spearman vs f64':>16} {'max err / std':>14}")
+    for arch in ("llama", "gemma2"):
+        for depth in (8, 12):
+            model = build_tiny_model(arch, len(tok), seed=0, hidden_size=args.hidden,
+                                     intermediate_size=4 * args.hidden, num_hidden_layers=depth,
+                                     num_attention_heads=4, pad_token_id=pad, bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id)
+            ref = scores(model, samples, pad, torch.float64)
+            for trunk in (None, torch.bfloat16, torch.float16):
+                got = scores(model, samples, pad, torch.float32, trunk)
+                name = "fp32" if trunk is None else str(trunk)[6:]
+                print(f"{arch:>8} {depth:>6} {name:>9} {spearmanr(got, ref).statistic:16.4f} "
+                      f"{np.abs(got - ref).max() / ref.std():14.3f}")
     batches = [Collator(pad)(samples[i:i + 4]) for i in range(0, 40, 4)]
     print("\nfine-tuning: 10 AdamW steps at lr 1e-5 (wd 0.1, β2 0.95), batches of 4")
     print(f"{'model':>8} {'weights':>28} {'up_proj moved':>14} {'mean |ΔW| / fp32':>17}")

@@ -39,12 +39,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 if not DEFAULT_DATA.exists():
     DEFAULT_DATA = ROOT / "tests" / "fixtures" / "gsm8k" / "train.jsonl"
 
+
+CONF = OmegaConf.load(ROOT / "conf" / "config.yaml")  # the score stage's defaults
+ALL_STATISTICS = list(CONF.score.statistics)
 
 # Real models' shapes (random weights): the sizes of their Hugging Face configs.
 SHAPES = {
@@ -65,8 +69,9 @@ def model_config(args: argparse.Namespace, vocab: int):  # noqa: ANN201
     from resofilter.models.loading import tiny_model_config
 
     if SHAPES.get(args.shape) is None:
-        # d 256 → up_proj 688: the tiny Llama's 2.69× MLP width kept at every --hidden
-        return tiny_model_config("llama", vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 688 // 256,
+        # d 256 → up_proj 688: the tiny Llama's 2.69× MLP width kept at every --hidden unless --mlp-ratio
+        return tiny_model_config("llama", vocab, hidden_size=args.hidden,
+                                 intermediate_size=int(args.hidden * (args.mlp_ratio or 688 / 256)),
                                  num_hidden_layers=args.layers, num_attention_heads=8)
     from transformers import Gemma2Config, LlamaConfig
 
@@ -108,7 +113,6 @@ class Device:
 
 def setup(args: argparse.Namespace):  # noqa: ANN201
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM
 
     from resofilter.data.records import load_records
@@ -148,7 +152,10 @@ def run_mode(args: argparse.Namespace) -> dict:
     batches = [collate([samples[i] for i in b])
                for b in length_buckets([len(s) for s in samples], args.batch_size)]
     step = StepConfig("adamw", 1e-5, 0.01, 1e-8)
-    stats = ["mean_abs"]
+    # the paper's statistic, or the score stage's default list (conf/config.yaml score.statistics)
+    stats = ALL_STATISTICS if args.statistics == "all" else ["mean_abs"]
+    extra = dict(quantiles=list(CONF.score.quantiles), count_above=[b * step.lr for b in CONF.score.count_above]
+                 ) if args.statistics == "all" else {}
     scores: dict[str, float] = {}
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     device.reset()
@@ -167,7 +174,7 @@ def run_mode(args: argparse.Namespace) -> dict:
             # fast_signals: + 16×16 gradient sketches of the 3 matrices and the token-level signals
             sketch = SketchSpec(enabled=True, k_out=16, k_in=16) if args.mode == "fast_signals" else None
             scorer = FastScorer(model, targets, step, stats, sketch=sketch, recompute=args.recompute,
-                                logits_chunk_elements=args.logits_chunk)
+                                logits_chunk_elements=args.logits_chunk, **extra)
         else:  # the literal loop: fresh AdamW over all parameters, step, diff, restore
             scorer = LiteralScorer(model, targets, step, stats,
                                    dtype=torch.float64 if args.dtype == "float64" else torch.float32)
@@ -190,11 +197,11 @@ def run_mode(args: argparse.Namespace) -> dict:
 
 # what each measurement runs: (mode, dtype, samples: n | quarter | exact, recompute, mmap threshold)
 def plan(args: argparse.Namespace) -> dict[str, tuple]:
-    n, thr = args.n, args.mmap_threshold
+    n, thr, rec = args.n, args.mmap_threshold, args.recompute
     return {
-        "forward": ("forward", "float32", n, True, thr), "fast": ("fast", "float32", n, True, thr),
-        "fast_signals": ("fast_signals", "float32", n, True, thr),
-        "fast_quarter": ("fast", "float32", n // 4, True, thr), "fast64": ("fast", "float64", n // 4, True, thr),
+        "forward": ("forward", "float32", n, True, thr), "fast": ("fast", "float32", n, rec, thr),
+        "fast_signals": ("fast_signals", "float32", n, rec, thr),
+        "fast_quarter": ("fast", "float32", n // 4, rec, thr), "fast64": ("fast", "float64", n // 4, rec, thr),
         "literal": ("literal", "float32", n, True, thr), "exact64": ("literal", "float64", args.exact_n, True, thr),
         # before issue 25: no recomputation, glibc's dynamic mmap threshold (and a forward pass under it)
         "fast_before": ("fast", "float32", n, False, 0), "forward_before": ("forward", "float32", n, True, 0),
@@ -208,6 +215,7 @@ def sub(args: argparse.Namespace, mode: str, dtype: str, count: int, recompute: 
            "--device", args.device, "--shape", args.shape, "--mmap-threshold", str(threshold),
            "--logits-chunk", str(args.logits_chunk), "--hidden", str(args.hidden),
            "--score-layers", args.score_layers,
+           "--statistics", args.statistics, "--mlp-ratio", str(args.mlp_ratio or 0),
            *([] if recompute else ["--no-recompute"])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -221,7 +229,6 @@ def projection(fast: dict, tokens_per_sample: float, samples: int = 395_000) -> 
 def metamath_tokens_per_sample(args: argparse.Namespace) -> float:
     """The mean tokenized length of the MetaMathQA fixture (query + response under the metamath template)."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from resofilter.data.records import load_records
     from resofilter.data.tokenize import tokenize_records
@@ -241,13 +248,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-n", type=int, default=128, help="samples for the float64 oracle (Spearman)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 12 for tiny, the shape's own)")
     p.add_argument("--hidden", type=int, default=256, help="the tiny Llama's d_model (up_proj: d × 688/256)")
+    p.add_argument("--statistics", default="paper", choices=["paper", "all"],
+                   help="mean_abs (the paper's) or the score stage's default eight (quantiles, counts, ...)")
+    p.add_argument("--mlp-ratio", type=float, default=0, help="tiny Llama: up_proj rows / d (0: 688/256)")
     p.add_argument("--score-layers", default="last3", choices=["last3", "all"],
                    help="the up_proj of the last 3 layers (the paper's) or of every layer (candidates.indices=all)")
     p.add_argument("--shape", default="tiny", choices=list(SHAPES), help="the model's shape (random weights)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (peak memory: RSS | max_memory_allocated)")
-    p.add_argument("--mmap-threshold", type=int, default=1 << 20,
-                   help="score.mmap_threshold for every mode (0: glibc's dynamic threshold)")
-    p.add_argument("--logits-chunk", type=int, default=1 << 24,
+    p.add_argument("--mmap-threshold", type=int, default=CONF.score.mmap_threshold or 0,
+                   help="score.mmap_threshold for every mode (default: conf/config.yaml's; 0: glibc's dynamic one)")
+    p.add_argument("--logits-chunk", type=int, default=CONF.score.logits_chunk_elements,
                    help="score.logits_chunk_elements: the loss runs on slices of ≤ this many logits")
     p.add_argument("--no-recompute", dest="recompute", action="store_false",
                    help="score.recompute_layers=false (the child of fast_before)")

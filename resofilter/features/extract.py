@@ -316,7 +316,7 @@ class ScoreSettings:
     chunk_elements: int = runtime_field(1 << 21)
     logits_chunk_elements: int = runtime_field(1 << 24)
     recompute_layers: bool = runtime_field(True)  # the scored layers' activations recomputed in the backward
-    mmap_threshold: int | None = runtime_field(1 << 20)  # glibc: blocks ≥ this are returned when freed (memory.py)
+    mmap_threshold: int | None = runtime_field(1 << 22)  # glibc: blocks ≥ this are returned when freed (memory.py)
     batch_size: int = runtime_field(16)
     max_tokens_per_batch: int | None = runtime_field(None)
     shard_size: int = runtime_field(256)
