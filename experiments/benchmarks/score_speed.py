@@ -203,6 +203,7 @@ def plan(args: argparse.Namespace) -> dict[str, tuple]:
         "fast_signals": ("fast_signals", "float32", n, rec, thr),
         "fast_quarter": ("fast", "float32", n // 4, rec, thr), "fast64": ("fast", "float64", n // 4, rec, thr),
         "literal": ("literal", "float32", n, True, thr), "exact64": ("literal", "float64", args.exact_n, True, thr),
+        "fast_no_recompute": ("fast", "float32", n, False, thr),  # the threshold alone
         # before issue 25: no recomputation, glibc's dynamic mmap threshold (and a forward pass under it)
         "fast_before": ("fast", "float32", n, False, 0), "forward_before": ("forward", "float32", n, True, 0),
     }
@@ -262,7 +263,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-recompute", dest="recompute", action="store_false",
                    help="score.recompute_layers=false (the child of fast_before)")
     p.add_argument("--memory", action="store_true",
-                   help="modes forward,fast,forward_before,fast_before: the memory change of issue 25 side by side")
+                   help="modes forward,fast,fast_no_recompute,forward_before,fast_before: issue 25's memory "
+                        "change side by side")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -284,7 +286,7 @@ def main() -> None:
     if args.layers is None and args.shape == "tiny":
         args.layers = 12
     if args.memory:
-        args.modes = "forward,fast,forward_before,fast_before"
+        args.modes = "forward,fast,fast_no_recompute,forward_before,fast_before"
     if args.child:
         print(json.dumps(run_mode(args)))
         return
@@ -315,6 +317,10 @@ def main() -> None:
         print(f"  before (no recompute, glibc's dynamic mmap threshold): fast / forward memory "
               f"{b['peak_mb'] / res['forward_before']['peak_mb']:6.2f}, fast / fast-before memory "
               f"{res['fast']['peak_mb'] / b['peak_mb']:5.2f}, time {f / b['seconds']:5.2f}")
+    if "fast_no_recompute" in res:
+        nr = res["fast_no_recompute"]
+        print(f"  without recomputation: fast / forward memory {nr['peak_mb'] / res['forward']['peak_mb']:6.2f}, "
+              f"time {nr['seconds'] / fw:5.2f}; recomputation costs {f / nr['seconds']:5.2f}× the time")
     tps = metamath_tokens_per_sample(args)
     hours = projection(res["fast"], tps)
     print(f"projected: 395k MetaMathQA samples × {tps:.0f} tokens (fixture mean) at the fast mode's "
