@@ -85,6 +85,8 @@ def test_data_configs_map_the_paper_fields():
     ("score.logits_chunk_elements", -1, "score.logits_chunk_elements"),
     ("score.mmap_threshold", 0, "score.mmap_threshold"),
     ("score.recompute_layers", "yes", "score.recompute_layers"),
+    ("score.device_map", "everywhere", "score.device_map"),
+    ("score.device_map", [0, 1], "score.device_map"),
     ("build", -1, "build"),
     ("build", "b1", "build"),
     ("model.embedded.init_seed", 3, "model.embedded.init_seed"),  # a recipe's own seed: the build sets it now

@@ -20,7 +20,7 @@ RUNTIME = {
     "settings.chunk_elements", "settings.logits_chunk_elements", "settings.recompute_layers",
     "settings.mmap_threshold", "settings.batch_size",
     "settings.max_tokens_per_batch", "settings.shard_size", "settings.progress_bar",
-    "declared_depth", "check", "trainer", "cache_dir", "config",
+    "declared_depth", "check", "trainer", "cache_dir", "device_map", "config",
 }
 
 

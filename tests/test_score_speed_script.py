@@ -51,6 +51,18 @@ def test_the_cuda_branch_reads_the_device_allocator(bench, monkeypatch):
     assert calls[-1] == ("sync", "cuda:1") and cpu.peak_mb() > 50  # RSS, and no CUDA call on CPU
 
 
+def test_a_split_model_reports_its_fullest_gpu(bench, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: calls.append(("sync", dev)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda dev=None: calls.append(("reset", dev)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda dev=None: {"cuda:0": 5, "cuda:1": 7}[dev] * 2**30)
+    gpus = bench.Device("cuda", split=True)
+    gpus.reset()
+    assert gpus.peak_mb() == 7 * 1024
+    assert calls == [("sync", "cuda:0"), ("reset", "cuda:0"), ("sync", "cuda:1"), ("reset", "cuda:1")]
+
+
 def test_projection_by_hand(bench):
     # 1000 tokens/s; 395k samples × 200 tokens = 79 M tokens = 79,000 s = 21.94 h
     assert bench.projection({"tokens": 10_000, "seconds": 10.0}, 200.0) == pytest.approx(79_000 / 3600)
@@ -68,5 +80,7 @@ def test_a_child_run_on_cpu_scores_every_sample(bench):
     last3 = bench.run_mode(argparse.Namespace(**{**vars(args), "statistics": "all"}))
     assert last3["scores"] == out["scores"] and every["scores"].keys() == out["scores"].keys()
     assert every["scores"] != out["scores"]  # a mean over 4 layers' up_proj, not the last 3
+    split = bench.run_mode(argparse.Namespace(**{**vars(args), "device_map": True}))  # the hooks of --device-map
+    assert split["scores"] == out["scores"]
     assert set(bench.plan(bench.parser().parse_args(["--n", "8", "--exact-n", "4"]))) >= {
         "forward", "fast", "fast_before", "forward_before"}

@@ -12,9 +12,15 @@ On a lent GPU (one device with ≥ 24 GB; ~3-5 minutes, most of it building the 
 ``--shape`` takes a real model's shape with random weights (no download): ``gemma2-2b``
 (Gemma2Config of the 2b: 26 layers, d 2304, up_proj 9216×2304, vocabulary 256k, fp32 ≈ 10.5 GB)
 or ``llama2-7b`` (d 4096, up_proj 11008×4096, vocabulary 32k; ``--layers 8`` keeps it ≈ 8 GB).
-On CUDA peak memory is ``torch.cuda.max_memory_allocated`` of each mode's own process; on CPU the
-process's peak RSS. The projection prints GPU-hours for 395k MetaMathQA samples of the fixture's
-length distribution (tests/fixtures/metamathqa) at the measured fast tokens per second.
+On several GPUs, a model larger than one of them, its layers split over all (``score.device_map=auto``):
+
+    python experiments/benchmarks/score_speed.py --device cuda --device-map --shape llama2-7b --n 128 \
+        --modes forward,fast --batch-size 8
+
+On CUDA peak memory is ``torch.cuda.max_memory_allocated`` of each mode's own process (with
+``--device-map`` the largest device's); on CPU the process's peak RSS. The projection prints
+GPU-hours for 395k MetaMathQA samples of the fixture's length distribution
+(tests/fixtures/metamathqa) at the measured fast tokens per second.
 
 ``fast_signals`` adds the issue-15 signals (16 × 16 gradient sketches of the three matrices,
 token-level losses) to ``fast``: their cost is ``fast+signals / fast``.
@@ -92,23 +98,41 @@ def fp32_bytes(config) -> int:  # noqa: ANN001
 class Device:
     """Where a mode runs and how its peak memory is read: CUDA's allocator statistics, or the process's RSS."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, split: bool = False) -> None:
         self.name = name
         self.is_cuda = name.startswith("cuda")
+        # a model split over the GPUs (--device-map): each one's peak is read, the largest is reported
+        self.names = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if split and self.is_cuda else [name]
 
     def reset(self) -> None:
         if self.is_cuda:
-            torch.cuda.synchronize(self.name)
-            torch.cuda.reset_peak_memory_stats(self.name)
+            for d in self.names:
+                torch.cuda.synchronize(d)
+                torch.cuda.reset_peak_memory_stats(d)
 
     def sync(self) -> None:
         if self.is_cuda:
-            torch.cuda.synchronize(self.name)
+            for d in self.names:
+                torch.cuda.synchronize(d)
 
     def peak_mb(self) -> float:
         if self.is_cuda:
-            return torch.cuda.max_memory_allocated(self.name) / 2**20
+            return max(torch.cuda.max_memory_allocated(d) for d in self.names) / 2**20
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def place(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """The model's layers over the GPUs as ``score.device_map=auto`` places them (accelerate); on the CPU every
+    layer a separately hooked placement on the CPU (the same hooks, nothing offloaded), as tests/test_device_map.py."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device.startswith("cuda"):
+        return dispatch_model(model, device_map=infer_auto_device_map(
+            model, no_split_module_classes=model._no_split_modules))
+    n = model.config.num_hidden_layers
+    device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(n)},
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    return dispatch_model(model, device_map=device_map, main_device="cpu", force_hooks=True)
 
 
 def setup(args: argparse.Namespace):  # noqa: ANN201
@@ -126,11 +150,13 @@ def setup(args: argparse.Namespace):  # noqa: ANN201
     samples, _ = tokenize_records(records[: args.n], template, tok, 512)
     config = model_config(args, len(tok))  # a real shape's vocabulary holds the small tokenizer's ids
     config.pad_token_id, config.eos_token_id, config.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
-    with torch.random.fork_rng(devices=[]), torch.device(args.device):
+    with torch.random.fork_rng(devices=[]), torch.device("cpu" if args.device_map else args.device):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation="eager" if config.model_type == "gemma2" else "sdpa")
     model.eval()
+    if args.device_map:
+        model = place(model, args.device)
     layers = list(range(config.num_hidden_layers)) if args.score_layers == "all" else [-3, -2, -1]
     targets = find_targets(model, ["mlp.up_proj"], layers)
     return tok, samples, model, targets
@@ -145,7 +171,7 @@ def run_mode(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     set_mmap_threshold(args.mmap_threshold or None)  # the score stage's default (score.mmap_threshold)
-    device = Device(args.device)
+    device = Device(args.device, split=args.device_map)
     tok, samples, model, targets = setup(args)
     samples = samples[: args.count or None]
     collate = Collator(tok.pad_token_id)
@@ -214,7 +240,8 @@ def sub(args: argparse.Namespace, mode: str, dtype: str, count: int, recompute: 
            "--n", str(args.n), "--layers", str(args.layers), "--vocab", str(args.vocab),
            "--batch-size", str(args.batch_size), "--data", str(args.data), "--threads", str(args.threads),
            "--device", args.device, "--shape", args.shape, "--mmap-threshold", str(threshold),
-           "--logits-chunk", str(args.logits_chunk), "--hidden", str(args.hidden),
+           "--logits-chunk", str(args.logits_chunk), *(["--device-map"] if args.device_map else []),
+           "--hidden", str(args.hidden),
            "--score-layers", args.score_layers,
            "--statistics", args.statistics, "--mlp-ratio", str(args.mlp_ratio or 0),
            *([] if recompute else ["--no-recompute"])]
@@ -258,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (peak memory: RSS | max_memory_allocated)")
     p.add_argument("--mmap-threshold", type=int, default=CONF.score.mmap_threshold or 0,
                    help="score.mmap_threshold for every mode (default: conf/config.yaml's; 0: glibc's dynamic one)")
+    p.add_argument("--device-map", action="store_true",
+                   help="split the model's layers over every GPU (score.device_map=auto; accelerate); on the CPU "
+                        "the same hooks with every layer on the CPU")
     p.add_argument("--logits-chunk", type=int, default=CONF.score.logits_chunk_elements,
                    help="score.logits_chunk_elements: the loss runs on slices of ≤ this many logits")
     p.add_argument("--no-recompute", dest="recompute", action="store_false",

@@ -40,7 +40,7 @@ from resofilter._io import (
 from resofilter.data.tokenize import Collator, TokenizedSample, length_buckets
 from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig
-from resofilter.features.fast import FastScorer, ppl, response_losses
+from resofilter.features.fast import FastScorer, ppl, response_losses, split_devices
 from resofilter.features.literal import LiteralScorer
 from resofilter.features.memory import set_mmap_threshold
 from resofilter.features.sketch import SKETCH_COLUMN, SKETCH_FILE, SketchSpec, sketch_layout
@@ -123,7 +123,12 @@ class FeatureModule(pl.LightningModule):
     def __init__(self, model: torch.nn.Module, scorer: FastScorer | LiteralScorer, ifd: bool = False,
                  topk: int = 4) -> None:
         super().__init__()
-        self.model = model
+        if split_devices(model):
+            # placed over several devices (score.device_map): kept out of the module's children, so the
+            # trainer's move to its one device does not gather it there
+            self.__dict__["model"] = model
+        else:
+            self.model = model
         self.scorer = scorer
         self.ifd = ifd
         self.topk = topk

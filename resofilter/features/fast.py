@@ -93,7 +93,7 @@ class ChunkedHeadLoss:
         ``grad=False``: no gradient (the third item is ``None``).
         """
         B, T, _ = h.shape
-        shift_labels = labels[:, 1:]
+        shift_labels = labels[:, 1:].to(h.device)  # a model split over devices: h is the last one's
         n = (shift_labels != IGNORE_INDEX).sum(dim=1)
         loss_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
         weight = 1.0 / n.clamp_min(1).to(loss_dtype)  # d(mean over sample b)/d(token loss)
@@ -110,10 +110,10 @@ class ChunkedHeadLoss:
                 logits = self.logits(hc)  # (B, span, V): the only logits that exist at any time
                 if logits.dtype not in (torch.float32, torch.float64):
                     logits = logits.float()
-                part = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab, ignore_index=IGNORE_INDEX,
-                                                         reduction="none")  # (B, span)
+                part = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab.to(logits.device),
+                                                         ignore_index=IGNORE_INDEX, reduction="none")  # (B, span)
                 if dh is not None:
-                    (dh[:, t0:t1],) = torch.autograd.grad((part.sum(dim=1) * weight).sum(), hc)
+                    (dh[:, t0:t1],) = torch.autograd.grad((part.sum(dim=1) * weight.to(part.device)).sum(), hc)
             tok[:, t0:t1] = part.detach()
         return tok.sum(dim=1) * weight, n, dh, tok
 
@@ -126,7 +126,7 @@ def response_losses(model: torch.nn.Module, batch: dict[str, Any],
     With ``head_loss`` the logits exist a slice of positions at a time (as in scoring);
     without, the model's own forward builds them whole.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     labels = batch["labels"].to(device)
     if head_loss is None:
@@ -134,6 +134,16 @@ def response_losses(model: torch.nn.Module, batch: dict[str, Any],
     h = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     losses, n, _, _ = head_loss(h, labels, grad=False)
     return losses, n
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where the token ids go: the input embeddings' device (the first of a model split over devices)."""
+    return model.get_input_embeddings().weight.device
+
+
+def split_devices(model: torch.nn.Module) -> set[str]:
+    """The devices a model was placed over with a ``device_map`` (empty: not placed so)."""
+    return {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
 
 
 @contextlib.contextmanager
@@ -147,8 +157,8 @@ def recomputed_layers(model: torch.nn.Module, lowest: int) -> Iterator[None]:
     _, layers = decoder_layers(model)
     originals = []
     for layer in list(layers)[lowest:]:
-        forward = layer.forward
-        originals.append((layer, forward))
+        forward = layer.forward  # the class's, or a wrapper set on the instance (accelerate's device hooks)
+        originals.append((layer, forward, "forward" in vars(layer)))
 
         def checkpointed(*args: Any, _forward: Any = forward, **kwargs: Any) -> Any:
             return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
@@ -157,9 +167,11 @@ def recomputed_layers(model: torch.nn.Module, lowest: int) -> Iterator[None]:
     try:
         yield
     finally:
-        for layer, forward in originals:
-            del layer.forward  # the instance attribute: the class's forward again
-            assert layer.forward == forward
+        for layer, forward, own in originals:
+            if own:
+                layer.forward = forward
+            else:
+                del layer.forward  # the instance attribute: the class's forward again
 
 
 class FastScorer:
@@ -197,16 +209,17 @@ class FastScorer:
             if not shapes:
                 raise ResoFilterError(f"score.sketch.indices {self.sketch_spec.indices} selects none of the scored "
                                       f"layers {sorted({t.layer for t in self.targets})} (score.candidates)")
-            self.projector = Projector(self.sketch_spec, shapes, self.work, self.weights[self.targets[0].name].device)
+            self.projector = Projector(self.sketch_spec, shapes, self.work,
+                                       {n: self.weights[n].device for n in shapes})
 
     def check_head(self, batch: dict[str, Any], positions: int = 8) -> None:
         """Once: the chunked head's logits of the first sample's last positions equal the model's own."""
         mask = batch["attention_mask"][:1].bool()[0]
-        ids = batch["input_ids"][:1, mask].to(self.weights[self.targets[0].name].device)
+        ids = batch["input_ids"][:1, mask].to(input_device(self.model))
         with torch.no_grad():
             ref = self.model(input_ids=ids, use_cache=False, logits_to_keep=positions).logits
             h = self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
-            got = self.head_loss.logits(h[:, -ref.shape[1]:])
+            got = self.head_loss.logits(h[:, -ref.shape[1]:]).to(ref.device)
         tol = 1e-4 if h.dtype in (torch.float32, torch.float64) else 2e-2
         if got.shape != ref.shape or not torch.allclose(got, ref, rtol=tol, atol=tol * float(ref.abs().max())):
             raise ResoFilterError(
@@ -220,7 +233,7 @@ class FastScorer:
         """One forward + truncated backward: ``{target: (δ, x)}`` (padding zeroed), losses, token counts,
         token losses."""
         model = self.model
-        device = next(model.parameters()).device
+        device = input_device(model)
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
         labels = batch["labels"].to(device)
@@ -270,7 +283,7 @@ class FastScorer:
         pad = ~mask.unsqueeze(-1).bool()  # (B, T, 1): padded positions contribute nothing
         # fill, not multiply: a padded row may hold inf/nan that must not leak (nan·0 = nan). In place:
         # the graph is freed, so these buffers (fresh gradients, hooked inputs) belong to us alone.
-        acts = {t.name: (d.masked_fill_(pad, 0), inputs.pop(t.name).masked_fill_(pad, 0))
+        acts = {t.name: (d.masked_fill_(pad.to(d.device), 0), inputs.pop(t.name).masked_fill_(pad.to(d.device), 0))
                 for t, d in zip(self.targets, deltas, strict=True)}
         return acts, losses.detach(), n_tok, tok.detach()
 
@@ -295,7 +308,7 @@ class FastScorer:
             stats[t.name] = self._statistics(t, delta, x, parts)
             if parts is not None:
                 sketches[t.name] = torch.stack(parts).sum(dim=0)
-        sketch = torch.cat([sketches[n] for n in proj.names], dim=1) if proj is not None else None
+        sketch = torch.cat([sketches[n].to(losses.device) for n in proj.names], dim=1) if proj is not None else None
         return BatchScores(stats, losses, n_tok, tok, sketch)
 
     def per_sample_grads(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

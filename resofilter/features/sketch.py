@@ -100,10 +100,12 @@ class Projector:
 
     def __init__(self, spec: SketchSpec, shapes: dict[str, tuple[int, int]], dtype: torch.dtype,
                  device: Any = "cpu") -> None:
+        """``device``: one for all, or ``{name: device}`` (a model split over devices: each matrix's own)."""
         self.spec = spec
         self.names = list(shapes)
-        self.p_out = {n: projection(n + "/out", spec.k_out, s[0], spec.seed, dtype, device) for n, s in shapes.items()}
-        self.p_in = {n: projection(n + "/in", spec.k_in, s[1], spec.seed, dtype, device) for n, s in shapes.items()}
+        on = device if isinstance(device, dict) else dict.fromkeys(shapes, device)
+        self.p_out = {n: projection(n + "/out", spec.k_out, s[0], spec.seed, dtype, on[n]) for n, s in shapes.items()}
+        self.p_in = {n: projection(n + "/in", spec.k_in, s[1], spec.seed, dtype, on[n]) for n, s in shapes.items()}
 
     @property
     def dim(self) -> int:

@@ -70,6 +70,28 @@ def scoring_dtype(cfg: DictConfig) -> torch.dtype:
     return dtype
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # transformers' named placements
+
+
+def _check_device_map(cfg: DictConfig) -> None:
+    """``score.device_map``: a named placement or {module: device}; one process, fast mode."""
+    dm = cfg.score.device_map
+    if dm is None:
+        return
+    if isinstance(dm, str):
+        _one_of(dm, DEVICE_MAPS, "score.device_map")
+    elif not isinstance(dm, DictConfig) or not all(isinstance(v, int | str) for v in dm.values()):
+        raise ConfigError("score.device_map", f"must be one of {list(DEVICE_MAPS)}, a mapping of module names to "
+                          f"devices (0, 'cuda:1', 'cpu'), or null; got {dm!r}")
+    if cfg.score.mode != "fast":
+        raise ConfigError("score.device_map", f"splits the model for score.mode=fast; got mode {cfg.score.mode!r}")
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if devices != 1 or nodes != 1:
+        raise ConfigError("score.device_map", f"places one model over this machine's devices from one process; "
+                          f"trainer.devices={devices!r}, trainer.num_nodes={nodes!r} would start several (use "
+                          "trainer.devices=1, or score.device_map=null to score a whole model per rank)")
+
+
 def precision_check_samples(cfg: DictConfig, dtype: torch.dtype) -> int:
     """How many samples the float64 precision check re-scores (0: none)."""
     pc = cfg.score.precision_check
@@ -206,6 +228,7 @@ def _check_score(cfg: DictConfig, n_layers: int | None) -> None:
         raise ConfigError("score.mmap_threshold", f"must be a positive number of bytes or null, got {v!r}")
     if not isinstance(cfg.score.recompute_layers, bool):
         raise ConfigError("score.recompute_layers", f"must be true or false, got {cfg.score.recompute_layers!r}")
+    _check_device_map(cfg)
     _one_of(cfg.step.name, tuple(STEP_OPTIMIZERS), "step.name")
     if not cfg.step.lr or cfg.step.lr <= 0:
         raise ConfigError("step.lr", "must be > 0")

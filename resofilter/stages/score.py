@@ -31,7 +31,7 @@ from resofilter.features.extract import (
     completed_features,
     extract_features,
 )
-from resofilter.features.fast import FastScorer
+from resofilter.features.fast import FastScorer, split_devices
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import Target, decoder_layers, find_targets
 from resofilter.features.tokens import NO_SPAN, answer_spans
@@ -88,6 +88,7 @@ class ScoreSpec:
     check: PrecisionCheckSpec = runtime_field()  # fails the stage or passes it; never changes a value
     trainer: dict[str, Any] = runtime_field()  # a pytorch_lightning.Trainer config: devices and ranks, not values
     cache_dir: str | None = runtime_field()  # where the model's fingerprint is remembered
+    device_map: Any = runtime_field()  # the model's layers over several devices (placement, not values)
     config: dict[str, Any] = runtime_field()  # the resolved config, recorded in the manifest
 
 
@@ -177,7 +178,10 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
     tok, samples, tstats, identity = prepared.tokenizer, prepared.samples, prepared.stats, prepared.identity
     if samples and (done := completed_features(out_dir, identity)):
         return done
-    model = load_causal_lm(model_dir, dtype, spec.attn_implementation)
+    placed = {"device_map": spec.device_map} if spec.device_map is not None else {}
+    model = load_causal_lm(model_dir, dtype, spec.attn_implementation, **placed)
+    if placed:
+        log.info("model placed over %s (score.device_map=%s)", sorted(split_devices(model)), spec.device_map)
     check_finite(model, model_dir)  # before anything is written
     model.eval()
     n_layers = len(decoder_layers(model)[1])
@@ -201,8 +205,10 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
         }
         warn_unlearned(features, model, model_dir)
         if spec.check.n_samples:
+            # a model split over devices is not copied: its float64 reference is read afresh, on the CPU
+            reference = load_causal_lm(model_dir, torch.float64, spec.attn_implementation) if placed else None
             extra["precision_check"] = report = precision_check(
-                model, samples, targets, step, features, spec.check, tok.pad_token_id)
+                model, samples, targets, step, features, spec.check, tok.pad_token_id, reference)
             enforce_precision(report, spec.check)
         return features, extra
 
@@ -247,8 +253,9 @@ def enforce_precision(report: dict[str, Any], bounds: PrecisionCheckSpec) -> Non
 
 def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targets: list[Target],
                     step: StepConfig, features: pd.DataFrame, check: PrecisionCheckSpec,
-                    pad_token_id: int) -> dict[str, Any]:
+                    pad_token_id: int, reference: torch.nn.Module | None = None) -> dict[str, Any]:
     """Re-score a random subset in float64 and compare the layer-set score with the stored one.
+    ``reference``: the model in float64 (default: a float64 copy of ``model``).
 
     Reports Spearman rank agreement and the worst error as a fraction of the across-sample
     std: a ranking is signal where that fraction is ≪ 1, rounding where it is not.
@@ -259,7 +266,7 @@ def precision_check(model: torch.nn.Module, samples: list[TokenizedSample], targ
 
     rng = random.Random(check.seed)
     idx = sorted(rng.sample(range(len(samples)), min(check.n_samples, len(samples))))
-    m64 = _float64_copy(model)
+    m64 = _float64_copy(model) if reference is None else reference.eval()
     modules64 = dict(m64.named_modules())
     t64 = [Target(t.name, t.layer, modules64[t.name]) for t in targets]  # the same matrices, in float64
     stat = check.statistic if check.statistic in BASIC else "mean_abs"  # quantiles/counts: check mean_abs

@@ -61,7 +61,8 @@ def score_spec(cfg: DictConfig) -> ScoreSpec:
                      ifd=bool(cfg.score.ifd), attn_implementation=cfg.model.get("attn_implementation"),
                      tokenize=TokenizeSpec.from_cfg(cfg.tokenize),
                      declared_depth=cfg.model.get("num_hidden_layers"), check=precision_check_spec(cfg, dtype),
-                     trainer=plain(cfg.trainer), cache_dir=cfg.paths.get("cache_dir"), config=plain(cfg))
+                     trainer=plain(cfg.trainer), cache_dir=cfg.paths.get("cache_dir"),
+                     device_map=plain(cfg.score.device_map), config=plain(cfg))
 
 
 def select_spec(cfg: DictConfig) -> SelectSpec:
