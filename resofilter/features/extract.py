@@ -381,7 +381,18 @@ def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepC
                       **common)
 
 
-def extract_features(
+@dataclass(frozen=True)
+class ScoredShards:
+    """Every sample scored and merged from its shards (rank 0), not yet the stage's output: the
+    features, their sketches and what the pass records; :func:`write_features` makes them final."""
+
+    features: pd.DataFrame
+    sketches: np.ndarray | None
+    record: dict[str, Any]  # key, description, counts, timing, world size, token signals, sketch layout
+    shard_dir: Path
+
+
+def score_shards(
     model: torch.nn.Module,
     samples: Sequence[TokenizedSample],
     targets: Sequence[Target],
@@ -392,27 +403,22 @@ def extract_features(
     identity: FeaturesIdentity,
     make_trainer: Callable[..., pl.Trainer] | None = None,
     alone: Sequence[TokenizedSample] | None = None,
-    finalize: Callable[[pd.DataFrame], tuple[pd.DataFrame, dict[str, Any]]] | None = None,
     spans: dict[str, tuple[int, int]] | None = None,
-) -> tuple[pd.DataFrame, dict[str, Any]] | None:
-    """Score every sample; returns (features, manifest) on rank 0, ``None`` on the other ranks.
+) -> ScoredShards | None:
+    """Score every sample into shards under ``out_dir`` and merge them; ``None`` on ranks other than 0.
 
     Finished features are the caller's to look for first (:func:`completed_features`, which
-    needs no weights); this resumes from finished shards of the same ``identity``.
-    ``finalize(features) → (features, manifest fields)`` runs on rank 0 once the shards are
-    merged, before anything final is written; if it raises (a failed precision check),
-    neither ``features.parquet`` nor ``manifest.json`` appears and the shards stay for a rerun.
+    needs no weights); this resumes from finished shards of the same ``identity``. Nothing final
+    is written: a check that fails on the merged features (the precision check) leaves the shards
+    for a rerun and neither ``features.parquet`` nor ``manifest.json``.
     """
     if not samples:
         raise ResoFilterError("no samples to score (empty data after tokenization)")
     if identity.description.get("targets") != [t.name for t in targets]:
         raise ResoFilterError(f"the identity names targets {identity.description.get('targets')}, the model has "
                               f"{[t.name for t in targets]} (a bug: build it with FeaturesIdentity.of)")
-    out_dir = Path(out_dir)
-    shard_dir = out_dir / "shards"
-    key = identity.key
-    final = out_dir / FEATURES_FILE
-    shard_size = check_or_claim(shard_dir, key, identity.description, settings.shard_size)
+    shard_dir = Path(out_dir) / "shards"
+    shard_size = check_or_claim(shard_dir, identity.key, identity.description, settings.shard_size)
     done = finished_shards(shard_dir, samples, shard_size)
     dm = FeatureDataModule(samples, pad_token_id, shard_size, settings.batch_size, settings.max_tokens_per_batch,
                            done, alone, spans)
@@ -444,26 +450,37 @@ def extract_features(
     if scorer.projector is not None:
         sketches = stack_sketches(features, scorer.projector.dim, shard_dir)
     n_scored = len(samples) - sum(len(dm.shard_range(k)) for k in done)
-    features, extra = finalize(features) if finalize is not None else (features, {})
-    manifest = {
-        "key": key,
+    record = {
+        "key": identity.key,
         "description": identity.description,
         "n_samples": len(samples),
         "n_shards": dm.n_shards(),
         "resumed_shards": len(done),
-        "columns": list(features.columns),
         "timing": {"score_s": elapsed, "samples_scored": n_scored, "samples_per_s": n_scored / max(elapsed, 1e-9)},
         "world_size": trainer.world_size,
         "tokens": settings.tokens.describe(),
-        **extra,
-        **environment_info(),
     }
     if sketches is not None:
-        write_npy_atomic(out_dir / SKETCH_FILE, sketches)
-        manifest["sketch"] = {**sketch_layout(settings.sketch, scorer.projector),
-                              "sha256": file_hash(out_dir / SKETCH_FILE, length=64)}
+        record["sketch"] = sketch_layout(settings.sketch, scorer.projector)
+    return ScoredShards(features, sketches, record, shard_dir)
+
+
+def write_features(out_dir: str | Path, scored: ScoredShards, features: pd.DataFrame,
+                   extra: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The stage's output: sketches, ``features.parquet`` and, last, ``manifest.json`` (the pass's record,
+    ``extra`` and the environment); the shards are removed after."""
+    out_dir = Path(out_dir)
+    final = out_dir / FEATURES_FILE
+    r = scored.record
+    manifest = {**{k: r[k] for k in ("key", "description", "n_samples", "n_shards", "resumed_shards")},
+                "columns": list(features.columns),
+                **{k: r[k] for k in ("timing", "world_size", "tokens")}, **extra, **environment_info()}
+    if scored.sketches is not None:
+        write_npy_atomic(out_dir / SKETCH_FILE, scored.sketches)
+        manifest["sketch"] = {**r["sketch"], "sha256": file_hash(out_dir / SKETCH_FILE, length=64)}
     write_parquet_atomic(final, features)
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)  # the last write: the stage is complete
-    shutil.rmtree(shard_dir)
-    log.info("features: %d samples × %d columns in %.1f s → %s", len(features), features.shape[1], elapsed, final)
+    shutil.rmtree(scored.shard_dir)
+    log.info("features: %d samples × %d columns in %.1f s → %s", len(features), features.shape[1],
+             r["timing"]["score_s"], final)
     return features, manifest

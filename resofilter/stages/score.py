@@ -29,7 +29,8 @@ from resofilter.features.extract import (
     FeaturesIdentity,
     ScoreSettings,
     completed_features,
-    extract_features,
+    score_shards,
+    write_features,
 )
 from resofilter.features.fast import FastScorer, split_devices
 from resofilter.features.statistics import BASIC
@@ -193,27 +194,27 @@ def _score(spec: ScoreSpec, records: list[Record], model_dir: str, out_dir: Path
     alone = response_alone(samples, tok) if spec.ifd else None
     hashes = record_hashes(records)
 
-    def finalize(features: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
-        features = features.copy()
-        features.insert(len(META_COLUMNS), "record_hash", [hashes[s] for s in features["sample_id"]])
-        extra: dict[str, Any] = {
-            "model": model_dir,  # where the weights were read (their content is in the key)
-            "structure": structure_of(model, targets, dtype),
-            "records": records_summary(records, samples, hashes),
-            "data": data_info, "tokenized": tstats.as_dict(),
-            "config": spec.config,
-        }
-        warn_unlearned(features, model, model_dir)
-        if spec.check.n_samples:
-            # a model split over devices is not copied: its float64 reference is read afresh, on the CPU
-            reference = load_causal_lm(model_dir, torch.float64, spec.attn_implementation) if placed else None
-            extra["precision_check"] = report = precision_check(
-                model, samples, targets, step, features, spec.check, tok.pad_token_id, reference)
-            enforce_precision(report, spec.check)
-        return features, extra
-
-    return extract_features(model, samples, targets, step, spec.settings, out_dir, tok.pad_token_id,
-                            identity, trainer_factory(spec.trainer), alone, finalize, prepared.spans)
+    scored = score_shards(model, samples, targets, step, spec.settings, out_dir, tok.pad_token_id, identity,
+                          trainer_factory(spec.trainer), alone, prepared.spans)
+    if scored is None:  # not rank 0
+        return None
+    features = scored.features.copy()
+    features.insert(len(META_COLUMNS), "record_hash", [hashes[s] for s in features["sample_id"]])
+    extra: dict[str, Any] = {
+        "model": model_dir,  # where the weights were read (their content is in the key)
+        "structure": structure_of(model, targets, dtype),
+        "records": records_summary(records, samples, hashes),
+        "data": data_info, "tokenized": tstats.as_dict(),
+        "config": spec.config,
+    }
+    warn_unlearned(features, model, model_dir)
+    if spec.check.n_samples:  # raises before anything final is written: the shards stay for a rerun
+        # a model split over devices is not copied: its float64 reference is read afresh, on the CPU
+        reference = load_causal_lm(model_dir, torch.float64, spec.attn_implementation) if placed else None
+        extra["precision_check"] = report = precision_check(
+            model, samples, targets, step, features, spec.check, tok.pad_token_id, reference)
+        enforce_precision(report, spec.check)
+    return write_features(out_dir, scored, features, extra)
 
 
 def warn_unlearned(features: pd.DataFrame, model: torch.nn.Module, model_dir: str) -> float:

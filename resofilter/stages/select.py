@@ -50,7 +50,7 @@ from resofilter.selection.scorers import (
     oriented,
     weight_columns,
 )
-from resofilter.selection.select import select
+from resofilter.selection.select import Selection, select
 from resofilter.stages.config_check import check_depth
 
 log = logging.getLogger(__name__)
@@ -234,13 +234,23 @@ def diagnose(spec: SelectSpec, pool: ScoredPool, recs: list[Record], chosen: Sco
     return diag
 
 
-def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Record],
-                  out_dir: str | Path) -> dict[str, Any]:
-    """Rank ``records`` by ``spec.scorer`` on the features in ``features_dir``; keep ``spec.keep_ratio``.
+@dataclass(frozen=True)
+class RankedPool:
+    """The scored pool a selection ranks: the features aligned with the records, and the scorer's scores."""
 
-    Writes ``subset.jsonl``, ``selection.parquet``, diagnostics and plots, then ``manifest.json``.
-    """
-    features_dir, out_dir = Path(features_dir), Path(out_dir)
+    features_dir: Path
+    manifest: dict[str, Any]  # the features' manifest
+    features: pd.DataFrame  # aligned with ``records``
+    records: list[Record]  # the ranked ones (scored)
+    n_unscored: int
+    pool: ScoredPool
+    scorer: Scorer
+    scores: np.ndarray  # the scorer's raw scores
+    bad: np.ndarray  # oriented: larger = worse
+
+
+def rank_pool(spec: SelectSpec, features_dir: Path, records: list[Record]) -> RankedPool:
+    """Read and check the features, align them with ``records`` and score them once with ``spec.scorer``."""
     fpath = features_dir / "features.parquet"
     fman = features_manifest(features_dir)
     n_layers = layer_count(fman, spec.declared_depth, features_dir)  # from the artifact, never from the config
@@ -256,50 +266,38 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
         nonfinite = features["sample_id"][~np.isfinite(bad)].tolist()
         raise ResoFilterError(f"{scorer.name} gives {len(nonfinite)} non-finite scores (e.g. {nonfinite[:3]}) "
                               f"from {fpath}: the features are broken; nothing selected")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sel = select(bad, spec.keep_ratio, spec.direction, [r.query for r in recs], spec.dedup)
+    return RankedPool(features_dir, fman, features, recs, n_unscored, pool, scorer, raw_scores, bad)
 
-    diag = None
-    label_field = spec.label_field
-    want = spec.diagnostics
-    if want is True or want == "true":
-        if not label_field:
-            raise ConfigError("data.label_field", "selection.diagnostics=true needs a noise label field")
-    y = labels_of(recs, label_field) if label_field and want not in (False, "false") else None
-    if y is None and (want is True or want == "true"):
+
+def noise_labels(spec: SelectSpec, records: list[Record]) -> np.ndarray | None:
+    """The records' noise labels when diagnostics are on (``true``: required, ``auto``: if present)."""
+    label_field, want = spec.label_field, spec.diagnostics
+    required = want is True or want == "true"
+    if required and not label_field:
+        raise ConfigError("data.label_field", "selection.diagnostics=true needs a noise label field")
+    y = labels_of(records, label_field) if label_field and want not in (False, "false") else None
+    if y is None and required:
         raise ConfigError("data.label_field", f"records have no field {label_field!r} (needed by diagnostics)")
-    if want not in (False, "false"):
-        diag = diagnose(spec, pool, recs, scorer, bad, sel.kept, y, out_dir)
-    what = f"{scorer.name} ({spec.statistic})" if isinstance(scorer, ResoFilterScorer) else scorer.name
-    plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y, f"{what}: keep {spec.keep_ratio:g}")
+    return y
 
-    kept_records = [r for r, k in zip(recs, sel.kept, strict=True) if k]
-    table = pd.DataFrame({"sample_id": features["sample_id"], "score": raw_scores, "badness": bad,
-                          "rank": sel.rank, "kept": sel.kept})
-    write_jsonl_atomic(out_dir / "subset.jsonl", (r.raw for r in kept_records))
-    write_parquet_atomic(out_dir / "selection.parquet", table)
-    manifest = {
-        "spec": spec.as_dict(), "scorer": spec.scorer, "layers": spec.layers, "statistic": spec.statistic,
-        "selection": {"keep_ratio": spec.keep_ratio, "direction": spec.direction, "dedup": spec.dedup},
-        "features": str(fpath), "features_hash": file_hash(fpath), "features_model": fman["model"],
-        "data": (fman.get("config") or {}).get("data"),  # how subset.jsonl's records are read (finetune takes it)
-        "num_hidden_layers": n_layers,
-        "columns": (layer_columns(features, list(spec.layers["modules"]), spec.layers["indices"], spec.statistic,
-                                  n_layers)
-                    if isinstance(scorer, ResoFilterScorer) else None),
-        "n_in": len(records), "n_unscored": n_unscored, "n_ranked": len(recs),
-        "n_keep_before_dedup": sel.n_keep_before_dedup, "dedup_removed": sel.dedup_removed,
-        "n_out": sel.n_kept,
-    }
+
+def report_selection(spec: SelectSpec, ranked: RankedPool, sel: Selection, diag: dict[str, Any] | None,
+                     y: np.ndarray | None, n_in: int, out_dir: Path) -> None:
+    """The histogram and the HTML report: the k dropped first and the k kept first, with the counts."""
+    recs, bad, raw_scores, features = ranked.records, ranked.bad, ranked.scores, ranked.features
+    what = f"{ranked.scorer.name} ({spec.statistic})" if isinstance(ranked.scorer, ResoFilterScorer) \
+        else ranked.scorer.name
+    plot_histogram(out_dir / "score_hist.png", bad, sel.kept, y, f"{what}: keep {spec.keep_ratio:g}")
     kinds = kinds_of(recs, spec.kind_field) if y is not None else None
     order = np.argsort(-bad, kind="stable")  # only the k dropped first and k kept first are shown
     shown = sorted(set(order[:spec.report_k].tolist()) | set(order[-spec.report_k:].tolist()))
-    selection_report(out_dir, scorer=scorer.name, diag=diag, k=spec.report_k, excerpt_chars=spec.report_excerpt_chars,
+    selection_report(out_dir, scorer=ranked.scorer.name, diag=diag, k=spec.report_k,
+                     excerpt_chars=spec.report_excerpt_chars,
                      summary={"scorer": what, "keep ratio": spec.keep_ratio,
-                              "direction": spec.direction, "records in": len(records), "ranked": len(recs),
-                              "never scored (dropped)": n_unscored, "kept before dedup": sel.n_keep_before_dedup,
+                              "direction": spec.direction, "records in": n_in, "ranked": len(recs),
+                              "never scored (dropped)": ranked.n_unscored, "kept before dedup": sel.n_keep_before_dedup,
                               "removed by dedup": sel.dedup_removed, "kept": sel.n_kept,
-                              "features": str(features_dir)},
+                              "features": str(ranked.features_dir)},
                      n_ranked=len(recs), score_median=float(np.nanmedian(raw_scores)), samples=[
                          {"sample_id": recs[i].sample_id, "query": recs[i].query, "response": recs[i].response,
                           "score": float(raw_scores[i]), "badness": float(bad[i]),
@@ -307,16 +305,59 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
                           "label": None if y is None else bool(y[i]), "kind": None if kinds is None else kinds[i],
                           "kept": bool(sel.kept[i])}
                          for i in shown])
+
+
+def selection_manifest(spec: SelectSpec, ranked: RankedPool, sel: Selection, diag: dict[str, Any] | None,
+                       n_in: int) -> dict[str, Any]:
+    """What the selection was asked and did, and what it was made from (the features by content)."""
+    fpath, fman, n_layers = ranked.features_dir / "features.parquet", ranked.manifest, ranked.pool.n_layers
+    manifest = {
+        "spec": spec.as_dict(), "scorer": spec.scorer, "layers": spec.layers, "statistic": spec.statistic,
+        "selection": {"keep_ratio": spec.keep_ratio, "direction": spec.direction, "dedup": spec.dedup},
+        "features": str(fpath), "features_hash": file_hash(fpath), "features_model": fman["model"],
+        "data": (fman.get("config") or {}).get("data"),  # how subset.jsonl's records are read (finetune takes it)
+        "num_hidden_layers": n_layers,
+        "columns": (layer_columns(ranked.features, list(spec.layers["modules"]), spec.layers["indices"],
+                                  spec.statistic, n_layers)
+                    if isinstance(ranked.scorer, ResoFilterScorer) else None),
+        "n_in": n_in, "n_unscored": ranked.n_unscored, "n_ranked": len(ranked.records),
+        "n_keep_before_dedup": sel.n_keep_before_dedup, "dedup_removed": sel.dedup_removed,
+        "n_out": sel.n_kept,
+    }
+    if diag is not None:
+        manifest["confounds"] = diag["selected_confounds"]
+        if "selected_scorer" in diag:
+            manifest["diagnostics"] = diag["selected_scorer"]
+    return manifest
+
+
+def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Record],
+                  out_dir: str | Path) -> dict[str, Any]:
+    """Rank ``records`` by ``spec.scorer`` on the features in ``features_dir``; keep ``spec.keep_ratio``.
+
+    Writes ``subset.jsonl``, ``selection.parquet``, diagnostics and plots, then ``manifest.json``.
+    """
+    features_dir, out_dir = Path(features_dir), Path(out_dir)
+    ranked = rank_pool(spec, features_dir, records)
+    recs = ranked.records
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sel = select(ranked.bad, spec.keep_ratio, spec.direction, [r.query for r in recs], spec.dedup)
+    y = noise_labels(spec, recs)
+    diag = None if spec.diagnostics in (False, "false") else diagnose(
+        spec, ranked.pool, recs, ranked.scorer, ranked.bad, sel.kept, y, out_dir)
+    write_jsonl_atomic(out_dir / "subset.jsonl", (r.raw for r, k in zip(recs, sel.kept, strict=True) if k))
+    write_parquet_atomic(out_dir / "selection.parquet", pd.DataFrame({
+        "sample_id": ranked.features["sample_id"], "score": ranked.scores, "badness": ranked.bad,
+        "rank": sel.rank, "kept": sel.kept}))
+    report_selection(spec, ranked, sel, diag, y, len(records), out_dir)
     if diag is not None:
         write_json_atomic(out_dir / "diagnostics.json", diag)
-        manifest["confounds"] = diag["selected_confounds"]
-    if diag is not None and "selected_scorer" in diag:
-        manifest["diagnostics"] = diag["selected_scorer"]
-    write_json_atomic(out_dir / "manifest.json", manifest)
+    manifest = selection_manifest(spec, ranked, sel, diag, len(records))
+    write_json_atomic(out_dir / "manifest.json", manifest)  # the last write: the stage is complete
     log.info("kept %d of %d (keep_ratio %g, %s, dedup removed %d) → %s", sel.n_kept, len(recs),
              spec.keep_ratio, spec.direction, sel.dedup_removed, out_dir / "subset.jsonl")
     if diag is not None and "selected_scorer" in diag:
-        log.info("noise AUROC of %s: %.3f; dropped-set precision %.3f recall %.3f", scorer.name,
-                 diag["selected_scorer"]["auroc"], diag["selected_scorer"]["precision"],
-                 diag["selected_scorer"]["recall"])
+        d = diag["selected_scorer"]
+        log.info("noise AUROC of %s: %.3f; dropped-set precision %.3f recall %.3f", ranked.scorer.name,
+                 d["auroc"], d["precision"], d["recall"])
     return manifest
