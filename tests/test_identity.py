@@ -181,6 +181,40 @@ def test_adding_a_step_optimizer_is_one_registered_closed_form(monkeypatch):
         cf.one_step_update(g, before, cf.StepConfig(name="nonexistent"))
 
 
+def test_adding_an_extractor_is_one_registered_builder(monkeypatch, tokenizer):
+    """A registered extractor is chosen by ``score.mode``: the config check accepts its name, the score
+    stage's settings reach it, and the one-step scorer it builds is what scoring runs."""
+    import resofilter.stages.config_check as cc
+    from resofilter.errors import ConfigError
+    from resofilter.features import extract
+    from resofilter.features.fast import ChunkedHeadLoss, FastScorer
+    from resofilter.features.targets import find_targets
+    from resofilter.stages.config_check import validate
+    from tests.conftest import tiny
+
+    monkeypatch.setattr(extract, "EXTRACTORS", dict(extract.EXTRACTORS))
+    monkeypatch.setattr(cc, "EXTRACTORS", extract.EXTRACTORS)
+    seen = []
+
+    @extract.register_extractor("whole_logits")
+    def _(model, targets, step, settings):  # the fast scorer on the model's own (B, T, V) logits
+        seen.append((settings.mode, len(targets)))
+        return extract.fast_extractor(model, targets, step, dataclasses.replace(settings, logits_chunk_elements=0))
+
+    validate(compose_cfg(["score.mode=whole_logits"]))  # no ConfigError
+    with pytest.raises(ConfigError, match="score.mode"):
+        validate(compose_cfg(["score.mode=nonexistent"]))
+    spec = specs.score_spec(compose_cfg(["score.mode=whole_logits"], "score"))
+    model = tiny("llama", tokenizer, seed=4)
+    scorer = extract.update_scorer(model, find_targets(model, ["mlp.up_proj"], [-1]), spec.step, spec.settings)
+    assert isinstance(scorer, FastScorer) and scorer.head_loss is None and seen == [("whole_logits", 1)]
+    assert isinstance(extract.update_scorer(model, find_targets(model, ["mlp.up_proj"], [-1]), spec.step,
+                                            dataclasses.replace(spec.settings, mode="fast")).head_loss,
+                      ChunkedHeadLoss)  # the shipped one slices the logits
+    with pytest.raises(ValueError, match="twice"):
+        extract.register_extractor("fast")(extract.fast_extractor)
+
+
 def test_the_finetune_key_is_every_identity_field_of_its_spec():
     """The fine-tuning's resume / reuse key: every FinetuneSpec field but the driving and logging ones."""
 

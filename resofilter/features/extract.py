@@ -368,17 +368,52 @@ def completed_features(out_dir: str | Path, identity: FeaturesIdentity) -> tuple
     return pd.read_parquet(final), manifest
 
 
-def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
-                  settings: ScoreSettings) -> FastScorer | LiteralScorer:
-    """The per-sample update scorer of ``settings.mode`` (fast closed form, or the literal loop)."""
-    common = dict(statistics=settings.statistics, quantiles=settings.quantiles, count_above=settings.count_above,
-                  sketch=settings.sketch)
-    if settings.mode == "literal":
-        return LiteralScorer(model, targets, step, dtype=settings.literal_dtype, **common)
+UpdateScorer = FastScorer | LiteralScorer
+ExtractorBuilder = Callable[[torch.nn.Module, Sequence[Target], StepConfig, ScoreSettings], UpdateScorer]
+EXTRACTORS: dict[str, ExtractorBuilder] = {}  # score.mode → builder; config_check validates score.mode against it
+
+
+def register_extractor(name: str) -> Callable[[ExtractorBuilder], ExtractorBuilder]:
+    """Register a per-sample update scorer for ``score.mode=<name>`` (a builder from the model, its
+    targets, the scored step and the settings); it must give every sample's statistics of the one step."""
+
+    def register(builder: ExtractorBuilder) -> ExtractorBuilder:
+        if name in EXTRACTORS:
+            raise ValueError(f"extractor {name!r} registered twice")
+        EXTRACTORS[name] = builder
+        return builder
+
+    return register
+
+
+def _statistics_of(settings: ScoreSettings) -> dict[str, Any]:
+    return dict(statistics=settings.statistics, quantiles=settings.quantiles, count_above=settings.count_above,
+                sketch=settings.sketch)
+
+
+@register_extractor("fast")
+def fast_extractor(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
+                   settings: ScoreSettings) -> FastScorer:
+    """The step in closed form from per-sample gradients, one batched pass (features/fast.py)."""
     set_mmap_threshold(settings.mmap_threshold)
     return FastScorer(model, targets, step, chunk_elements=settings.chunk_elements,
                       logits_chunk_elements=settings.logits_chunk_elements, recompute=settings.recompute_layers,
-                      **common)
+                      **_statistics_of(settings))
+
+
+@register_extractor("literal")
+def literal_extractor(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
+                      settings: ScoreSettings) -> LiteralScorer:
+    """The authors' loop: a real optimizer step per sample on a copy in ``literal_dtype`` (the oracle)."""
+    return LiteralScorer(model, targets, step, dtype=settings.literal_dtype, **_statistics_of(settings))
+
+
+def update_scorer(model: torch.nn.Module, targets: Sequence[Target], step: StepConfig,
+                  settings: ScoreSettings) -> UpdateScorer:
+    """The per-sample update scorer of ``settings.mode``, from the extractor registry."""
+    if settings.mode not in EXTRACTORS:
+        raise ResoFilterError(f"score.mode={settings.mode!r}: no such extractor; registered: {sorted(EXTRACTORS)}")
+    return EXTRACTORS[settings.mode](model, targets, step, settings)
 
 
 @dataclass(frozen=True)

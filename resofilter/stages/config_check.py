@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from resofilter.errors import ConfigError
 from resofilter.features.closed_form import STEP_OPTIMIZERS
+from resofilter.features.extract import EXTRACTORS
 from resofilter.features.sketch import SketchSpec
 from resofilter.features.statistics import BASIC
 from resofilter.features.targets import resolve_indices
@@ -28,7 +29,6 @@ from resofilter.stages import context
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 DIRECTIONS = ("drop_high", "drop_low")
-SCORE_MODES = ("fast", "literal")
 FINETUNE_PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "16-mixed")
 
 
@@ -201,7 +201,7 @@ def _check_layers(cfg: DictConfig, n_layers: int | None) -> None:
 
 def _check_score(cfg: DictConfig, n_layers: int | None) -> None:
     """The score stage: mode, statistics, precision policy and check, sizes, sketches, token signals, step."""
-    _one_of(cfg.score.mode, SCORE_MODES, "score.mode")
+    _one_of(cfg.score.mode, sorted(EXTRACTORS), "score.mode")
     for s in cfg.score.statistics:
         _one_of(s, (*BASIC, "quantiles", "count_above"), "score.statistics")  # BASIC: the registered ones
     scoring_dtype(cfg)  # the precision policy: bf16/fp16 scoring only with score.allow_low_precision
