@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from resofilter.errors import ConfigError
+from resofilter.registry import register
 
 
 @dataclass(frozen=True)
@@ -63,9 +64,7 @@ def register_step_optimizer(name: str, literal: Literal, needs_eps: bool = True)
     """Register a closed-form first step under ``step.name=<name>`` (with the literal optimizer that
     the closed-vs-literal tests compare it against)."""
     def add(update: ClosedForm) -> ClosedForm:
-        if name in STEP_OPTIMIZERS:
-            raise ValueError(f"step optimizer {name!r} is registered twice")
-        STEP_OPTIMIZERS[name] = StepOptimizer(name, update, literal, needs_eps)
+        register(STEP_OPTIMIZERS, "step optimizer", name, StepOptimizer(name, update, literal, needs_eps))
         return update
     return add
 

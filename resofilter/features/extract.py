@@ -47,6 +47,7 @@ from resofilter.features.sketch import SKETCH_COLUMN, SKETCH_FILE, SketchSpec, s
 from resofilter.features.targets import Target
 from resofilter.features.tokens import TokenSignalSpec, token_signals
 from resofilter.identity import runtime_field
+from resofilter.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -377,13 +378,11 @@ def register_extractor(name: str) -> Callable[[ExtractorBuilder], ExtractorBuild
     """Register a per-sample update scorer for ``score.mode=<name>`` (a builder from the model, its
     targets, the scored step and the settings); it must give every sample's statistics of the one step."""
 
-    def register(builder: ExtractorBuilder) -> ExtractorBuilder:
-        if name in EXTRACTORS:
-            raise ValueError(f"extractor {name!r} registered twice")
-        EXTRACTORS[name] = builder
+    def add(builder: ExtractorBuilder) -> ExtractorBuilder:
+        register(EXTRACTORS, "extractor", name, builder)
         return builder
 
-    return register
+    return add
 
 
 def _statistics_of(settings: ScoreSettings) -> dict[str, Any]:
@@ -507,9 +506,7 @@ def write_features(out_dir: str | Path, scored: ScoredShards, features: pd.DataF
     out_dir = Path(out_dir)
     final = out_dir / FEATURES_FILE
     r = scored.record
-    manifest = {**{k: r[k] for k in ("key", "description", "n_samples", "n_shards", "resumed_shards")},
-                "columns": list(features.columns),
-                **{k: r[k] for k in ("timing", "world_size", "tokens")}, **extra, **environment_info()}
+    manifest = {**r, "columns": list(features.columns), **extra, **environment_info()}
     if scored.sketches is not None:
         write_npy_atomic(out_dir / SKETCH_FILE, scored.sketches)
         manifest["sketch"] = {**r["sketch"], "sha256": file_hash(out_dir / SKETCH_FILE, length=64)}

@@ -19,6 +19,7 @@ import pandas as pd
 from resofilter.errors import ConfigError
 from resofilter.features.sketch import check_comparable, cosine_rows, load_sketches
 from resofilter.features.targets import resolve_indices
+from resofilter.registry import register
 
 _COLUMN = re.compile(r"^(?P<prefix>.*\.)(?P<layer>\d+)\.(?P<module>[^/]+(?:\.[^/]+)*)/(?P<stat>.+)$")
 
@@ -265,9 +266,7 @@ def register_scorer(*names: str) -> Callable[[ScorerBuilder], ScorerBuilder]:
     Adding a scorer: one builder here (or a class) and its ``conf/scorer/<name>.yaml``."""
     def add(builder: ScorerBuilder) -> ScorerBuilder:
         for name in names:
-            if name in SCORERS:
-                raise ValueError(f"scorer {name!r} is registered twice")
-            SCORERS[name] = builder
+            register(SCORERS, "scorer", name, builder)
         return builder
     return add
 

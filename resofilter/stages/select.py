@@ -128,6 +128,10 @@ class SelectSpec:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def diagnostics_on(self) -> bool:
+        return self.diagnostics not in (False, "false")
+
 
 def layer_count(manifest: dict[str, Any], declared: int | None, where: Path) -> int:
     """The scored model's depth, from the features' manifest; a config that restates it must agree."""
@@ -248,6 +252,11 @@ class RankedPool:
     scores: np.ndarray  # the scorer's raw scores
     bad: np.ndarray  # oriented: larger = worse
 
+    @property
+    def n_in(self) -> int:
+        """Records given to the selection: the ranked ones and those never scored."""
+        return len(self.records) + self.n_unscored
+
 
 def rank_pool(spec: SelectSpec, features_dir: Path, records: list[Record]) -> RankedPool:
     """Read and check the features, align them with ``records`` and score them once with ``spec.scorer``."""
@@ -275,14 +284,14 @@ def noise_labels(spec: SelectSpec, records: list[Record]) -> np.ndarray | None:
     required = want is True or want == "true"
     if required and not label_field:
         raise ConfigError("data.label_field", "selection.diagnostics=true needs a noise label field")
-    y = labels_of(records, label_field) if label_field and want not in (False, "false") else None
+    y = labels_of(records, label_field) if label_field and spec.diagnostics_on else None
     if y is None and required:
         raise ConfigError("data.label_field", f"records have no field {label_field!r} (needed by diagnostics)")
     return y
 
 
 def report_selection(spec: SelectSpec, ranked: RankedPool, sel: Selection, diag: dict[str, Any] | None,
-                     y: np.ndarray | None, n_in: int, out_dir: Path) -> None:
+                     y: np.ndarray | None, out_dir: Path) -> None:
     """The histogram and the HTML report: the k dropped first and the k kept first, with the counts."""
     recs, bad, raw_scores, features = ranked.records, ranked.bad, ranked.scores, ranked.features
     what = f"{ranked.scorer.name} ({spec.statistic})" if isinstance(ranked.scorer, ResoFilterScorer) \
@@ -294,7 +303,7 @@ def report_selection(spec: SelectSpec, ranked: RankedPool, sel: Selection, diag:
     selection_report(out_dir, scorer=ranked.scorer.name, diag=diag, k=spec.report_k,
                      excerpt_chars=spec.report_excerpt_chars,
                      summary={"scorer": what, "keep ratio": spec.keep_ratio,
-                              "direction": spec.direction, "records in": n_in, "ranked": len(recs),
+                              "direction": spec.direction, "records in": ranked.n_in, "ranked": len(recs),
                               "never scored (dropped)": ranked.n_unscored, "kept before dedup": sel.n_keep_before_dedup,
                               "removed by dedup": sel.dedup_removed, "kept": sel.n_kept,
                               "features": str(ranked.features_dir)},
@@ -307,8 +316,8 @@ def report_selection(spec: SelectSpec, ranked: RankedPool, sel: Selection, diag:
                          for i in shown])
 
 
-def selection_manifest(spec: SelectSpec, ranked: RankedPool, sel: Selection, diag: dict[str, Any] | None,
-                       n_in: int) -> dict[str, Any]:
+def selection_manifest(spec: SelectSpec, ranked: RankedPool, sel: Selection,
+                       diag: dict[str, Any] | None) -> dict[str, Any]:
     """What the selection was asked and did, and what it was made from (the features by content)."""
     fpath, fman, n_layers = ranked.features_dir / "features.parquet", ranked.manifest, ranked.pool.n_layers
     manifest = {
@@ -320,7 +329,7 @@ def selection_manifest(spec: SelectSpec, ranked: RankedPool, sel: Selection, dia
         "columns": (layer_columns(ranked.features, list(spec.layers["modules"]), spec.layers["indices"],
                                   spec.statistic, n_layers)
                     if isinstance(ranked.scorer, ResoFilterScorer) else None),
-        "n_in": n_in, "n_unscored": ranked.n_unscored, "n_ranked": len(ranked.records),
+        "n_in": ranked.n_in, "n_unscored": ranked.n_unscored, "n_ranked": len(ranked.records),
         "n_keep_before_dedup": sel.n_keep_before_dedup, "dedup_removed": sel.dedup_removed,
         "n_out": sel.n_kept,
     }
@@ -343,16 +352,16 @@ def run_selection(spec: SelectSpec, features_dir: str | Path, records: list[Reco
     out_dir.mkdir(parents=True, exist_ok=True)
     sel = select(ranked.bad, spec.keep_ratio, spec.direction, [r.query for r in recs], spec.dedup)
     y = noise_labels(spec, recs)
-    diag = None if spec.diagnostics in (False, "false") else diagnose(
+    diag = None if not spec.diagnostics_on else diagnose(
         spec, ranked.pool, recs, ranked.scorer, ranked.bad, sel.kept, y, out_dir)
     write_jsonl_atomic(out_dir / "subset.jsonl", (r.raw for r, k in zip(recs, sel.kept, strict=True) if k))
     write_parquet_atomic(out_dir / "selection.parquet", pd.DataFrame({
         "sample_id": ranked.features["sample_id"], "score": ranked.scores, "badness": ranked.bad,
         "rank": sel.rank, "kept": sel.kept}))
-    report_selection(spec, ranked, sel, diag, y, len(records), out_dir)
+    report_selection(spec, ranked, sel, diag, y, out_dir)
     if diag is not None:
         write_json_atomic(out_dir / "diagnostics.json", diag)
-    manifest = selection_manifest(spec, ranked, sel, diag, len(records))
+    manifest = selection_manifest(spec, ranked, sel, diag)
     write_json_atomic(out_dir / "manifest.json", manifest)  # the last write: the stage is complete
     log.info("kept %d of %d (keep_ratio %g, %s, dedup removed %d) → %s", sel.n_kept, len(recs),
              spec.keep_ratio, spec.direction, sel.dedup_removed, out_dir / "subset.jsonl")
