@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from resofilter.data.tokenize import IGNORE_INDEX
 from resofilter.errors import ResoFilterError
@@ -112,6 +113,7 @@ class ChunkedHeadLoss:
                     logits = logits.float()
                 part = torch.nn.functional.cross_entropy(logits.transpose(1, 2), lab.to(logits.device),
                                                          ignore_index=IGNORE_INDEX, reduction="none")  # (B, span)
+                del logits  # the graph keeps the log-probabilities, not these: one (B, span, V) fewer at the peak
                 if dh is not None:
                     (dh[:, t0:t1],) = torch.autograd.grad((part.sum(dim=1) * weight.to(part.device)).sum(), hc)
             tok[:, t0:t1] = part.detach()
@@ -238,21 +240,32 @@ class FastScorer:
         mask = batch["attention_mask"].to(device)
         labels = batch["labels"].to(device)
         inputs: dict[str, torch.Tensor] = {}
-        outputs: dict[str, torch.Tensor] = {}
+        edges: dict[str, GradientEdge] = {}
+
+        def make_pre_hook(name: str):  # noqa: ANN202
+            def pre_hook(module: Any, args: tuple) -> tuple | None:
+                x = args[0]
+                if name not in inputs:  # the first forward's; a recomputation repeats the same values
+                    inputs[name] = x.detach()
+                if x.requires_grad:
+                    return None
+                # no scored module upstream reaches this input: the backward stops here, so nothing
+                # computed before it (the layers below, this layer's attention) keeps a graph. The leaf
+                # is the captured input's own storage: it costs no memory
+                return (x.detach().requires_grad_(True), *args[1:])
+
+            return pre_hook
 
         def make_hook(name: str):  # noqa: ANN202
-            def hook(module: Any, args: tuple, out: torch.Tensor) -> torch.Tensor:
-                inputs[name] = args[0].detach()
-                if not out.requires_grad:
-                    # no scored module upstream reaches this output: the backward stops here, so nothing
-                    # computed before it (the layers below, this layer's attention) keeps a graph
-                    out = out.detach().requires_grad_(True)
-                outputs[name] = out
-                return out
+            def hook(module: Any, args: tuple, out: torch.Tensor) -> None:
+                # the backward needs the output's place in the graph, not its values: holding the edge
+                # lets a recomputed layer's output go (one (B, T, d_out) tensor per target)
+                edges.setdefault(name, get_gradient_edge(out))
 
             return hook
 
-        handles = [t.module.register_forward_hook(make_hook(t.name)) for t in self.targets]
+        handles = [h for t in self.targets for h in (t.module.register_forward_pre_hook(make_pre_hook(t.name)),
+                                                      t.module.register_forward_hook(make_hook(t.name)))]
         try:
             recompute = recomputed_layers(model, self.lowest) if self.recompute else contextlib.nullcontext()
             with torch.enable_grad(), recompute:
@@ -266,16 +279,16 @@ class FastScorer:
                     losses = tok.sum(dim=1) / n_tok.clamp_min(1)
                     del logits
                     # Sum of per-sample means: ∂/∂(sample b's activations) is exactly ∂loss_b.
-                    deltas = torch.autograd.grad(losses.sum(), [outputs[t.name] for t in self.targets])
+                    deltas = torch.autograd.grad(losses.sum(), [edges[t.name] for t in self.targets])
                 else:
                     h = model.get_decoder()(**kw).last_hidden_state
                     losses, n_tok, dh, tok = self.head_loss(h, labels)
-                    deltas = torch.autograd.grad(h, [outputs[t.name] for t in self.targets], grad_outputs=dh)
+                    deltas = torch.autograd.grad(h, [edges[t.name] for t in self.targets], grad_outputs=dh)
                     del h, dh
         finally:
             for hd in handles:
                 hd.remove()
-        outputs.clear()
+        edges.clear()
         if not bool(torch.isfinite(losses).all()):
             raise ResoFilterError(
                 f"non-finite loss for samples {batch.get('sample_ids')}: the model overflows on them "
