@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,15 @@ from resofilter.models.tokenizer import train_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K_TRAIN = FIXTURES / "gsm8k" / "train.jsonl"
+
+
+def load_experiment_script(relative: str) -> types.ModuleType:
+    """A script under experiments/ (not a package) imported as a module, e.g. ``benchmarks/score_speed.py``."""
+    path = Path(__file__).resolve().parents[1] / "experiments" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def compose_cfg(overrides: list[str] | None = None, command: str = "run") -> DictConfig:

@@ -17,7 +17,7 @@ from resofilter.reporting.intervals import (
     two_way_bootstrap,
 )
 from resofilter.reporting.table import write_table
-from tests.conftest import write_result
+from tests.conftest import load_experiment_script, write_result
 
 
 def literal_bootstrap(values: np.ndarray, n_resamples: int, seed: int, chunk: int) -> np.ndarray:
@@ -234,12 +234,7 @@ def test_variance_components_recover_known_ones():
 
 
 def test_build_variance_script_reports_components_and_signs_per_build(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("build_variance", Path(__file__).parents[1] / "experiments" /
-                                                  "build_variance.py")
-    bv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bv)
+    bv = load_experiment_script("build_variance.py")
     rng = np.random.default_rng(2)
     n, gains = 80, {0: 10, 1: 6, 2: -4}  # ResoFilter gets that many more problems right than full on each build
     for build, gain in gains.items():

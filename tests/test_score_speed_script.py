@@ -4,21 +4,16 @@ the projection arithmetic, and a child run on CPU through the same code path."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "score_speed.py"
+from tests.conftest import load_experiment_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("score_speed", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment_script("benchmarks/score_speed.py")
 
 
 def test_gemma2_2b_shape_is_the_real_one_counted_on_the_meta_device(bench):

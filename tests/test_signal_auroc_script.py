@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from resofilter.stages.config_check import validate
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "signal_auroc.py"
+from tests.conftest import load_experiment_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("signal_auroc", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment_script("signal_auroc.py")
 
 
 def test_every_row_composes_validates_and_keeps_half(script):
