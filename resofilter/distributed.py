@@ -43,11 +43,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-def rank_zero_lock(out_dir: str | os.PathLike[str], stage: str) -> contextlib.AbstractContextManager[None]:
-    """Rank 0 holds ``out_dir``'s writer lock (:func:`resofilter._io.output_lock`) for every rank."""
+def rank_zero_lock(out_dir: str | os.PathLike[str], stage: str,
+                   wait: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Rank 0 holds ``out_dir``'s writer lock (:func:`resofilter._io.output_lock`) for every rank; ``wait``: a
+    directory shared by runs (the cache) is waited for instead of refused."""
     from resofilter._io import output_lock
 
-    return output_lock(out_dir, stage) if is_rank_zero() else contextlib.nullcontext()
+    return output_lock(out_dir, stage, wait=wait) if is_rank_zero() else contextlib.nullcontext()
 
 
 def local_device(accelerator: str) -> torch.device:

@@ -29,8 +29,28 @@ def load_experiment_script(relative: str) -> types.ModuleType:
     return mod
 
 
+# The test suite runs on the embedded tier (conf/experiment/tiny.yaml); the pretrained default is tested
+# where a test names it (tests/test_packaged.py) and its config is composed without loading weights.
+TINY = "experiment=tiny"
+
+
+def tiny_tier(overrides: list[str] | tuple[str, ...] | None) -> list[str]:
+    """``overrides`` on the embedded tier, unless they choose an experiment themselves (which then says its tier)."""
+    overrides = list(overrides or [])
+    return overrides if any(o.lstrip("+~").startswith("experiment=") for o in overrides) else [TINY, *overrides]
+
+
+def tiny_command(args: list[str] | tuple[str, ...]) -> list[str]:
+    """A command line (``["score", overrides…]``) on the embedded tier; ``table`` and help take no overrides."""
+    args = list(args)
+    if not args or args[0] in ("table", "--help", "-h", "help") or args[0].startswith("-"):
+        return args
+    return [args[0], *tiny_tier(args[1:])]
+
+
 def compose_cfg(overrides: list[str] | None = None, command: str = "run") -> DictConfig:
-    return compose_config(command, overrides)
+    """``conf/<command>.yaml`` with ``overrides`` on the embedded tier (:func:`tiny_tier`)."""
+    return compose_config(command, tiny_tier(overrides))
 
 
 @pytest.fixture(scope="session")

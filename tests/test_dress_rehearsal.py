@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from resofilter.features.extract import write_shard
-from tests.conftest import FIXTURES, GSM8K_TRAIN, tiny
+from tests.conftest import FIXTURES, GSM8K_TRAIN, tiny, tiny_command
 
 REPO = Path(__file__).resolve().parent.parent
 VARIANTS = ["full", "reso75", "reso50", "reso25", "random50"]
@@ -33,7 +33,7 @@ VARIANTS = ["full", "reso75", "reso50", "reso25", "random50"]
 
 def _cli(args: list[str], timeout: int = 1500) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "resofilter.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "resofilter.cli", *tiny_command(args)], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=timeout)
 
 

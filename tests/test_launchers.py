@@ -13,11 +13,13 @@ import time
 
 import pytest
 
+from tests.conftest import tiny_command
 from tests.test_run import overrides
 
 
 def _resofilter(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "resofilter", *args], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable, "-m", "resofilter", *tiny_command(args)], capture_output=True, text=True,
+                       timeout=timeout)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return p
 

@@ -16,7 +16,7 @@ import pytest
 
 from resofilter.commands import score
 from resofilter.errors import ConfigError, ResoFilterError
-from tests.conftest import GSM8K_TRAIN, compose_cfg, shrink
+from tests.conftest import GSM8K_TRAIN, compose_cfg, shrink, tiny_command
 
 FAST = ["score.statistics=[mean_abs,l2,max_abs,std,don,cos_to_weight,quantiles,count_above]",
         "tokenize.max_length=320", "score.shard_size=16", "score.batch_size=8", "score.progress_bar=false"]
@@ -77,7 +77,7 @@ def test_changed_config_in_same_dir_is_an_error(tmp_path, tiny_model_dir, monkey
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "resofilter.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "resofilter.cli", *tiny_command(args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 

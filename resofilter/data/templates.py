@@ -92,6 +92,15 @@ def generation_prompt(template: Template, query: str, input: str | None, tokeniz
     return template.render_prompt(query, input, tokenizer) + getattr(template, "response_prefix", "")
 
 
+def template_identity(template: Template, tokenizer: Any = None) -> str:
+    """What a template renders, for cache keys: the generation prompt of the query ``{q}``. A chat template
+    renders through the tokenizer's own template; without a tokenizer (the embedded model, whose tokenizer is
+    built from this key) it is named by its settings, the tokenizer's template then being part of the model."""
+    if isinstance(template, ChatTemplate) and tokenizer is None:
+        return f"chat_template(system={template.system!r}, suffix={template.response_suffix!r})"
+    return generation_prompt(template, "{q}", None, tokenizer)
+
+
 def generation_stops(template: Template) -> list[str]:
     """Where a generation under ``template`` ends besides EOS: the labelled suffix (``<end_of_turn>``)."""
     suffix = template.response_suffix.strip()

@@ -18,15 +18,16 @@ from resofilter._io import read_json, write_json_atomic
 from resofilter.errors import ResoFilterError
 
 RESULTS_SCHEMA = 1  # bump when a field changes meaning or name; readers refuse other versions
-STAGES = ("score", "reference", "select", "finetune", "evaluate")  # stage summaries, in run order
+STAGES = ("score", "reference", "select", "base_eval", "finetune", "evaluate")  # stage summaries, in run order
 
 
 @dataclass(frozen=True)
 class RunResult:
     """One finished run. ``stages`` holds each stage's summary (``score``: ``cached``, ``features_dir``,
     ``key``, ``time_s``; ``select``: ``n_in``, ``n_out``, ``dedup_removed``, ``confounds`` and, with noise
-    labels, ``noise_auroc``/``noise_rate_kept``; ``finetune``; ``evaluate``; ``reference`` for a target
-    scorer whose reference the run scored)."""
+    labels, ``noise_auroc``/``noise_rate_kept``; ``base_eval``: the model before fine-tuning on the main eval
+    set (``run.evaluate_base``); ``finetune``; ``evaluate``; ``reference`` for a target scorer whose reference
+    the run scored)."""
 
     variant: str
     scorer: str

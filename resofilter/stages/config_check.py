@@ -171,8 +171,15 @@ def _check_models(cfg: DictConfig) -> None:
     for key in ("model", "train_model"):  # the scoring model, and the fine-tuned one when it is another
         if (m := cfg.get(key)) is not None:
             resolve_dtype(m.dtype, f"{key}.dtype")
-            if m.get("name_or_path") is None and m.get("embedded") is None:
-                raise ConfigError(f"{key}.name_or_path", "is null and there is no `embedded` recipe")
+            if m.get("package") is not None and m.get("embedded") is not None:
+                raise ConfigError(f"{key}.package", "and an `embedded` recipe are both set: a model has one source")
+            if m.get("package") is not None:
+                from resofilter.models.packaged import PackagedModel
+
+                PackagedModel.from_cfg(OmegaConf.to_container(m.package, resolve=True), f"{key}.package")
+            elif m.get("name_or_path") is None and m.get("embedded") is None:
+                raise ConfigError(f"{key}.name_or_path", "is null and there is neither a `package` nor an `embedded` "
+                                  "recipe")
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -104,8 +104,9 @@ def build_id(cfg: DictConfig) -> int | None:
 
 
 def ensure_model(cfg: DictConfig) -> str:
-    """The scoring model's directory: ``model.name_or_path``, or the embedded base model — **trained** here
-    (minutes) when the cache does not hold this build yet, then reused."""
+    """The scoring model's directory: ``model.name_or_path``, the packaged pretrained model (``model.package``:
+    fetched and converted once), or the embedded base model — **trained** here (minutes) when the cache does
+    not hold this build yet; both then reused from the cache."""
     return _model_dir(cfg, cfg.model, "model", template(cfg))
 
 
@@ -119,8 +120,13 @@ def ensure_train_model(cfg: DictConfig) -> str:
 def _model_dir(cfg: DictConfig, model: DictConfig, key: str, tpl: Template) -> str:
     if model.get("name_or_path"):
         return str(model.name_or_path)
+    if model.get("package") is not None:  # a pretrained model from the registry, converted once into the cache
+        from resofilter.stages.packaged import ensure_packaged_model
+
+        return str(ensure_packaged_model(plain(model.package), cfg.paths.cache_dir))
     if model.get("embedded") is None:
-        raise ConfigError(f"{key}.name_or_path", "is null and the model has no `embedded` recipe")
+        raise ConfigError(f"{key}.name_or_path", "is null and the model has neither a `package` nor an `embedded` "
+                          "recipe")
     from resofilter.stages.embedded import ensure_base_model
 
     # own data: the embedded model is still the one trained on the default benchmark

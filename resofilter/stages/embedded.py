@@ -26,7 +26,7 @@ from resofilter import progress
 from resofilter._io import read_jsonl, stable_hash, temporary_dir, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import load_records
 from resofilter.data.synthetic import SyntheticConfig, another_pool, check_pool, heldout_split, write_benchmark
-from resofilter.data.templates import Template
+from resofilter.data.templates import ChatTemplate, Template, template_identity
 from resofilter.data.tokenize import tokenize_records
 from resofilter.environment import environment
 from resofilter.errors import ConfigError
@@ -149,7 +149,8 @@ def base_model_key(embedded: Any, bench_dir: Path, template: Template, build: in
     # builder: the build procedure's version; bump it when the same config would train differently
     # (2: transformers' schedules), so an old cached model is rebuilt rather than reused
     return stable_hash({"embedded": e, "bench": bench_dir.name, "builder": 2,
-                        "template": template.render_prompt("{q}", None, None)})
+                        "template": template_identity(template) if isinstance(template, ChatTemplate)
+                        else template.render_prompt("{q}", None, None)})  # (the key builds made before chat templates)
 
 
 def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, cache_dir: str | Path,
@@ -171,7 +172,8 @@ def ensure_base_model(embedded: Any, bench_dir: str | Path, template: Template, 
     base_train = load_records(bench_dir / "base_train.jsonl", id_field="id")
     pool = load_records(bench_dir / "pool.jsonl", id_field="id")
     texts = [f"{r.query}\n{r.response}" for r in base_train + pool]
-    texts.append(template.render_prompt("x", None, None))
+    if not isinstance(template, ChatTemplate):  # the tokenizer's own chat template is written in its special tokens
+        texts.append(template.render_prompt("x", None, None))
     tokenizer = train_tokenizer(texts, vocab_size=e["tokenizer"]["vocab_size"])
     sizes = {k: v for k, v in e["architecture"].items()}
     model = build_tiny_model(

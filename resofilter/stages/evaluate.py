@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from resofilter import distributed
 from resofilter._io import read_json, stable_hash, write_json_atomic, write_jsonl_atomic
 from resofilter.data.records import Record, get_field, load_records
-from resofilter.data.templates import Template, generation_prompt, generation_stops
+from resofilter.data.templates import Template, generation_stops, template_identity
 from resofilter.errors import ConfigError, DataError, ResoFilterError
 from resofilter.evaluation.extract import AnswerExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
@@ -143,7 +143,7 @@ def run_evaluation(model: Any, tokenizer: Any, ev: EvalSpec, template: Template,
     out_dir = Path(out_dir)
     rank, world = distributed.rank(), distributed.world_size()
     identity = {k: v for k, v in asdict(ev).items() if k != "key"}  # the config node's name is for messages only
-    key = stable_hash([identity, generation_prompt(template, "{q}", None, None), generation_stops(template), model_id])
+    key = stable_hash([identity, template_identity(template, tokenizer), generation_stops(template), model_id])
     finished = _finished(out_dir, key)
     if finished is not None:  # before reading the eval set: nothing of it is needed
         log.info("%s: already evaluated in %s, reusing it", ev.name, out_dir)
@@ -217,12 +217,13 @@ def _finished(out_dir: Path, key: str) -> dict[str, Any] | None:
 
 
 def run_evaluations(specs: Sequence[EvalSpec], model: Any, tokenizer: Any, template: Template,
-                    out_dir: str | Path, model_id: str = "") -> dict[str, dict[str, Any]]:
+                    out_dir: str | Path, model_id: str = "", shared: bool = False) -> dict[str, dict[str, Any]]:
     """Evaluate on each eval set: the first (``eval``) into ``<out>/``, every other (``evals``) into
-    ``<out>/<name>/``; metrics by set name (rank 0; other ranks get ``{}``)."""
+    ``<out>/<name>/``; metrics by set name (rank 0; other ranks get ``{}``). ``shared``: ``out_dir`` is in the
+    cache, where another run may be writing it: wait for it (then find the work done) instead of refusing."""
     out_dir = Path(out_dir)
     results = {}
-    with distributed.rank_zero_lock(out_dir, "evaluate"):
+    with distributed.rank_zero_lock(out_dir, "evaluate", wait=shared):
         for i, ev in enumerate(specs):
             metrics = run_evaluation(model, tokenizer, ev, template, out_dir if i == 0 else out_dir / ev.name, model_id)
             if metrics is not None:  # rank 0

@@ -14,12 +14,12 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from resofilter import distributed
-from resofilter._io import read_json, write_json_atomic
+from resofilter._io import model_fingerprint, read_json, stable_hash, write_json_atomic
 from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.environment import environment
@@ -50,6 +50,7 @@ class RunSpec:
     choices: dict[str, Any]  # scorer, keep ratio, budget, direction, layers, statistic, step: results.json's columns
     until: str | None  # run.until: stop after this stage
     keep_checkpoint: bool
+    evaluate_base: bool  # also evaluate the model before fine-tuning (cached per model and eval sets)
     accelerator: str
     scores_reference: bool  # scorer=target without a scored reference: the run scores it
     expected_band: tuple[float, float] | None  # README command 1 only: the accuracy band it claims
@@ -102,6 +103,8 @@ def run_pipeline(spec: RunSpec, inputs: RunInputs, out: Path) -> dict[str, Any]:
     # what is fine-tuned and evaluated: the scoring model, or train_model (selection hands over records,
     # so the trained model tokenizes them with its own tokenizer and template)
     train_dir = inputs.train_model_dir()
+    if spec.evaluate_base:
+        evaluate_base(spec, inputs.train_template, train_dir, stages)
     ft = finetune_subset(spec, inputs, train_dir, model_dir, out, stages)
     if _stops_after(spec, "finetune", stages):
         return stages
@@ -148,6 +151,37 @@ def finetune_subset(spec: RunSpec, inputs: RunInputs, train_dir: str, scored_by:
                           "train_loss": ft.get("final_metrics", {}).get("train/loss"),
                           "tokens_per_s": ft.get("tokens_per_s"), "world_size": distributed.world_size()}
     return ft
+
+
+def evaluate_base(spec: RunSpec, train_template: Template, train_dir: str, stages: dict[str, Any]) -> dict[str, Any]:
+    """The model fine-tuning starts from, on the same eval sets with the same protocol: what fine-tuning adds.
+
+    Cached under ``<cache>/base_eval/<key>``, the key the model's content, the eval sets and the template, so
+    every run of a sweep shares one evaluation (a second process waits for the first); the main set's
+    accuracy into ``stages["base_eval"]``.
+    """
+    t0 = time.perf_counter()
+    if spec.score.cache_dir is None:
+        raise ResoFilterError("paths.cache_dir is not set: run.evaluate_base caches the base model's evaluation there")
+    model_id = model_fingerprint(train_dir, spec.score.cache_dir)
+    key = stable_hash({"model": model_id, "template": spec.finetune.template,
+                       "evals": [{k: v for k, v in asdict(ev).items() if k != "key"} for ev in spec.evals]})
+    out = Path(spec.score.cache_dir) / "base_eval" / key
+    cached = (out / "metrics.json").exists()
+    model, tok = load_checkpoint(train_dir, spec.finetune.model_dtype, spec.finetune.attn_implementation)
+    model.to(distributed.local_device(spec.accelerator))
+    evals = run_evaluations(spec.evals, model, tok, train_template, out, model_id, shared=True)
+    del model
+    if not distributed.is_rank_zero():
+        return evals
+    main = spec.evals[0].name
+    stages["base_eval"] = {**{k: evals[main][k] for k in ("accuracy", "n", "n_correct", "ci95_low", "ci95_high")},
+                           "dir": str(out), "cached": cached, "time_s": time.perf_counter() - t0,
+                           **({"more": {k: v["accuracy"] for k, v in evals.items() if k != main}}
+                              if len(evals) > 1 else {})}
+    log.info("base model (before fine-tuning): %s accuracy %.4f (%d/%d)%s", main, evals[main]["accuracy"],
+             evals[main]["n_correct"], evals[main]["n"], " (cached)" if cached else "")
+    return evals
 
 
 def evaluate_checkpoint(spec: RunSpec, ft: dict[str, Any], train_template: Template, out: Path,

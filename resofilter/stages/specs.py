@@ -166,7 +166,8 @@ def run_spec(cfg: DictConfig) -> RunSpec:
         choices={"scorer": cfg.scorer.name, "keep_ratio": cfg.selection.keep_ratio, "budget": cfg.finetune.budget,
                  "direction": cfg.selection.direction, "layers": plain(cfg.layers), "statistic": cfg.statistic.name,
                  "step": cfg.step.name},
-        until=cfg.run.get("until"), keep_checkpoint=bool(cfg.run.keep_checkpoint), accelerator=cfg.trainer.accelerator,
+        until=cfg.run.get("until"), keep_checkpoint=bool(cfg.run.keep_checkpoint),
+        evaluate_base=bool(cfg.run.evaluate_base), accelerator=cfg.trainer.accelerator,
         scores_reference=needs_reference(cfg), expected_band=expected_band(cfg, context.task_overrides()),
         logger=plain(cfg.logger), config=plain(cfg), hydra_choices=hydra_choices())
 
