@@ -48,7 +48,7 @@ OmegaConf.register_new_resolver("run_group", _run_group, replace=True)
 # name → help line; the functions live in resofilter.commands (imported only to run one,
 # so `--help` and shell completion stay fast).
 COMMANDS = {
-    "prepare": "build/reuse the embedded base model + data, tokenize, report counts",
+    "prepare": "fetch+convert the pretrained model (or build the embedded one) and the data, tokenize, report counts",
     "score": "per-sample one-step weight-change features → features.parquet",
     "select": "features → kept subset (subset.jsonl), selection.parquet, noise diagnostics + plots",
     "finetune": "SFT (full or LoRA) on a records file → HF checkpoint",
@@ -70,7 +70,8 @@ commands:
 {lines}
 
 Examples:
-  resofilter run                               # the whole pipeline on the embedded default
+  resofilter run                               # the whole pipeline on the default (SmolLM2-135M, synthetic math)
+  resofilter run experiment=tiny               # the same on the embedded 1.2 M-parameter model (minutes)
   resofilter score model=gemma2_2b data=metamathqa data.path=/data/MetaMathQA-395K.json
   resofilter select layers=all_up_proj statistic=l2 selection.keep_ratio=0.25 features_dir=…
   resofilter run -m experiment=half_data_tiny

