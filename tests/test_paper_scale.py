@@ -20,7 +20,7 @@ from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features import extract as extract_mod
 from resofilter.reporting.table import write_table
 from resofilter.stages.config_check import scoring_dtype, validate
-from tests.conftest import GSM8K_TRAIN, compose_cfg, tiny, write_jsonl, write_result
+from tests.conftest import GSM8K_TRAIN, compose_cfg, tiny, tiny_command, write_jsonl, write_result
 
 FAST = ["tokenize.max_length=192", "score.shard_size=16", "score.batch_size=8", "score.progress_bar=false",
         "score.statistics=[mean_abs,l2]"]
@@ -326,8 +326,8 @@ def test_f9_cli_exit_code_and_select_on_nan_features(tmp_path, tokenizer, tiny_m
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight.fill_(float("inf"))
     d = save_model(model, tokenizer, tmp_path / "inf")
-    p = subprocess.run([sys.executable, "-m", "resofilter.cli", "score", *score_args(d, tmp_path / "o")],
-                       capture_output=True, text=True, timeout=300)
+    args = tiny_command(["score", *score_args(d, tmp_path / "o")])
+    p = subprocess.run([sys.executable, "-m", "resofilter.cli", *args], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "non-finite" in p.stderr
     feat = tmp_path / "feat"
     score(compose_cfg(score_args(tiny_model_dir, feat, "data.max_samples=12"), "score"))

@@ -16,7 +16,7 @@ from resofilter.cli import CONF_DIR
 from resofilter.commands import run
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.table import write_table
-from tests.conftest import compose_cfg, shrink, write_result
+from tests.conftest import compose_cfg, shrink, tiny_command, write_result
 from tests.test_embedded import TINY
 
 TINY_RUN = {**TINY, "model.embedded.base_training.steps": 60, "finetune.max_steps": 3, "finetune.batch_size": 4,
@@ -80,9 +80,10 @@ def test_multirun_shares_features_and_table(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # progress shown as a log file shows it (issue 16): bars on, one line per update, output not a terminal
-    cmd = [sys.executable, "-m", "resofilter.cli", "run", "-m", "variant=reso50,random50", f"hydra.sweep.dir={sweep}",
-           *overrides(tmp_path), "score.progress_bar=true", "trainer.enable_progress_bar=true",
-           "model.embedded.base_training.progress_bar=true", "progress.log_every_s=0"]
+    cmd = [sys.executable, "-m", "resofilter.cli", *tiny_command([
+        "run", "-m", "variant=reso50,random50", f"hydra.sweep.dir={sweep}", *overrides(tmp_path),
+        "score.progress_bar=true", "trainer.enable_progress_bar=true", "model.embedded.base_training.progress_bar=true",
+        "progress.log_every_s=0"])]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     log = p.stdout + p.stderr
@@ -127,8 +128,9 @@ def test_builds_swept_like_seeds_are_a_factor_of_the_table(tmp_path):
     """`run -m build=0,1`: two embedded base models, each scored and fine-tuned on; `table` merges each
     variant's two builds into one row, names the build count and resamples builds (issue 22)."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "resofilter.cli", "run", "-m", "build=0,1", "variant=full,reso50",
-           f"hydra.sweep.dir={sweep}", *overrides(tmp_path), "eval.max_samples=12"]
+    cmd = [sys.executable, "-m", "resofilter.cli", *tiny_command(["run", "-m", "build=0,1", "variant=full,reso50",
+                                                                  f"hydra.sweep.dir={sweep}", *overrides(tmp_path),
+                                                                  "eval.max_samples=12"])]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     results = [json.loads(f.read_text()) for f in sorted(sweep.glob("*/results.json"))]
@@ -212,7 +214,7 @@ def test_every_experiment_composes_and_validates(name):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         hcfg = compose("run", overrides=[f"experiment={name}", *extra], return_hydra_config=True)
-    for key, values in hcfg.hydra.sweeper.params.items():
+    for key, values in (hcfg.hydra.sweeper.params or {}).items():  # experiment=tiny is one run, not a sweep
         if key == "seed":  # integers: nothing to compose (half_data_2000 sweeps 20 of them)
             assert all(v.strip().isdigit() for v in str(values).split(",")), values
             continue

