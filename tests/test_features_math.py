@@ -221,11 +221,11 @@ def test_block_quantiles_exact_with_ties_and_refinement(bins, gather):
 
 def test_a_new_statistic_is_one_registered_function():
     """Issue 12: a statistic of the kept sums is one decorated function (plus a conf/statistic file)."""
-    from resofilter.features.statistics import BASIC, statistic
+    from resofilter.features.statistics import BASIC, NEEDS, statistic
     from resofilter.stages.config_check import validate
     from tests.conftest import compose_cfg
 
-    @statistic("mean_sq")
+    @statistic("mean_sq", needs=("sq_sum",))
     def mean_sq(m):
         """Σ ΔW² / n."""
         return m.sq_sum / m.n
@@ -237,8 +237,34 @@ def test_a_new_statistic_is_one_registered_function():
         acc.update(torch.from_numpy(dw), torch.from_numpy(w))
         np.testing.assert_allclose(acc.result()["mean_sq"].numpy(), (dw ** 2).mean(axis=(1, 2)), rtol=1e-12)
         validate(compose_cfg(["score.statistics=[mean_abs,mean_sq]", "statistic.name=mean_sq"]))
+        with pytest.raises(ValueError, match="registered twice"):
+            statistic("mean_sq", needs=("sq_sum",))(mean_sq)
+        with pytest.raises(ValueError, match="unknown sums"):
+            statistic("mean_cube", needs=("cube_sum",))
     finally:
-        del BASIC["mean_sq"]
+        del BASIC["mean_sq"], NEEDS["mean_sq"]
+
+
+@pytest.mark.parametrize("stat", ALL_STATS)
+def test_a_statistic_alone_is_bitwise_the_one_computed_beside_all_others(stat):
+    """Issue 36: only the sums a statistic reads are accumulated; what it gives does not change by a bit."""
+    from resofilter.features.statistics import NEEDS
+
+    g = torch.Generator().manual_seed(5)
+    dw, w = torch.randn(3, 10, 8, generator=g) * 1e-5, torch.randn(10, 8, generator=g) * 0.02
+
+    def result(stats):
+        acc = UpdateStatistics(3, (10, 8), stats, quantiles=[0.5, 0.9], count_above=[5e-6], hold_elements=0)
+        for r0 in range(0, 10, 4):
+            acc.update(dw[:, r0:r0 + 4], w[r0:r0 + 4])
+        return acc, acc.result(blocks=lambda: (dw[:, r0:r0 + 4] for r0 in range(0, 10, 4)))
+
+    alone, got = result([stat])
+    _, everything = result(ALL_STATS)
+    assert got and all(torch.equal(v, everything[k]) for k, v in got.items())
+    assert alone.needs == NEEDS[stat]
+    if stat == "mean_abs":  # the paper's statistic reads one sum: the others were never accumulated
+        assert alone.needs == {"abs_sum"} and not alone.sq_sum.any() and not alone.dot_w.any()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])

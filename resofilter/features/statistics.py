@@ -30,46 +30,61 @@ import torch
 _TINY = torch.finfo(torch.float64).tiny
 
 # Statistics that are functions of the float64 sums UpdateStatistics keeps (n, Σ|ΔW|, ΣΔW,
-# ΣΔW², max/min |ΔW|, ⟨W,ΔW⟩, ‖W‖²), by name. A new one is one decorated function here plus
-# one conf/statistic/<name>.yaml; `score.statistics` and validation take their names from here.
+# ΣΔW², max/min |ΔW|, ⟨W,ΔW⟩, ‖W‖²), by name, with the sums each one reads. A new one is one
+# decorated function here plus one conf/statistic/<name>.yaml; `score.statistics` and validation
+# take their names from here. Only the sums the requested statistics read are accumulated: each
+# is a pass over every per-sample ΔW block, so the paper's mean_abs alone costs one pass, not seven.
 BASIC: dict[str, Callable[[UpdateStatistics], torch.Tensor]] = {}
+SUMS = ("abs_sum", "sum", "sq_sum", "max_abs", "min_abs", "dot_w", "w_sq")
+NEEDS: dict[str, frozenset[str]] = {  # the two statistics with columns of their own (not in BASIC)
+    "quantiles": frozenset({"min_abs", "max_abs"}),  # the search starts from the range of |ΔW|
+    "count_above": frozenset(),
+}
 
 
-def statistic(name: str) -> Callable[[Callable[[UpdateStatistics], torch.Tensor]],
-                                     Callable[[UpdateStatistics], torch.Tensor]]:
+def statistic(name: str, needs: Sequence[str]) -> Callable[[Callable[[UpdateStatistics], torch.Tensor]],
+                                                           Callable[[UpdateStatistics], torch.Tensor]]:
+    """Register ``fn(UpdateStatistics) → (B,)`` as statistic ``name``, reading the sums ``needs`` (of ``SUMS``)."""
+    unknown = set(needs) - set(SUMS)
+    if unknown:
+        raise ValueError(f"statistic {name!r} needs unknown sums {sorted(unknown)}; known: {SUMS}")
+
     def register(fn: Callable[[UpdateStatistics], torch.Tensor]) -> Callable[[UpdateStatistics], torch.Tensor]:
+        if name in BASIC or name in NEEDS:
+            raise ValueError(f"statistic {name!r} is registered twice")
         BASIC[name] = fn
+        NEEDS[name] = frozenset(needs)
         return fn
 
     return register
 
 
-@statistic("mean_abs")
+@statistic("mean_abs", needs=("abs_sum",))
 def mean_abs(m: UpdateStatistics) -> torch.Tensor:
     """Σ|ΔW| / n: the paper's statistic."""
     return m.abs_sum / m.n
 
 
-@statistic("l2")
+@statistic("l2", needs=("sq_sum",))
 def l2(m: UpdateStatistics) -> torch.Tensor:
     """√(Σ ΔW²) = ‖ΔW‖_F: DONOD's norm of delta."""
     return m.sq_sum.sqrt()
 
 
-@statistic("max_abs")
+@statistic("max_abs", needs=("max_abs",))
 def max_abs(m: UpdateStatistics) -> torch.Tensor:
     """max |ΔW|."""
     return m.max_abs.clone()
 
 
-@statistic("std")
+@statistic("std", needs=("sum", "sq_sum"))
 def std(m: UpdateStatistics) -> torch.Tensor:
     """√(Σ ΔW²/n − (Σ ΔW/n)²): population standard deviation of the elements."""
     mean = m.sum / m.n
     return (m.sq_sum / m.n - mean * mean).clamp_min(0).sqrt()
 
 
-@statistic("don")
+@statistic("don", needs=("dot_w", "sq_sum", "w_sq"))
 def don(m: UpdateStatistics) -> torch.Tensor:
     """‖W+ΔW‖_F − ‖W‖_F (DONOD's delta of norm), stably: (2⟨W,ΔW⟩ + ‖ΔW‖²) / (‖W+ΔW‖_F + ‖W‖_F)."""
     num = 2 * m.dot_w + m.sq_sum
@@ -77,7 +92,7 @@ def don(m: UpdateStatistics) -> torch.Tensor:
     return num / (new_norm + m.w_sq.sqrt()).clamp_min(_TINY)
 
 
-@statistic("cos_to_weight")
+@statistic("cos_to_weight", needs=("dot_w", "sq_sum", "w_sq"))
 def cos_to_weight(m: UpdateStatistics) -> torch.Tensor:
     """⟨W,ΔW⟩ / (‖W‖_F ‖ΔW‖_F): does the step grow (>0) or shrink W."""
     return m.dot_w / (m.sq_sum.sqrt() * m.w_sq.sqrt()).clamp_min(_TINY)
@@ -104,6 +119,10 @@ class UpdateStatistics:
                  quantiles: Sequence[float] = (), count_above: Sequence[float] = (),
                  hold_elements: int = 1 << 21) -> None:
         self.stats = list(statistics)
+        unknown = [st for st in self.stats if st not in NEEDS]
+        if unknown:
+            raise ValueError(f"unknown statistic {unknown[0]!r}")
+        self.needs = frozenset().union(*(NEEDS[st] for st in self.stats))  # the sums to accumulate
         self.quantiles = list(quantiles) if "quantiles" in self.stats else []
         # quantiles: when the batch's |ΔW| fits in ``hold_elements`` it is kept and selected in one
         # go (one pass); otherwise block_quantiles finds them in more passes over the blocks
@@ -124,15 +143,22 @@ class UpdateStatistics:
 
     def update(self, dw: torch.Tensor, w: torch.Tensor) -> None:
         """Add a row block: dw (B, r, d_in) and w (r, d_in), fp32 or float64; sums run in float64."""
-        f64 = torch.float64
-        a = dw.abs()
-        self.abs_sum += a.sum(dim=(1, 2), dtype=f64)
-        self.sum += dw.sum(dim=(1, 2), dtype=f64)
-        self.sq_sum += (dw * dw).sum(dim=(1, 2), dtype=f64)
-        self.max_abs = torch.maximum(self.max_abs, a.amax(dim=(1, 2)).to(f64))
-        self.min_abs = torch.minimum(self.min_abs, a.amin(dim=(1, 2)).to(f64))
-        self.dot_w += (dw * w).sum(dim=(1, 2), dtype=f64)
-        self.w_sq += (w * w).sum(dtype=f64)
+        f64, need = torch.float64, self.needs
+        a = dw.abs() if need & {"abs_sum", "max_abs", "min_abs"} or self.bounds or self.hold else None
+        if "abs_sum" in need:
+            self.abs_sum += a.sum(dim=(1, 2), dtype=f64)
+        if "sum" in need:
+            self.sum += dw.sum(dim=(1, 2), dtype=f64)
+        if "sq_sum" in need:
+            self.sq_sum += (dw * dw).sum(dim=(1, 2), dtype=f64)
+        if "max_abs" in need:
+            self.max_abs = torch.maximum(self.max_abs, a.amax(dim=(1, 2)).to(f64))
+        if "min_abs" in need:
+            self.min_abs = torch.minimum(self.min_abs, a.amin(dim=(1, 2)).to(f64))
+        if "dot_w" in need:
+            self.dot_w += (dw * w).sum(dim=(1, 2), dtype=f64)
+        if "w_sq" in need:
+            self.w_sq += (w * w).sum(dtype=f64)
         for j, b in enumerate(self.bounds):
             self.counts[:, j] += (a > b).sum(dim=(1, 2)).to(f64)
         if self.hold:
