@@ -101,6 +101,22 @@ def test_combined_rank_mean_and_topsis():
     assert badness(low, POOL).tolist() == [-1.0, -3.0, -2.0]
 
 
+def test_topsis_by_hand_with_unequal_weights():
+    """Two indicators, weights 3:1. By hand: shifted columns (0, 2, 1) and (4, 0, 2), norms √5 and 2√5, so the
+    weighted points are a = (0, ½)/√5, b = (3/2, 0)/√5, c = (¾, ¼)/√5; best (0, 0), worst (3/2, ½)/√5;
+    d_best = ½, 3/2, √⅝ and d_worst = 3/2, ½, √⅝ (all /√5): closeness 0.25, 0.75, 0.5. With equal weights
+    a and b swap places on the two axes and every sample is 0.5: the weights are what orders them."""
+    pool = ScoredPool(pd.DataFrame({"sample_id": ["a", "b", "c"], "loss": [1.0, 3.0, 2.0],
+                                    "n_tokens": [4.0, 0.0, 2.0]}), 4)
+    loss, length = ColumnScorer("loss", "loss"), ColumnScorer("length", "n_tokens")
+    np.testing.assert_allclose(CombinedScorer([(loss, 0.75), (length, 0.25)], "topsis").scores(pool),
+                               [0.25, 0.75, 0.5], rtol=1e-12)
+    np.testing.assert_allclose(CombinedScorer([(loss, 3.0), (length, 1.0)], "topsis").scores(pool),
+                               [0.25, 0.75, 0.5], rtol=1e-12)  # only the weights' ratio counts
+    np.testing.assert_allclose(CombinedScorer([(loss, 1.0), (length, 1.0)], "topsis").scores(pool),
+                               [0.5, 0.5, 0.5], rtol=1e-12)
+
+
 def _stage_cfg(tmp_path, *extra, mean_abs=None):
     pool = [{"id": f"s{i}", "query": f"q{i % 5}", "response": f"r{i}", "meta": {"noisy": i % 3 == 0, "noise_kind":
              "garbled" if i % 3 == 0 else "clean"}, "extra": i} for i in range(9)]
