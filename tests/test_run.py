@@ -14,9 +14,9 @@ import pytest
 
 from resofilter.cli import CONF_DIR
 from resofilter.commands import run
-from resofilter.errors import ResoFilterError
+from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.reporting.table import write_table
-from tests.conftest import compose_cfg, shrink, tiny_command, write_result
+from tests.conftest import compose_cfg, shrink, tiny_command, tiny_tier, write_result
 from tests.test_embedded import TINY
 
 TINY_RUN = {**TINY, "model.embedded.base_training.steps": 60, "finetune.max_steps": 3, "finetune.batch_size": 4,
@@ -197,6 +197,37 @@ def test_table_numbers_by_hand(tmp_path):
 def test_table_on_empty_dir_is_an_error(tmp_path):
     with pytest.raises(ResoFilterError, match="no run directories"):
         write_table(tmp_path)
+
+
+@pytest.mark.parametrize("tier", ["default", "tiny"])
+@pytest.mark.parametrize("variant", sorted(p.stem for p in (Path(CONF_DIR) / "variant").glob("*.yaml")))
+def test_every_variant_declares_what_its_scorer_needs(variant, tier, tmp_path):
+    """Issue 37: a shipped variant on either tier passes every start-up check, the scorer's declared needs
+    included (what `score` will write), so no run stops after its scoring pass for a missing column."""
+    from omegaconf import OmegaConf
+
+    from resofilter.cli import compose_config
+    from resofilter.selection.scorers import scorer_needs
+    from resofilter.stages.config_check import validate
+
+    overrides = [f"variant={variant}", f"paths.cache_dir={tmp_path}"]
+    cfg = compose_config("run", overrides if tier == "default" else tiny_tier(overrides))
+    validate(cfg)
+    needs = scorer_needs(OmegaConf.to_container(cfg.scorer, resolve=True))
+    assert ("ifd" not in needs or cfg.score.ifd) and ("sketches" not in needs or cfg.score.sketch.enabled)
+    assert "answer_pattern" not in needs or cfg.data.answer_pattern
+
+
+def test_a_scorer_need_the_config_does_not_meet_stops_the_run_at_start_up():
+    from resofilter.stages.config_check import validate
+
+    with pytest.raises(ConfigError, match="`score.ifd`"):
+        validate(compose_cfg(["scorer=ifd"]))  # scorer=ifd without the variant that sets score.ifd
+    with pytest.raises(ConfigError, match="`score.sketch.enabled`"):  # inside a combined scorer too
+        validate(compose_cfg(["variant=answer_reso50", "score.sketch.enabled=false",
+                              "scorer.indicators=[{scorer: {name: consensus}, weight: 1.0}]"]))
+    with pytest.raises(ConfigError, match="`data.answer_pattern`"):
+        validate(compose_cfg(["variant=answer_reso50", "data.answer_pattern=null"]))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml")))

@@ -259,16 +259,43 @@ class ScorerContext:
 
 ScorerBuilder = Callable[[Any, ScorerContext], Scorer]
 SCORERS: dict[str, ScorerBuilder] = {}  # scorer.name → builder; conf/scorer/<name>.yaml selects it
+# What a scorer reads that `score` writes only when asked, by scorer.name: "ifd" (score.ifd: the response's loss
+# without its prompt), "sketches" (score.sketch.enabled), "answer_pattern" (data.answer_pattern: the answer_loss
+# column), "reference" (scorer.reference: another set's features). The start-up check reads these declarations
+# (stages/config_check.py: check_scorer_needs), so a run that would stop after scoring for a missing column is
+# refused before it starts.
+NEEDS = ("ifd", "sketches", "answer_pattern", "reference")
+SCORER_NEEDS: dict[str, frozenset[str]] = {}
 
 
-def register_scorer(*names: str) -> Callable[[ScorerBuilder], ScorerBuilder]:
-    """Register a builder ``(scorer config, context) → Scorer`` under ``scorer.name`` = each of ``names``.
-    Adding a scorer: one builder here (or a class) and its ``conf/scorer/<name>.yaml``."""
+def register_scorer(*names: str, needs: tuple[str, ...] = ()) -> Callable[[ScorerBuilder], ScorerBuilder]:
+    """Register a builder ``(scorer config, context) → Scorer`` under ``scorer.name`` = each of ``names``,
+    declaring what it reads beyond the default features (``needs``, of :data:`NEEDS`). Adding a scorer: one
+    builder here (or a class) and its ``conf/scorer/<name>.yaml``."""
+    unknown = set(needs) - set(NEEDS)
+    if unknown:
+        raise ValueError(f"scorer needs {sorted(unknown)} unknown; declare some of {NEEDS}")
+
     def add(builder: ScorerBuilder) -> ScorerBuilder:
         for name in names:
             register(SCORERS, "scorer", name, builder)
+            SCORER_NEEDS[name] = frozenset(needs)
         return builder
     return add
+
+
+def scorer_needs(scorer_cfg: Any) -> frozenset[str]:
+    """What a ``scorer=`` config needs, by the declarations — a combined scorer's indicators' included (a
+    ``_target_`` class declares nothing here: its needs are its own to check)."""
+    name = scorer_cfg.get("name")
+    needs = set(SCORER_NEEDS.get(name, ()))
+    if name == "combined":
+        for ind in scorer_cfg.get("indicators") or []:
+            if ind.get("baseline"):
+                needs |= SCORER_NEEDS.get(ind["baseline"], frozenset())
+            elif ind.get("scorer"):
+                needs |= scorer_needs(ind["scorer"])
+    return frozenset(needs)
 
 
 @register_scorer("resofilter")
@@ -278,9 +305,13 @@ def _resofilter(c: Any, ctx: ScorerContext) -> Scorer:
                             layers.get("aggregate", "mean"), c.get("bad_end", "high"))
 
 
-@register_scorer(*BASELINE_COLUMNS)
 def _column(c: Any, ctx: ScorerContext) -> Scorer:
     return ColumnScorer(c["name"], BASELINE_COLUMNS[c["name"]], c.get("bad_end", "high"))
+
+
+register_scorer("loss", "ppl", "length", "tok_max", "tok_topk")(_column)
+register_scorer("ifd", needs=("ifd",))(_column)
+register_scorer("answer_loss", needs=("answer_pattern",))(_column)
 
 
 @register_scorer("random")
@@ -288,12 +319,12 @@ def _random(c: Any, ctx: ScorerContext) -> Scorer:
     return RandomScorer(int(c.get("seed", ctx.seed)))
 
 
-@register_scorer("consensus")
+@register_scorer("consensus", needs=("sketches",))
 def _consensus(c: Any, ctx: ScorerContext) -> Scorer:
     return ConsensusScorer(bad_end=c.get("bad_end", "low"))
 
 
-@register_scorer("target")
+@register_scorer("target", needs=("sketches", "reference"))
 def _target(c: Any, ctx: ScorerContext) -> Scorer:
     ref = (c.get("reference") or {}).get("features_dir")
     if not ref:

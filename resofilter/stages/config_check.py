@@ -206,6 +206,25 @@ def _check_layers(cfg: DictConfig, n_layers: int | None) -> None:
     _one_of(cfg.layers.get("aggregate", "mean"), ("mean", "sum", "max"), "layers.aggregate")
 
 
+def check_scorer_needs(cfg: DictConfig, sketches: bool) -> None:
+    """What the scorer declares it reads (``selection/scorers.py``: ``register_scorer(..., needs=...)``, a
+    combined scorer's indicators included) against what this config scores: a run that would stop after the
+    scoring pass for a missing column is refused before it starts."""
+    from resofilter.selection.scorers import scorer_needs
+
+    name = cfg.scorer.get("name") or cfg.scorer.get("_target_")
+    needs = scorer_needs(OmegaConf.to_container(cfg.scorer, resolve=True))
+    if "sketches" in needs and not sketches:
+        raise ConfigError("score.sketch.enabled", f"scorer={name} ranks by gradient sketches: set it true")
+    if "answer_pattern" in needs and not cfg.data.get("answer_pattern"):
+        raise ConfigError("data.answer_pattern", f"scorer={name} needs the answer's regex (its first group): the "
+                          "answer_loss column is the loss of that span")
+    # `select` reads features scored elsewhere (their manifest says what they hold); `run` scores them itself
+    if "ifd" in needs and cfg.get("command") == "run" and not cfg.score.get("ifd"):
+        raise ConfigError("score.ifd", f"scorer={name} ranks by IFD, which needs the response's loss without its "
+                          "prompt: set score.ifd=true (one more forward pass)")
+
+
 def _check_score(cfg: DictConfig, n_layers: int | None) -> None:
     """The score stage: mode, statistics, precision policy and check, sizes, sketches, token signals, step."""
     _one_of(cfg.score.mode, sorted(EXTRACTORS), "score.mode")
@@ -223,10 +242,7 @@ def _check_score(cfg: DictConfig, n_layers: int | None) -> None:
     if n_layers is not None and sketch.enabled:
         resolve_indices(sketch.indices, n_layers, "score.sketch.indices")
     TokenSignalSpec.from_cfg(cfg)  # topk and the answer pattern (a regex with a group)
-    if cfg.scorer.get("name") in ("consensus", "target") and not sketch.enabled:
-        raise ConfigError("score.sketch.enabled", f"scorer={cfg.scorer.name} ranks by gradient sketches: set it true")
-    if cfg.scorer.get("name") == "answer_loss" and not cfg.data.get("answer_pattern"):
-        raise ConfigError("data.answer_pattern", "scorer=answer_loss needs the answer's regex (its first group)")
+    check_scorer_needs(cfg, sketch.enabled)
     v = cfg.score.logits_chunk_elements
     if not isinstance(v, int) or v < 0:
         raise ConfigError("score.logits_chunk_elements", f"must be an integer ≥ 0 (0 = whole logits), got {v!r}")
