@@ -23,7 +23,8 @@ def options(group: str) -> list[str]:
 
 GROUPS = ["model", "data", "template", "layers", "statistic", "step", "scorer", "selection",
           "finetune", "eval", "trainer", "logger", "variant"]
-NEEDS_PATH = {"data": {"metamathqa": ["data.path=/x.jsonl"], "jsonl": ["data.path=/x.jsonl"]}}
+NEEDS_PATH = {"data": {"metamathqa": ["data.path=/x.jsonl"], "jsonl": ["data.path=/x.jsonl"]},
+              "scorer": {"ifd": ["score.ifd=true"]}}  # what scorer=ifd declares it reads (variant=ifd50 sets it)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
