@@ -194,6 +194,21 @@ def test_table_numbers_by_hand(tmp_path):
     assert "| 10.0 ± 0.0 (sd) | – | – | 0.0 ± 0.0 (sd) | – | – | 1 | 50 | 30.0 | – | – | 4 |" in rows["random"]
 
 
+def test_a_config_key_added_later_with_a_null_default_keeps_the_setting(tmp_path):
+    """Runs of a sweep resumed by a newer version (which added `model.revision: null`, say) are the same row,
+    and the resumed run accepts the finished one; a key with a value is another setting."""
+    from resofilter.stages.run import _finished_run
+
+    base = {"variant_name": "resofilter", "selection.keep_ratio": 0.5, "model.name_or_path": None}
+    write_result(tmp_path / "old", seed=0, setting=base)
+    write_result(tmp_path / "new", seed=1, setting={**base, "model.revision": None})
+    rows = write_table(tmp_path)["rows"]
+    assert len(rows) == 1 and rows[0]["seeds"] == 2
+    assert _finished_run(tmp_path / "old", {**base, "model.revision": None}, 0, None) is not None
+    with pytest.raises(ResoFilterError, match="another setting"):
+        _finished_run(tmp_path / "old", {**base, "model.revision": "abc123"}, 0, None)
+
+
 def test_table_on_empty_dir_is_an_error(tmp_path):
     with pytest.raises(ResoFilterError, match="no run directories"):
         write_table(tmp_path)

@@ -21,6 +21,12 @@ RESULTS_SCHEMA = 1  # bump when a field changes meaning or name; readers refuse 
 STAGES = ("score", "reference", "select", "base_eval", "finetune", "evaluate")  # stage summaries, in run order
 
 
+def canonical_setting(setting: dict[str, Any]) -> dict[str, Any]:
+    """A setting as runs are compared by (resume, ``table``'s rows): keys whose value is null are left out, so a
+    config key added in a later version with a null default leaves earlier runs the same setting."""
+    return {k: v for k, v in setting.items() if v is not None}
+
+
 @dataclass(frozen=True)
 class RunResult:
     """One finished run. ``stages`` holds each stage's summary (``score``: ``cached``, ``features_dir``,

@@ -23,7 +23,7 @@ from resofilter.environment import differences
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.html import table_report
 from resofilter.reporting.intervals import Z_80_POWER, Z_95, Unit, bootstrap, paired_matrix, row_matrix
-from resofilter.reporting.results import RunResult
+from resofilter.reporting.results import RunResult, canonical_setting
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "scored_by": _model_name(r.model), "trained": _model_name(r.train_model),
             "base_accuracy": (r.stages.get("base_eval") or {}).get("accuracy"),
             "_dir": str(d), "_environment": r.environment,
-            "setting_key": stable_hash(r.setting), "_setting": r.setting, "_choices": r.choices or {},
+            "setting_key": stable_hash(canonical_setting(r.setting)), "_setting": canonical_setting(r.setting),
+            "_choices": r.choices or {},
         }
         for name, acc in r.eval.items():
             row[f"acc/{name}"] = acc

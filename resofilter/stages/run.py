@@ -24,7 +24,7 @@ from resofilter.data.records import Record
 from resofilter.data.templates import Template
 from resofilter.environment import environment
 from resofilter.errors import ResoFilterError
-from resofilter.reporting.results import RunResult
+from resofilter.reporting.results import RunResult, canonical_setting
 from resofilter.reporting.wandb_log import is_wandb, log_run_summary
 from resofilter.stages.evaluate import EvalSpec, run_evaluations
 from resofilter.stages.finetune import FinetuneSpec, checkpoint_id, load_checkpoint, run_finetune
@@ -314,7 +314,7 @@ def _finished_run(out: Path, setting: dict[str, Any], seed: int, build: int | No
     if not results.exists():
         return None
     done = RunResult.read(results)
-    if done.setting != json.loads(json.dumps(setting, default=str)):
+    if canonical_setting(done.setting) != canonical_setting(json.loads(json.dumps(setting, default=str))):
         raise ResoFilterError(f"{out} holds a finished run of another setting ({results}); use another "
                               "output_dir, or delete it to redo the run")
     if (done.seed, done.build) != (seed, build):  # the same row, another replicate
