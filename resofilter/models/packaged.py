@@ -158,11 +158,20 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     template, ``model.safetensors``); returns what was done (tensor types, parameters, the weights' SHA-256)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     gguf_path = Path(gguf_path)
     types = gguf_tensor_types(gguf_path)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    log.info("de-quantizing %d tensors (%s) of %s to float32", sum(types.values()),
+             ", ".join(f"{n} {t}" for t, n in types.items()), gguf_path.name)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its raw tqdm bars would fill a log file; ~20 s, one line above instead
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     # transformers marks a GGUF-loaded model as quantized (its weights are already float32) and save_pretrained
     # refuses such a model: clear the marks, so the directory reloads with a plain from_pretrained
     model.hf_quantizer = None
