@@ -32,18 +32,20 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name``, None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict[str, Any]:
     """This process's numeric environment, JSON-ready."""
     import torch
 
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     return {
-        "packages": versions,
+        "packages": {name: package_version(name) for name in PACKAGES},
         "python": platform.python_version(),
         "machine": platform.machine(),
         "cpu": cpu_model(),

