@@ -149,14 +149,10 @@ def git_revision() -> str | None:
 
 def environment_info() -> dict[str, Any]:
     """Versions and machine facts for a manifest."""
-    import importlib.metadata as md
+    from resofilter.environment import package_version
 
-    versions = {}
-    for pkg in ("resofilter", "torch", "transformers", "peft", "pytorch-lightning", "hydra-core"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = {pkg: package_version(pkg) for pkg in ("resofilter", "torch", "transformers", "peft",
+                                                       "pytorch-lightning", "hydra-core")}
     return {
         "versions": versions,
         "python": platform.python_version(),
