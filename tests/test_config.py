@@ -21,7 +21,7 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-GROUPS = ["model", "data", "template", "layers", "statistic", "step", "scorer", "selection",
+GROUPS = ["model", "data", "template", "layers", "candidates", "statistic", "step", "scorer", "selection",
           "finetune", "eval", "trainer", "logger", "variant"]
 NEEDS_PATH = {"data": {"metamathqa": ["data.path=/x.jsonl"], "jsonl": ["data.path=/x.jsonl"]},
               "scorer": {"ifd": ["score.ifd=true"]}}  # what scorer=ifd declares it reads (variant=ifd50 sets it)

@@ -300,3 +300,56 @@ def ctypes_glibc() -> bool:
     import platform
 
     return platform.libc_ver()[0] == "glibc"
+
+
+@pytest.mark.parametrize("name", list(STEPS))
+def test_closed_form_in_place_is_bitwise_the_formula_and_leaves_a_kept_gradient_alone(name):
+    """Issue 36: the fast path forms ΔW in the gradient's own storage; every element goes through the same
+    roundings as the textbook expression, and a caller that keeps its gradient gets it back untouched."""
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(4, 6, 5, generator=g) * torch.logspace(-12, -4, 5)
+    w = torch.randn(6, 5, generator=g) * 0.02
+    st = STEPS[name]
+    lr, wd, eps = st.lr, st.weight_decay, st.eps
+    formula = {"sgd": lambda: -lr * (grad + wd * w),
+               "adam": lambda: -lr * ((grad + wd * w) / ((grad + wd * w).abs() + eps)),
+               "adamw": lambda: -lr * (grad / (grad.abs() + eps) + wd * w)}[name]()
+    kept = grad.clone()
+    assert torch.equal(one_step_update(grad, w, st), formula) and torch.equal(grad, kept)
+    given = grad.clone()
+    out = one_step_update(given, w, st, inplace=True)
+    assert torch.equal(out, formula) and out.data_ptr() == given.data_ptr()
+
+
+@pytest.mark.parametrize("group", [5, 2, 1, 0], ids=["batch", "pairs", "one", "multipass"])
+def test_every_statistic_of_the_fast_pass_against_numpy_on_the_same_updates(group, tokenizer, gsm8k_records):
+    """Issue 36: the fused statistics pass (row sums in one read, |ΔW| held per group of samples, counts by
+    numpy) against numpy on the very ΔW it scores (per-sample gradients → the literal formula): the order
+    statistics (quantiles, max, counts) to the bit, the sums to float64 rounding of fp32 data — whether the
+    quantiles are selected for the whole batch, in groups of 2 or 1, or by the multi-pass search."""
+    model = tiny("llama", tokenizer, seed=2)
+    targets = find_targets(model, ["mlp.up_proj"], [-1])
+    batch, _ = _batch(tokenizer, gsm8k_records, n=5)
+    step = STEPS["adamw"]
+    qs, bounds = [0.0, 0.5, 0.9, 0.99, 1.0], [2e-4, 1e-3, 1.001e-3]
+    t = targets[0]
+    w = t.module.weight.detach()
+    hold = group * w.numel() if group else w.numel() - 1  # |ΔW| of `group` samples; 0: not even one (multi-pass)
+    fast = FastScorer(model, targets, step, ALL_STATS, quantiles=qs, count_above=bounds, chunk_elements=700,
+                      quantile_hold_elements=hold)
+    assert fast._group_size(5, w.numel()) == (group or 5)
+    got = {k: v.numpy() for k, v in fast.score_batch(batch).stats[t.name].items()}
+    grads = fast.per_sample_grads(batch)[t.name]
+    dw = (-step.lr * (grads / (grads.abs() + step.eps) + step.weight_decay * w)).numpy()  # fp32, as scored
+    w64 = w.double().numpy()
+    for b in range(dw.shape[0]):
+        d, a = dw[b].astype(np.float64), np.abs(dw[b])
+        exact = {"max_abs": a.max(), **{f"q{q:g}": np.quantile(a.astype(np.float64), q) for q in qs},
+                 **{f"count_above_{c:g}": (a > np.float32(c)).sum() for c in bounds}}
+        for k, v in exact.items():
+            assert got[k][b] == v, k
+        sums = {"mean_abs": np.abs(d).mean(), "l2": np.sqrt((d ** 2).sum()), "std": d.std(),
+                "don": np.linalg.norm(w64 + d) - np.linalg.norm(w64),
+                "cos_to_weight": (w64 * d).sum() / np.linalg.norm(w64) / np.linalg.norm(d)}
+        for k, v in sums.items():
+            np.testing.assert_allclose(got[k][b], v, rtol=2e-6, err_msg=k)

@@ -17,7 +17,8 @@ from tests.conftest import compose_cfg
 # The fields left out of the features' key, each a decision: how the pass is cut up or shown, the checks
 # run on its result, where things are remembered, the resolved config kept for the record.
 RUNTIME = {
-    "settings.chunk_elements", "settings.logits_chunk_elements", "settings.recompute_layers",
+    "settings.chunk_elements", "settings.quantile_hold_elements", "settings.logits_chunk_elements",
+    "settings.recompute_layers",
     "settings.mmap_threshold", "settings.batch_size",
     "settings.max_tokens_per_batch", "settings.shard_size", "settings.progress_bar",
     "declared_depth", "check", "trainer", "cache_dir", "device_map", "config",

@@ -266,3 +266,37 @@ def test_every_experiment_composes_and_validates(name):
             continue
         for v in str(values).split(","):
             validate(compose_cfg([f"experiment={name}", *extra, f"{key}={v}"], "run"))
+
+
+def test_a_layer_set_or_indicator_outside_the_scored_candidates_stops_the_run_at_start_up(tmp_path):
+    """Issue 36: the default scores the paper's layers only; a scorer reading any other layer (the `layers`
+    group, a combined scorer's indicator) is refused before the scoring pass, naming candidates=all."""
+    from omegaconf import OmegaConf
+
+    from resofilter.cli import compose_config
+    from resofilter.stages.config_check import validate
+
+    def cfg(*o):
+        return compose_config("run", [f"paths.cache_dir={tmp_path}", *o])
+
+    # the packaged model's depth is read from its converted directory once it exists (here: a stand-in)
+    from resofilter.models.packaged import PackagedModel
+    from resofilter.stages.packaged import PROVENANCE, packaged_model_dir
+
+    converted = packaged_model_dir(PackagedModel.from_cfg(OmegaConf.to_container(cfg().model.package)), tmp_path)
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text('{"num_hidden_layers": 30}')
+    (converted / PROVENANCE).write_text("{}")
+    validate(cfg())  # last 3 layers of the default: among the candidates
+    validate(cfg("layers=last_up_proj"))
+    for layers in ("first3_up_proj", "all_up_proj"):
+        with pytest.raises(ConfigError, match="`layers`.*candidates=all"):
+            validate(cfg(f"layers={layers}"))
+        validate(cfg(f"layers={layers}", "candidates=all"))
+    with pytest.raises(ConfigError, match=r"`scorer.indicators\[0\]`.*layers \[0\]"):
+        validate(cfg("scorer=combined", "scorer.indicators=[{statistic: don, indices: [0]}]"))
+    with pytest.raises(ConfigError, match=r"`scorer.indicators\[1\]`.*statistic 'l2'"):
+        validate(cfg("scorer=combined", "score.statistics=[mean_abs,don]",
+                     "scorer.indicators=[{statistic: don, indices: [-1]}, {statistic: l2, indices: [-1]}]"))
+    (converted / PROVENANCE).unlink()  # not converted yet: depth unknown, first3 vs the last 3 not decidable
+    validate(cfg("layers=first3_up_proj"))

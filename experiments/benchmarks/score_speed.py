@@ -54,7 +54,7 @@ if not DEFAULT_DATA.exists():
 
 
 CONF = OmegaConf.load(ROOT / "conf" / "config.yaml")  # the score stage's defaults
-ALL_STATISTICS = list(CONF.score.statistics)
+ALL_STATISTICS = list(OmegaConf.load(ROOT / "conf" / "candidates" / "paper.yaml").statistics)  # the default's eight
 
 # Real models' shapes (random weights): the sizes of their Hugging Face configs.
 SHAPES = {
@@ -236,10 +236,18 @@ def run_mode(args: argparse.Namespace) -> dict:
             "tokens": sum(len(s) for s in samples)}
 
 
-# what each measurement runs: (mode, dtype, samples: n | quarter | exact, recompute, mmap threshold)
+# what each measurement runs: (mode, dtype, samples: n | quarter | exact, recompute, mmap threshold
+# [, scored layers, statistics — else --score-layers and --statistics])
 def plan(args: argparse.Namespace) -> dict[str, tuple]:
     n, thr, rec = args.n, args.mmap_threshold, args.recompute
     return {
+        # the settings of `resofilter score` side by side (issue 36): the paper's (last 3 layers, mean |ΔW|, no
+        # signals); the default (candidates=paper: last 3 layers × the eight statistics, sketches, token losses);
+        # candidates=all (every layer × the eight + signals); every layer with mean |ΔW| alone
+        "paper": ("fast", "float32", n, rec, thr, "last3", "paper"),
+        "default": ("fast_signals", "float32", n, rec, thr, "last3", "all"),
+        "candidates_all": ("fast_signals", "float32", n, rec, thr, "all", "all"),
+        "all_mean_abs": ("fast", "float32", n, rec, thr, "all", "paper"),
         "forward": ("forward", "float32", n, True, thr), "fast": ("fast", "float32", n, rec, thr),
         "fast_signals": ("fast_signals", "float32", n, rec, thr),
         "fast_quarter": ("fast", "float32", n // 4, rec, thr), "fast64": ("fast", "float64", n // 4, rec, thr),
@@ -250,15 +258,17 @@ def plan(args: argparse.Namespace) -> dict[str, tuple]:
     }
 
 
-def sub(args: argparse.Namespace, mode: str, dtype: str, count: int, recompute: bool, threshold: int) -> dict:
+def sub(args: argparse.Namespace, mode: str, dtype: str, count: int, recompute: bool, threshold: int,
+        layers: str | None = None, statistics: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--mode", mode, "--dtype", dtype, "--count", str(count),
            "--n", str(args.n), "--layers", str(args.layers), "--vocab", str(args.vocab),
            "--batch-size", str(args.batch_size), "--data", str(args.data), "--threads", str(args.threads),
            "--device", args.device, "--shape", args.shape, "--mmap-threshold", str(threshold),
            "--logits-chunk", str(args.logits_chunk), *(["--device-map"] if args.device_map else []),
            "--hidden", str(args.hidden),
-           "--score-layers", args.score_layers,
-           "--statistics", args.statistics, "--mlp-ratio", str(args.mlp_ratio or 0), "--fields", args.fields,
+           "--score-layers", layers or args.score_layers,
+           "--statistics", statistics or args.statistics, "--mlp-ratio", str(args.mlp_ratio or 0),
+           "--fields", args.fields,
            *(["--model", str(args.model)] if args.model else []), *([] if recompute else ["--no-recompute"])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ})
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -362,8 +372,17 @@ def main() -> None:
                   + (f"  (round {i + 1})" if len(rounds) > 1 else ""))
     res = {k: {**rounds[0][k], "seconds": float(np.median([r[k]["seconds"] for r in rounds])),
                "peak_mb": float(np.median([r[k]["peak_mb"] for r in rounds]))} for k in modes}
-    f, fw = res["fast"]["seconds"], res["forward"]["seconds"]
+    fw = res["forward"]["seconds"]
     print()
+    settings = (("paper", "the paper's setting", "≤ 1.4"), ("default", "the default `score`", "≤ 4"),
+                ("candidates_all", "candidates=all", "–"), ("all_mean_abs", "every layer, mean |ΔW|", "–"))
+    for k, label, target in settings:
+        if k in res:
+            print(f"{label + ' / forward-only time':<48} {res[k]['seconds'] / fw:6.2f}   (target {target}); "
+                  f"peak memory / forward's {res[k]['peak_mb'] / res['forward']['peak_mb']:5.2f}")
+    if "fast" not in res:
+        return
+    f = res["fast"]["seconds"]
     print(f"fast / forward-only time            {f / fw:6.2f}   (target ≤ 1.4: issue 36)")
     print(f"fast peak / forward peak memory     {res['fast']['peak_mb'] / res['forward']['peak_mb']:6.2f}"
           "   (target ≤ 1.5)")

@@ -52,7 +52,7 @@ class StepOptimizer:
     """One kind of scored step: its first update in closed form and the torch optimizer it stands for."""
 
     name: str
-    update: ClosedForm  # (grad (..., r, c), weight (r, c), step) → ΔW
+    update: ClosedForm  # (grad (..., r, c), weight (r, c), step) → ΔW, which may be ``grad`` itself, overwritten
     literal: Literal  # (params, step) → the optimizer whose first step ``update`` equals
     needs_eps: bool
 
@@ -62,7 +62,8 @@ STEP_OPTIMIZERS: dict[str, StepOptimizer] = {}
 
 def register_step_optimizer(name: str, literal: Literal, needs_eps: bool = True) -> Callable[[ClosedForm], ClosedForm]:
     """Register a closed-form first step under ``step.name=<name>`` (with the literal optimizer that
-    the closed-vs-literal tests compare it against)."""
+    the closed-vs-literal tests compare it against). The update may work in ``grad``'s storage and
+    return it: :func:`one_step_update` hands it a copy unless its caller gives the gradient up."""
     def add(update: ClosedForm) -> ClosedForm:
         register(STEP_OPTIMIZERS, "step optimizer", name, StepOptimizer(name, update, literal, needs_eps))
         return update
@@ -82,25 +83,40 @@ def _adam_kwargs(step: StepConfig) -> dict[str, object]:
 @register_step_optimizer("sgd", lambda p, s: torch.optim.SGD(p, lr=s.lr, weight_decay=s.weight_decay),
                          needs_eps=False)
 def _sgd(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
-    lr, wd = step.lr, step.weight_decay
-    return -lr * (grad + wd * weight) if wd else -lr * grad
+    if step.weight_decay:  # −lr·(G + wd·W), in G's storage
+        grad.add_(step.weight_decay * weight)
+    return grad.mul_(-step.lr)
+
+
+def _normalized(g: torch.Tensor, eps: float) -> torch.Tensor:
+    """g / (|g| + eps) in g's storage: Adam's first update per unit of lr (m̂ = g, v̂ = g²)."""
+    return g.div_(g.abs().add_(eps))
 
 
 @register_step_optimizer("adam", lambda p, s: torch.optim.Adam(p, **_adam_kwargs(s)))
 def _adam(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
-    g = grad + step.weight_decay * weight if step.weight_decay else grad
-    return -step.lr * (g / (g.abs() + step.eps))
+    if step.weight_decay:  # coupled L2: g = G + wd·W
+        grad.add_(step.weight_decay * weight)
+    return _normalized(grad, step.eps).mul_(-step.lr)
 
 
 @register_step_optimizer("adamw", lambda p, s: torch.optim.AdamW(p, **_adam_kwargs(s)))
 def _adamw(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
-    upd = grad / (grad.abs() + step.eps)
-    return -step.lr * (upd + step.weight_decay * weight) if step.weight_decay else -step.lr * upd
+    upd = _normalized(grad, step.eps)
+    if step.weight_decay:  # decoupled: −lr·(G/(|G| + eps) + wd·W)
+        upd.add_(step.weight_decay * weight)
+    return upd.mul_(-step.lr)
 
 
-def one_step_update(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig) -> torch.Tensor:
-    """ΔW of one fresh optimizer step. grad: (..., r, c); weight: (r, c), broadcast."""
+def one_step_update(grad: torch.Tensor, weight: torch.Tensor, step: StepConfig,
+                    inplace: bool = False) -> torch.Tensor:
+    """ΔW of one fresh optimizer step. grad: (..., r, c); weight: (r, c), broadcast.
+
+    ``inplace``: the caller gives ``grad`` up and ΔW is formed in its storage (the fast scorer's
+    gradient blocks: no (B, r, c) temporary per operation); otherwise ``grad`` is left as it was.
+    In place or not, every element is rounded by the same operations in the same order.
+    """
     opt = step_optimizer(step.name)
     if opt.needs_eps and step.eps is None:
         raise ConfigError("step.eps", f"required for step.name={step.name}")
-    return opt.update(grad, weight, step)
+    return opt.update(grad if inplace else grad.clone(), weight, step)

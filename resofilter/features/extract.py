@@ -118,12 +118,23 @@ class FeatureDataModule(pl.LightningDataModule):
         return DataLoader(batches, batch_size=None, shuffle=False, collate_fn=self._collate)
 
 
+def describe_scorer(scorer: FastScorer | LiteralScorer) -> str:
+    """What one scoring pass computes, for the log: matrices, statistics, signals."""
+    targets = getattr(scorer, "targets", None) or getattr(scorer, "target_names", [])
+    layers = sorted({t.layer for t in targets if hasattr(t, "layer")})
+    where = f"layers {layers[0]}–{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}" if layers else ""
+    stats = ", ".join(scorer.statistics)
+    return (f"{len(targets)} matrices ({where}) × [{stats}]"
+            f"{', gradient sketches' if scorer.projector is not None else ''}, token losses")
+
+
 class FeatureModule(pl.LightningModule):
     """``predict_step`` returns one feature row per sample of the batch."""
 
     def __init__(self, model: torch.nn.Module, scorer: FastScorer | LiteralScorer, ifd: bool = False,
-                 topk: int = 4) -> None:
+                 topk: int = 4, remaining_tokens: int = 0) -> None:
         super().__init__()
+        self.remaining_tokens = remaining_tokens  # for the cost estimate logged after the first batch
         if split_devices(model):
             # placed over several devices (score.device_map): kept out of the module's children, so the
             # trainer's move to its one device does not gather it there
@@ -134,10 +145,22 @@ class FeatureModule(pl.LightningModule):
         self.ifd = ifd
         self.topk = topk
 
+    def _log_estimate(self, batch: dict[str, Any], seconds: float) -> None:
+        """After the first batch: what is scored and what the rest will cost at that batch's rate (an estimate:
+        the first batch also checks the output head; lengths vary)."""
+        tokens = int(batch["attention_mask"].sum())
+        rest = max(self.remaining_tokens - tokens, 0) / max(tokens / seconds, 1e-9)
+        log.info("scoring %s: first batch %d samples, %d tokens in %.1f s (%.0f tokens/s) → about %.0f s for the "
+                 "remaining %d tokens", describe_scorer(self.scorer), len(batch["index"]), tokens, seconds,
+                 tokens / seconds, rest, self.remaining_tokens - tokens)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
         if not len(batch["index"]):
             return []
+        t0 = time.perf_counter()
         scored = self.scorer.score_batch(batch)
+        if batch_idx == 0 and self.remaining_tokens:
+            self._log_estimate(batch, time.perf_counter() - t0)
         stats, n_tok = scored.stats, scored.n_tokens
         losses = scored.losses.to(torch.float64).cpu()
         rows = [{"index": int(i), "sample_id": sid, "loss": float(loss), "ppl": float(ppl(loss)),
@@ -320,6 +343,7 @@ class ScoreSettings:
     count_above: tuple[float, ...] = ()
     # how the pass is cut up and shown: not in the features' identity (the same features either way)
     chunk_elements: int = runtime_field(1 << 21)
+    quantile_hold_elements: int = runtime_field(1 << 25)  # |ΔW| held per group of samples for quantiles
     logits_chunk_elements: int = runtime_field(1 << 24)
     recompute_layers: bool = runtime_field(True)  # the scored layers' activations recomputed in the backward
     mmap_threshold: int | None = runtime_field(1 << 22)  # glibc: blocks ≥ this are returned when freed (memory.py)
@@ -397,7 +421,7 @@ def fast_extractor(model: torch.nn.Module, targets: Sequence[Target], step: Step
     set_mmap_threshold(settings.mmap_threshold)
     return FastScorer(model, targets, step, chunk_elements=settings.chunk_elements,
                       logits_chunk_elements=settings.logits_chunk_elements, recompute=settings.recompute_layers,
-                      **_statistics_of(settings))
+                      quantile_hold_elements=settings.quantile_hold_elements, **_statistics_of(settings))
 
 
 @register_extractor("literal")
@@ -459,7 +483,9 @@ def score_shards(
     if done:
         log.info("resuming: %d of %d shards already done in %s", len(done), dm.n_shards(), shard_dir)
     scorer = update_scorer(model, targets, step, settings)
-    module = FeatureModule(model, scorer, ifd=alone is not None, topk=settings.tokens.topk)
+    remaining = sum(len(samples[i]) for k in range(dm.n_shards()) if k not in done for i in dm.shard_range(k))
+    module = FeatureModule(model, scorer, ifd=alone is not None, topk=settings.tokens.topk,
+                           remaining_tokens=remaining)
     writer = ShardWriter(shard_dir, shard_size, len(samples))
     make_trainer = make_trainer or functools.partial(pl.Trainer, accelerator="cpu", devices=1)
     # inference_mode=False: predict runs under no_grad, which the scorer lifts for its truncated backward

@@ -183,7 +183,7 @@ class FastScorer:
                  statistics: Sequence[str], quantiles: Sequence[float] = (),
                  count_above: Sequence[float] = (), chunk_elements: int = 1 << 21,
                  logits_chunk_elements: int = 1 << 24, sketch: SketchSpec | None = None,
-                 recompute: bool = False) -> None:
+                 recompute: bool = False, quantile_hold_elements: int = 1 << 25) -> None:
         self.model = model
         self.targets = list(targets)
         self.step = step
@@ -191,6 +191,7 @@ class FastScorer:
         self.quantiles = list(quantiles)
         self.count_above = list(count_above)
         self.chunk_elements = chunk_elements
+        self.quantile_hold_elements = quantile_hold_elements
         self.recompute = recompute
         self.lowest = min(t.layer for t in self.targets)
         for p in model.parameters():
@@ -320,7 +321,7 @@ class FastScorer:
             parts: list[torch.Tensor] | None = [] if sketched and self.sketch_spec.of == "update" else None
             stats[t.name] = self._statistics(t, delta, x, parts)
             if parts is not None:
-                sketches[t.name] = torch.stack(parts).sum(dim=0)
+                sketches[t.name] = torch.cat(parts)
         sketch = torch.cat([sketches[n].to(losses.device) for n in proj.names], dim=1) if proj is not None else None
         return BatchScores(stats, losses, n_tok, tok, sketch)
 
@@ -329,37 +330,61 @@ class FastScorer:
         acts, _, _, _ = self._activations(batch)
         return {name: torch.cat([g for _, _, g in self._grad_blocks(d, x)], dim=1) for name, (d, x) in acts.items()}
 
-    def _grad_blocks(self, delta: torch.Tensor, x: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Per-sample gradient rows ``(r0, r1, G[:, r0:r1])`` with G_b = Σ_t δ_{b,t}ᵀ x_{b,t}."""
+    def _grad_blocks(self, delta: torch.Tensor, x: torch.Tensor, reuse: bool = False
+                     ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Per-sample gradient rows ``(r0, r1, G[:, r0:r1])`` with G_b = Σ_t δ_{b,t}ᵀ x_{b,t}.
+
+        ``reuse``: every block is written into one buffer, overwritten by the next (the caller is done
+        with a block when it asks for the next): no allocation, and no page faults, per block.
+        """
         B, _, d_out = delta.shape
         d_in = x.shape[-1]
         delta_t = delta.to(self.work).transpose(1, 2)  # (B, d_out, T)
         x = x.to(self.work)  # (B, T, d_in)
         rows = chunk_rows(d_out, d_in, B, self.chunk_elements)
+        buffer = torch.empty(B * rows * d_in, dtype=self.work, device=x.device) if reuse else None
         for r0 in range(0, d_out, rows):
             r1 = min(d_out, r0 + rows)
-            yield r0, r1, torch.bmm(delta_t[:, r0:r1], x)  # (B, r, d_in)
+            out = buffer[:B * (r1 - r0) * d_in].view(B, r1 - r0, d_in) if reuse else None
+            yield r0, r1, torch.bmm(delta_t[:, r0:r1], x, out=out)  # (B, r, d_in)
+
+    def _group_size(self, batch: int, n: int) -> int:
+        """Samples whose |ΔW| of one matrix are held together for exact quantiles (``quantile_hold_elements``),
+        the whole batch when quantiles are not scored (G_b is per sample: groups cost no extra work)."""
+        if "quantiles" not in self.statistics or n > self.quantile_hold_elements:
+            return batch  # quantiles, if any, by block_quantiles' passes over the whole batch
+        return max(1, min(batch, self.quantile_hold_elements // n))
 
     def _statistics(self, target: Target, delta: torch.Tensor, x: torch.Tensor,
                     sketch_parts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Stats of ΔW_b for every sample, built in row blocks of per-sample gradients.
 
-        ``sketch_parts``: receives each row block's contribution to the sketch of ΔW_b.
+        ``sketch_parts``: receives the sketch of ΔW_b of every sample (B, D), in groups of samples.
         """
         w = self.weights[target.name]  # (d_out, d_in) in the work dtype
-        acc = UpdateStatistics(delta.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above,
-                               hold_elements=self.chunk_elements)
+        B = delta.shape[0]
+        group = self._group_size(B, w.numel())
+        results = []
+        for s0 in range(0, B, group):
+            d, xs = delta[s0:s0 + group], x[s0:s0 + group]
+            acc = UpdateStatistics(d.shape[0], tuple(w.shape), self.statistics, self.quantiles, self.count_above,
+                                   hold_elements=self.quantile_hold_elements)
 
-        def updates() -> Iterator[tuple[int, int, torch.Tensor]]:
-            for r0, r1, g in self._grad_blocks(delta, x):
-                yield r0, r1, one_step_update(g, w[r0:r1], self.step)  # (B, r, d_in)
+            def updates(d: torch.Tensor = d, xs: torch.Tensor = xs) -> Iterator[tuple[int, int, torch.Tensor]]:
+                for r0, r1, g in self._grad_blocks(d, xs, reuse=True):
+                    yield r0, r1, one_step_update(g, w[r0:r1], self.step, inplace=True)  # (b, r, d_in)
 
-        for r0, r1, dw in updates():
-            acc.update(dw, w[r0:r1])
-            if sketch_parts is not None:
-                sketch_parts.append(self.projector.of_rows(target.name, r0, r1, dw))
-        # quantiles take more passes over the same blocks, recomputed: ΔW is never held whole
-        return acc.result(blocks=lambda: (dw for *_, dw in updates()), gather_elements=self.chunk_elements)
+            parts = []
+            for r0, r1, dw in updates():
+                if sketch_parts is not None:
+                    parts.append(self.projector.of_rows(target.name, r0, r1, dw))
+                acc.update(dw, w[r0:r1])
+            if parts:
+                sketch_parts.append(torch.stack(parts).sum(dim=0))
+            # quantiles not held take more passes over the same blocks, recomputed: ΔW is never held whole
+            results.append(acc.result(blocks=lambda u=updates: (dw for *_, dw in u()),
+                                      gather_elements=self.chunk_elements))
+        return {k: torch.cat([r[k] for r in results]) for k in results[0]}
 
 
 def chunk_rows(d_out: int, d_in: int, batch: int, chunk_elements: int) -> int:

@@ -264,7 +264,8 @@ SCORERS: dict[str, ScorerBuilder] = {}  # scorer.name → builder; conf/scorer/<
 # column), "reference" (scorer.reference: another set's features). The start-up check reads these declarations
 # (stages/config_check.py: check_scorer_needs), so a run that would stop after scoring for a missing column is
 # refused before it starts.
-NEEDS = ("ifd", "sketches", "answer_pattern", "reference")
+# "weights": the statistic of ΔW over the `layers` group's matrices (score.candidates × score.statistics).
+NEEDS = ("ifd", "sketches", "answer_pattern", "reference", "weights")
 SCORER_NEEDS: dict[str, frozenset[str]] = {}
 
 
@@ -284,6 +285,26 @@ def register_scorer(*names: str, needs: tuple[str, ...] = ()) -> Callable[[Score
     return add
 
 
+def weight_columns_needed(scorer_cfg: Any, layers_cfg: Any, statistic: str,
+                          key: str | None = None) -> list[tuple[str, str, list[str], Any, str]]:
+    """The statistic-over-layers columns a ``scorer=`` config reads, as (config key of the layers, of the
+    statistic, modules, layer indices, statistic): the ``layers``/``statistic`` groups for a scorer declaring
+    ``weights``, and a combined scorer's statistic indicators (its nested scorers' too)."""
+    out = []
+    name = scorer_cfg.get("name")
+    if "weights" in SCORER_NEEDS.get(name, ()):
+        out.append((key or "layers", key or "statistic.name", list(layers_cfg["modules"]), layers_cfg["indices"],
+                    statistic))
+    if name == "combined":
+        for i, ind in enumerate(scorer_cfg.get("indicators") or []):
+            if "statistic" in ind:
+                out.append((f"scorer.indicators[{i}]", f"scorer.indicators[{i}]",
+                            list(ind.get("modules", layers_cfg["modules"])), ind["indices"], ind["statistic"]))
+            elif ind.get("scorer"):
+                out += weight_columns_needed(ind["scorer"], layers_cfg, statistic, f"scorer.indicators[{i}].scorer")
+    return out
+
+
 def scorer_needs(scorer_cfg: Any) -> frozenset[str]:
     """What a ``scorer=`` config needs, by the declarations — a combined scorer's indicators' included (a
     ``_target_`` class declares nothing here: its needs are its own to check)."""
@@ -298,7 +319,7 @@ def scorer_needs(scorer_cfg: Any) -> frozenset[str]:
     return frozenset(needs)
 
 
-@register_scorer("resofilter")
+@register_scorer("resofilter", needs=("weights",))
 def _resofilter(c: Any, ctx: ScorerContext) -> Scorer:
     layers = ctx.layers
     return ResoFilterScorer(list(layers["modules"]), layers["indices"], ctx.statistic, ctx.n_layers,

@@ -18,7 +18,7 @@ from resofilter.errors import ConfigError
 from resofilter.features.closed_form import STEP_OPTIMIZERS
 from resofilter.features.extract import EXTRACTORS
 from resofilter.features.sketch import SketchSpec
-from resofilter.features.statistics import BASIC
+from resofilter.features.statistics import NEEDS, statistic_columns
 from resofilter.features.targets import resolve_indices
 from resofilter.features.tokens import TokenSignalSpec
 from resofilter.models.loading import resolve_dtype
@@ -39,15 +39,7 @@ def _one_of(value: Any, allowed: Sequence[str], key: str) -> None:
 
 def statistic_names(cfg: DictConfig) -> list[str]:
     """Column-level statistic names the score stage produces for ``cfg.score``."""
-    names: list[str] = []
-    for s in cfg.score.statistics:
-        if s == "quantiles":
-            names += [f"q{q:g}" for q in cfg.score.quantiles]
-        elif s == "count_above":
-            names += [f"count_above_{b:g}" for b in count_above_bounds(cfg)]
-        else:
-            names.append(s)
-    return names
+    return statistic_columns(list(cfg.score.statistics), list(cfg.score.quantiles), count_above_bounds(cfg))
 
 
 def scoring_dtype(cfg: DictConfig) -> torch.dtype:
@@ -135,6 +127,17 @@ def model_depth(cfg: DictConfig) -> int | None:
             depth = raw.get("num_hidden_layers", (raw.get("text_config") or {}).get("num_hidden_layers"))
             if isinstance(depth, int):
                 known.append((str(config_json), depth))
+    elif m.get("package") is not None:  # once converted, the cached model says (nothing is fetched here)
+        from resofilter.models.packaged import PackagedModel
+        from resofilter.stages.packaged import PROVENANCE, packaged_model_dir
+
+        converted = packaged_model_dir(PackagedModel.from_cfg(OmegaConf.to_container(m.package, resolve=True)),
+                                       cfg.paths.cache_dir)
+        config_json = converted / "config.json"
+        if (converted / PROVENANCE).is_file() and config_json.is_file():
+            depth = json.loads(config_json.read_text()).get("num_hidden_layers")
+            if isinstance(depth, int):
+                known.append((str(config_json), depth))
     elif m.get("embedded") is not None:
         known.append(("model.embedded.architecture.num_hidden_layers", m.embedded.architecture.num_hidden_layers))
     for source, depth in known:
@@ -220,23 +223,60 @@ def check_scorer_needs(cfg: DictConfig, sketches: bool) -> None:
         raise ConfigError("data.answer_pattern", f"scorer={name} needs the answer's regex (its first group): the "
                           "answer_loss column is the loss of that span")
     # `select` reads features scored elsewhere (their manifest says what they hold); `run` scores them itself
+    if cfg.get("command") == "run":
+        _check_weight_columns(cfg)
     if "ifd" in needs and cfg.get("command") == "run" and not cfg.score.get("ifd"):
         raise ConfigError("score.ifd", f"scorer={name} ranks by IFD, which needs the response's loss without its "
                           "prompt: set score.ifd=true (one more forward pass)")
+
+
+def _layers_covered(want: Any, have: Any, n_layers: int | None) -> bool | None:
+    """Whether layer indices ``want`` are among ``have`` (each ``all`` or a list); ``None``: not known before
+    the model's depth is (indices counted from both ends)."""
+    if have == "all":
+        return True
+    if n_layers is not None:
+        return set(resolve_indices(want, n_layers, "layers.indices")) <= set(
+            resolve_indices(have, n_layers, "score.candidates.indices"))
+    if want == "all":
+        return None
+    signs = {i < 0 for i in [*want, *have]}
+    return set(want) <= set(have) if len(signs) == 1 else None
+
+
+def _check_weight_columns(cfg: DictConfig) -> None:
+    """Every statistic-over-layers column the scorer reads (``layers`` × ``statistic``, a combined scorer's
+    indicators) is among what ``score.candidates`` × ``score.statistics`` will score."""
+    from resofilter.selection.scorers import weight_columns_needed
+
+    have_stats = statistic_names(cfg)
+    cand = cfg.score.candidates
+    n_layers = model_depth(cfg)
+    scorer = OmegaConf.to_container(cfg.scorer, resolve=True)
+    for key, stat_key, modules, indices, stat in weight_columns_needed(
+            scorer, OmegaConf.to_container(cfg.layers, resolve=True), cfg.statistic.name):
+        if stat not in have_stats:
+            raise ConfigError(stat_key, f"reads statistic {stat!r}, which score.statistics {have_stats} do not give")
+        if not set(modules) <= set(cand.modules) or _layers_covered(indices, cand.indices, n_layers) is False:
+            raise ConfigError(key, f"reads {list(modules)} in layers {indices}, outside what is scored "
+                              f"(score.candidates: {list(cand.modules)} in layers {cand.indices}): "
+                              "candidates=all scores every layer")
 
 
 def _check_score(cfg: DictConfig, n_layers: int | None) -> None:
     """The score stage: mode, statistics, precision policy and check, sizes, sketches, token signals, step."""
     _one_of(cfg.score.mode, sorted(EXTRACTORS), "score.mode")
     for s in cfg.score.statistics:
-        _one_of(s, (*BASIC, "quantiles", "count_above"), "score.statistics")  # BASIC: the registered ones
+        _one_of(s, sorted(NEEDS), "score.statistics")  # every registered statistic
     scoring_dtype(cfg)  # the precision policy: bf16/fp16 scoring only with score.allow_low_precision
     pc = cfg.score.precision_check
     if not 0 < pc.min_spearman <= 1 or pc.max_error_over_std <= 0:
         raise ConfigError("score.precision_check", "min_spearman must be in (0, 1] and max_error_over_std > 0")
-    for k in ("batch_size", "shard_size", "chunk_elements", "max_tokens_per_batch"):
-        v = cfg.score[k]
-        if not isinstance(v, int) or v < 1:
+    for k in ("batch_size", "shard_size", "chunk_elements", "max_tokens_per_batch", "quantile_hold_elements"):
+        v = cfg.score.get(k)
+        if k == "quantile_hold_elements" and v is None:
+            continue  # its default
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(f"score.{k}", f"must be a positive integer, got {v!r}")
     sketch = SketchSpec.from_cfg(cfg.score.get("sketch"))  # kind and sizes
     if n_layers is not None and sketch.enabled:

@@ -39,6 +39,8 @@ def score_settings(cfg: DictConfig) -> ScoreSettings:
         mode=s.mode, literal_dtype=literal if s.mode == "literal" else ScoreSettings.literal_dtype,
         statistics=tuple(s.statistics), quantiles=tuple(s.quantiles), count_above=tuple(count_above_bounds(cfg)),
         chunk_elements=s.chunk_elements,
+        quantile_hold_elements=(ScoreSettings.quantile_hold_elements if s.get("quantile_hold_elements") is None
+                                else s.quantile_hold_elements),
         logits_chunk_elements=s.logits_chunk_elements, recompute_layers=bool(s.recompute_layers),
         mmap_threshold=s.mmap_threshold, batch_size=s.batch_size,
         max_tokens_per_batch=s.max_tokens_per_batch, shard_size=s.shard_size, progress_bar=s.progress_bar,
