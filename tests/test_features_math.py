@@ -353,3 +353,24 @@ def test_every_statistic_of_the_fast_pass_against_numpy_on_the_same_updates(grou
                 "cos_to_weight": (w64 * d).sum() / np.linalg.norm(w64) / np.linalg.norm(d)}
         for k, v in sums.items():
             np.testing.assert_allclose(got[k][b], v, rtol=2e-6, err_msg=k)
+
+
+def test_the_first_batch_logs_what_is_scored_and_an_estimate_of_the_rest(tokenizer, gsm8k_records, caplog):
+    """Issue 36: after its first batch a scoring pass says what it computes and what the rest will take at that
+    batch's rate (remaining tokens ÷ the batch's tokens per second)."""
+    import logging
+
+    from resofilter.features.extract import FeatureModule
+
+    model = tiny("llama", tokenizer)
+    targets = find_targets(model, ["mlp.up_proj"], [-2, -1])
+    batch, _ = _batch(tokenizer, gsm8k_records, n=4)
+    batch["index"] = list(range(4))
+    tokens = int(batch["attention_mask"].sum())
+    module = FeatureModule(model, FastScorer(model, targets, STEPS["adamw"], ["mean_abs", "l2"]),
+                           remaining_tokens=5 * tokens)
+    with caplog.at_level(logging.INFO, logger="resofilter.features.extract"):
+        module._log_estimate(batch, 2.0)
+    msg = caplog.records[-1].getMessage()
+    assert "2 matrices (layers 2–3) × [mean_abs, l2]" in msg and "token losses" in msg and "sketches" not in msg
+    assert f"{tokens} tokens in 2.0 s" in msg and "about 8 s" in msg and f"remaining {4 * tokens} tokens" in msg

@@ -123,8 +123,7 @@ def held_quantiles(held: torch.Tensor, quantiles: Sequence[float]) -> dict[str, 
     result is the same to the bit whichever way the ranks are found.
     """
     n = held.shape[-1]
-    pos = [q * (n - 1) for q in quantiles]
-    ranks = sorted({int(p // 1) for p in pos} | {min(int(p // 1) + 1, n - 1) for p in pos})
+    ranks = quantile_ranks(quantiles, n)
     if held.device.type == "cpu":
         arr = held.numpy()
         rows = np.array_split(np.arange(arr.shape[0]), min(arr.shape[0], max(1, torch.get_num_threads())))
@@ -138,8 +137,20 @@ def held_quantiles(held: torch.Tensor, quantiles: Sequence[float]) -> dict[str, 
         at = {r: torch.from_numpy(arr[:, r].astype(np.float64)) for r in ranks}
     else:
         at = {r: torch.kthvalue(held, r + 1, dim=-1).values.to(torch.float64) for r in ranks}
+    return interpolate(quantiles, n, at)
+
+
+def quantile_ranks(quantiles: Sequence[float], n: int) -> list[int]:
+    """The 0-based order statistics the linear quantiles of n values interpolate."""
+    pos = [q * (n - 1) for q in quantiles]
+    return sorted({int(p // 1) for p in pos} | {min(int(p // 1) + 1, n - 1) for p in pos})
+
+
+def interpolate(quantiles: Sequence[float], n: int, at: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{column: (B,)}``: each quantile between the order statistics ``at[rank]`` (float64), as ``numpy.quantile``."""
     out = {}
-    for col, p in zip(COLUMNS["quantiles"](quantiles, ()), pos, strict=True):
+    for col, q in zip(COLUMNS["quantiles"](quantiles, ()), quantiles, strict=True):
+        p = q * (n - 1)
         r0 = int(p // 1)
         v0, v1 = at[r0], at[min(r0 + 1, n - 1)]
         out[col] = v0 + (v1 - v0) * (p - r0)
@@ -288,8 +299,7 @@ def block_quantiles(blocks: Callable[[], Iterable[torch.Tensor]], quantiles: Seq
     """
     f64 = torch.float64
     B = min_abs.shape[0]
-    pos = [q * (n - 1) for q in quantiles]
-    ranks = sorted({int(p // 1) for p in pos} | {min(int(p // 1) + 1, n - 1) for p in pos})
+    ranks = quantile_ranks(quantiles, n)
     R = len(ranks)
     k = torch.tensor(ranks, dtype=torch.long).expand(B, R)  # (B, R) wanted ranks
     lo = torch.nextafter(min_abs, torch.tensor(-float("inf"), dtype=f64)).unsqueeze(1).expand(B, R).clone()
@@ -363,10 +373,4 @@ def block_quantiles(blocks: Callable[[], Iterable[torch.Tensor]], quantiles: Seq
         done |= finished
     else:
         raise RuntimeError(f"quantile search did not converge in {max_passes} passes")
-    by_rank = {rk: value[:, i] for i, rk in enumerate(ranks)}
-    out = {}
-    for col, p in zip(COLUMNS["quantiles"](quantiles, ()), pos, strict=True):
-        r0 = int(p // 1)
-        v0, v1 = by_rank[r0], by_rank[min(r0 + 1, n - 1)]
-        out[col] = v0 + (v1 - v0) * (p - r0)
-    return out
+    return interpolate(quantiles, n, {rk: value[:, i] for i, rk in enumerate(ranks)})
