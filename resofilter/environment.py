@@ -3,7 +3,7 @@ the CPU code path torch's kernels take, and the thread count.
 
 float32 kernels differ by instruction set (oneMKL and ATen pick code paths by CPU capability), so the
 same commit builds a slightly different embedded base model on another machine, and fine-tuned
-accuracies follow it (issue 22). Every ``build.json`` and ``results.json`` records this, and
+accuracies follow it (experiments/README.md). Every ``build.json`` and ``results.json`` records this, and
 ``resofilter table`` warns when the runs it merges differ in it.
 """
 

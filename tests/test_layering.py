@@ -97,3 +97,32 @@ def test_the_library_never_reads_a_dictconfig():
         "resofilter.cli", "resofilter.commands", "resofilter.configs",  # the command layer
         "resofilter.stages.config_check", "resofilter.stages.context", "resofilter.stages.specs",  # its readers
     }, sorted(readers)
+
+
+def _comments(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every comment of a .py or .yaml file: after `#` (a .py file's docstrings too)."""
+    text = path.read_text()
+    out = [(i, line.split("#", 1)[1]) for i, line in enumerate(text.splitlines(), 1) if "#" in line]
+    if path.suffix == ".py":
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef | ast.Module):
+                doc = ast.get_docstring(node, clean=False)
+                if doc and node.body:
+                    out.append((node.body[0].lineno, doc))
+    return out
+
+
+def test_code_and_config_comments_say_why_not_when():
+    """Issue 37: measurements with their dates and the project's issue numbers live in experiments/README.md;
+    a comment in resofilter/ or conf/ that dates a measurement or cites one of our issues goes stale."""
+    import re
+
+    root = Path(resofilter.__file__).parent
+    dated = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b(?!_)")  # a date, not a run dir's timestamp (…_22-44-09)
+    ours = re.compile(r"(?<!Lightning )\bissue \d+", re.IGNORECASE)
+    found = [f"{p.relative_to(root.parent)}:{i}: {m.group(0)}"
+             for p in [*root.rglob("*.py"), *(root.parent / "conf").rglob("*.yaml")]
+             for i, text in _comments(p) for m in [dated.search(text), ours.search(text)] if m]
+    assert not found, found
+    assert dated.search("measured 2026-12-02 here") and ours.search("(issue 22)")  # the patterns do match

@@ -66,7 +66,7 @@ NOISE_KINDS = (
     "easier",           # a correct-looking answer to an easier (one-step) problem
     "near_duplicate",   # a copy of another pool question with a cosmetic change
 )
-# Kinds of the second pool (`data=math_synth_b`, issue 22: pools as replicates): other failures of the
+# Kinds of the second pool (`data=math_synth_b`: pools as replicates): other failures of the
 # same problem language, none of them a variant of the first pool's
 NOISE_KINDS_B = (
     "misread",          # one operand misread (n ± 1 or 2): the chain is consistent with it, the answer wrong

@@ -315,7 +315,7 @@ def _check_finetune(cfg: DictConfig, n_layers: int | None) -> None:
     """The fine-tuning recipe: every ``_target_`` bound to its signature, schedule, budget, batch, checkpoints."""
     _one_of(cfg.finetune.mode, ("full", "lora"), "finetune.mode")
     # bf16/fp16 "-true" precision trains the weights themselves in half precision: a 1e-5 step
-    # vanishes below their resolution (16 % of up_proj weights moved in 10 steps, issue 11)
+    # vanishes below their resolution (16 % of up_proj weights moved in 10 steps: experiments/README.md, "Precision")
     _one_of(str(cfg.finetune.precision), FINETUNE_PRECISIONS, "finetune.precision")
     from resofilter.stages.finetune import check_target, lora_config
 
