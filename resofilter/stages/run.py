@@ -231,7 +231,7 @@ def write_results(spec: RunSpec, out: Path, results: RunResult, ft: dict[str, An
 
 
 def against_expected(band: tuple[float, float] | None, accuracy: float) -> tuple[str, bool | None]:
-    """Whether README command 1's final accuracy lies in the band the README gives (``expected.accuracy``,
+    """Whether README command 1's final accuracy lies in the band the README gives (``resofilter/readme.py``,
     set for that run only: :func:`~resofilter.stages.specs.expected_band`); the text the last log line ends
     with, and True/False (None: another run, nothing claimed)."""
     if band is None:

@@ -153,11 +153,13 @@ def needs_reference(cfg: DictConfig) -> bool:
     return ref is not None and not ref.get("features_dir")
 
 
-def expected_band(cfg: DictConfig, overrides: list[str] | None) -> tuple[float, float] | None:
+def expected_band(overrides: list[str] | None) -> tuple[float, float] | None:
     """README command 1 only — ``resofilter run`` with no overrides (``overrides == []``): the band its final
-    accuracy should lie in (``expected.accuracy``); ``None`` for any other run (nothing claimed)."""
-    band = (cfg.get("expected") or {}).get("accuracy")
-    return None if overrides != [] or band is None else (float(band[0]), float(band[1]))
+    accuracy should lie in (:data:`resofilter.readme.COMMAND_1_ACCURACY`, the README's claim, not a setting);
+    ``None`` for any other run (nothing claimed)."""
+    from resofilter.readme import COMMAND_1_ACCURACY
+
+    return COMMAND_1_ACCURACY if overrides == [] else None
 
 
 def run_spec(cfg: DictConfig) -> RunSpec:
@@ -170,7 +172,7 @@ def run_spec(cfg: DictConfig) -> RunSpec:
                  "step": cfg.step.name},
         until=cfg.run.get("until"), keep_checkpoint=bool(cfg.run.keep_checkpoint),
         evaluate_base=bool(cfg.run.evaluate_base), accelerator=cfg.trainer.accelerator,
-        scores_reference=needs_reference(cfg), expected_band=expected_band(cfg, context.task_overrides()),
+        scores_reference=needs_reference(cfg), expected_band=expected_band(context.task_overrides()),
         logger=plain(cfg.logger), config=plain(cfg), hydra_choices=hydra_choices())
 
 
