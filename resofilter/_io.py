@@ -230,12 +230,18 @@ def model_fingerprint(model: str | os.PathLike[str], cache_dir: str | os.PathLik
 
     Computed once per file state: the digest is cached under ``<cache_dir>/fingerprints/`` keyed by the
     directory's absolute path, with each file's size and mtime; a file whose size or mtime changed is
-    hashed again (``cache_dir=None``: hashed every time). A name that is no local directory (a hub id)
-    is its own fingerprint (``name:<id>``).
+    hashed again (``cache_dir=None``: hashed every time). A snapshot of the Hugging Face cache is named by
+    its commit (``hub:<id>@<commit>``, ``models/hub.py``: the hub's files of one commit do not change); a
+    name that is no local directory is its own fingerprint (``name:<id>``: runs resolve hub ids to snapshots
+    before this is asked).
     """
+    from resofilter.models.hub import hub_identity
+
     path = Path(model)
     if not path.is_dir():
         return f"name:{model}"
+    if (hub := hub_identity(path)) is not None:
+        return hub
     files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in MODEL_FILE_SUFFIXES or
                                                                    p.name in MODEL_FILE_NAMES))
     state = [[p.name, (st := p.stat()).st_size, st.st_mtime_ns] for p in files]

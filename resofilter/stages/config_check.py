@@ -183,6 +183,22 @@ def _check_models(cfg: DictConfig) -> None:
             elif m.get("name_or_path") is None and m.get("embedded") is None:
                 raise ConfigError(f"{key}.name_or_path", "is null and there is neither a `package` nor an `embedded` "
                                   "recipe")
+            _check_revision(m, key)
+
+
+def _check_revision(m: DictConfig, key: str) -> None:
+    """``<key>.revision`` picks a hub commit, tag or branch: only for a hub id."""
+    from resofilter.models.hub import is_hub_id
+
+    rev = m.get("revision")
+    if rev is None:
+        return
+    if not isinstance(rev, str) or not rev:
+        raise ConfigError(f"{key}.revision", f"must be a commit, tag or branch name, or null; got {rev!r}")
+    if not (m.get("name_or_path") and is_hub_id(str(m.name_or_path))):
+        raise ConfigError(f"{key}.revision", f"={rev} picks a revision of a hub model, but {key}.name_or_path "
+                          f"({m.get('name_or_path')!r}) is not a hub id: a local directory or packaged model "
+                          "is identified by its content")
 
 
 def _check_data(cfg: DictConfig) -> None:

@@ -119,7 +119,14 @@ def ensure_train_model(cfg: DictConfig) -> str:
 
 def _model_dir(cfg: DictConfig, model: DictConfig, key: str, tpl: Template) -> str:
     if model.get("name_or_path"):
-        return str(model.name_or_path)
+        from resofilter.models.hub import is_hub_id, resolve_hub_model
+
+        name = str(model.name_or_path)
+        if is_hub_id(name):  # the snapshot of one commit (model.revision; null: main), its identity
+            snapshot = resolve_hub_model(name, model.get("revision"))
+            log.info("%s: %s resolved to %s", key, name, snapshot)
+            return str(snapshot)
+        return name
     if model.get("package") is not None:  # a pretrained model from the registry, converted once into the cache
         from resofilter.stages.packaged import ensure_packaged_model
 
