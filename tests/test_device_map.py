@@ -23,8 +23,7 @@ from resofilter.features.targets import find_targets
 from resofilter.stages import score as stage
 from resofilter.stages.config_check import validate
 from tests.conftest import compose_cfg, tiny
-from tests.test_features_math import STEPS, _batch
-from tests.test_paper_scale import score_args
+from tests.helpers.common import STEPS, _batch, score_args
 
 
 def placed(model: torch.nn.Module) -> torch.nn.Module:

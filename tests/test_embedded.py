@@ -10,14 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from resofilter.commands import prepare
 from resofilter.stages import context
 from tests.conftest import compose_cfg, shrink
-
-TINY = {
-    "data.synthetic.n_base_train": 200, "data.synthetic.n_base_test": 20, "data.synthetic.n_pool": 60,
-    "data.synthetic.n_test": 20, "model.embedded.base_training.steps": 4,
-    "model.embedded.base_training.batch_size": 8, "model.embedded.base_training.progress_bar": False,
-    "model.embedded.eval.max_samples": 8, "model.embedded.eval.max_new_tokens": 4,
-    "model.embedded.architecture.hidden_size": 32, "model.embedded.architecture.intermediate_size": 64,
-}
+from tests.helpers.common import TINY
 
 
 def test_prepare_builds_caches_and_reports(tmp_path, caplog):

@@ -8,7 +8,7 @@ import torch
 
 from resofilter.environment import differences, environment
 from resofilter.reporting.table import write_table
-from tests.test_run import _fake_result
+from tests.helpers.common import _fake_result
 
 
 def test_environment_names_what_changes_numbers():

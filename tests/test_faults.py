@@ -15,6 +15,7 @@ from resofilter._io import temporary_dir, write_json_atomic
 from resofilter.data.records import load_records
 from resofilter.errors import DataError
 from tests.conftest import FIXTURES, compose_cfg
+from tests.helpers.common import score_args
 
 ROWS = [{"query": f"q{i}", "response": f"r{i}"} for i in range(3)]
 
@@ -73,7 +74,6 @@ def test_a_second_writer_is_refused_naming_the_holder(tmp_path, tiny_model_dir):
     from resofilter._io import LOCK_FILE
     from resofilter.commands import score
     from resofilter.errors import ResoFilterError
-    from tests.test_paper_scale import score_args
 
     out = tmp_path / "o"
     out.mkdir()
@@ -115,7 +115,6 @@ def test_a_waiting_writer_goes_on_when_the_holder_is_done(tmp_path):
 
 def test_temporaries_of_a_killed_run_are_removed_on_the_next_start(tmp_path, tiny_model_dir):
     from resofilter.commands import score
-    from tests.test_paper_scale import score_args
 
     out = tmp_path / "o"
     (out / "shards").mkdir(parents=True)
@@ -195,7 +194,6 @@ def reference_features(tmp_path_factory, tiny_model_dir):
     import pandas as pd
 
     from resofilter.commands import score
-    from tests.test_paper_scale import score_args
 
     ref = tmp_path_factory.mktemp("ref")
     score(compose_cfg(score_args(tiny_model_dir, ref), "score"))
@@ -212,7 +210,6 @@ def test_a_damaged_shard_is_named_and_recomputed(tmp_path, tiny_model_dir, refer
 
     from resofilter.commands import score
     from resofilter.features import extract
-    from tests.test_paper_scale import score_args
 
     out = tmp_path / "o"
     real, written = extract.write_shard, []

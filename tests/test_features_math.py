@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from resofilter.data.templates import FormatTemplate
-from resofilter.data.tokenize import IGNORE_INDEX, Collator, tokenize_records
+from resofilter.data.tokenize import IGNORE_INDEX, Collator
 from resofilter.errors import ResoFilterError
 from resofilter.features.closed_form import StepConfig, one_step_update
 from resofilter.features.fast import FastScorer
@@ -15,14 +14,9 @@ from resofilter.features.literal import LiteralScorer
 from resofilter.features.statistics import UpdateStatistics
 from resofilter.features.targets import find_targets
 from tests.conftest import tiny
+from tests.helpers.common import STEPS, _batch
 
 ALL_STATS = ["mean_abs", "l2", "max_abs", "std", "don", "cos_to_weight", "quantiles", "count_above"]
-STEPS = {
-    "adamw": StepConfig("adamw", lr=1e-3, weight_decay=0.01, eps=1e-8),
-    "adam": StepConfig("adam", lr=1e-3, weight_decay=0.01, eps=1e-8),
-    "sgd": StepConfig("sgd", lr=1e-3, weight_decay=0.01, eps=None),
-}
-TEMPLATE = FormatTemplate("p", "Q: {query}\nA: ")
 
 
 @pytest.mark.parametrize("name", list(STEPS))
@@ -68,9 +62,6 @@ def test_statistics_in_row_blocks_equal_numpy_brute_force(hold):
     assert set(got) == set(exp)
 
 
-def _batch(tokenizer, records, n=6, side="right", max_length=256):
-    samples, _ = tokenize_records(records[:n], TEMPLATE, tokenizer, max_length)
-    return Collator(tokenizer.pad_token_id, side)(samples), samples
 
 
 def test_batched_per_sample_gradient_equals_one_sample_autograd(tokenizer, gsm8k_records):

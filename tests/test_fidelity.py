@@ -20,7 +20,7 @@ from resofilter.evaluation.protocols import ProtocolSpec, stop_strings
 from resofilter.stages import specs
 from resofilter.stages.config_check import validate
 from tests.conftest import FIXTURES, compose_cfg, shrink
-from tests.test_training_eval import ft_overrides
+from tests.helpers.common import TINY_RUN, ft_overrides
 
 METAMATH = FIXTURES / "metamathqa" / "train.jsonl"
 TURNS = ["<start_of_turn>", "<end_of_turn>"]
@@ -135,7 +135,6 @@ def test_a_fine_tuning_records_its_global_batch(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow  # two embedded builds and a run (~40 s)
 def test_the_trained_model_is_not_the_scoring_model(tmp_path):
-    from tests.test_run import TINY_RUN
 
     small = {k.replace("model.", "train_model.", 1): v for k, v in TINY_RUN.items() if k.startswith("model.")}
     cfg = shrink(compose_cfg(["variant=reso50", "model@train_model=tiny_llama"], "run"), tmp_path,

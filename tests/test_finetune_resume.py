@@ -15,8 +15,8 @@ from resofilter.commands import finetune
 from resofilter.errors import ResoFilterError
 from resofilter.training.sft import EpochBatchSampler, EpochSampler, epoch_order
 from tests.conftest import compose_cfg
+from tests.helpers.common import TINY_RUN, ft_overrides
 from tests.helpers.faults import InjectedFault
-from tests.test_training_eval import ft_overrides
 
 FAULT = "tests.helpers.faults.RaiseAtStep"
 
@@ -154,7 +154,6 @@ def test_a_killed_run_resumes_and_a_finished_one_is_returned(tmp_path):
     in its directory is refused."""
     from resofilter.commands import run
     from tests.conftest import shrink
-    from tests.test_run import TINY_RUN
 
     def cfg(name, *extra, **more):
         return shrink(compose_cfg(["variant=reso50", *extra], "run"), tmp_path / name,

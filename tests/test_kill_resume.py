@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import GSM8K_TRAIN
-from tests.test_score_stage import _cli
+from tests.helpers.common import _cli
 
 pytestmark = pytest.mark.slow
 

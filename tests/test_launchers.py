@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.conftest import tiny_command
-from tests.test_run import overrides
+from tests.helpers.common import overrides
 
 
 def _resofilter(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:

@@ -126,3 +126,14 @@ def test_code_and_config_comments_say_why_not_when():
              for i, text in _comments(p) for m in [dated.search(text), ours.search(text)] if m]
     assert not found, found
     assert dated.search("measured 2026-12-02 here") and ours.search("(issue 22)")  # the patterns do match
+
+
+def test_the_readme_is_a_guide_first():
+    """Issue 37: a newcomer meets the first command within 40 lines and the commands section within the first
+    third, after the quick start and their own data."""
+    lines = (Path(resofilter.__file__).parent.parent / "README.md").read_text().splitlines()
+    first_command = next(i for i, line in enumerate(lines, 1) if line.startswith("python3 -m venv"))
+    heads = [line for line in lines if line.startswith("## ")]
+    commands = lines.index(next(h for h in heads if h.startswith("## Commands"))) + 1
+    assert first_command <= 40 and commands <= len(lines) / 3, (first_command, commands, len(lines))
+    assert [h.split()[1] for h in heads[:3]] == ["Quick", "Your", "Commands"]

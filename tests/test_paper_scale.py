@@ -20,15 +20,8 @@ from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.features import extract as extract_mod
 from resofilter.reporting.table import write_table
 from resofilter.stages.config_check import scoring_dtype, validate
-from tests.conftest import GSM8K_TRAIN, compose_cfg, tiny, tiny_command, write_jsonl, write_result
-
-FAST = ["tokenize.max_length=192", "score.shard_size=16", "score.batch_size=8", "score.progress_bar=false",
-        "score.statistics=[mean_abs,l2]"]
-
-
-def score_args(model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.name_or_path={model_dir}", "model.embedded=null", "data=gsm8k", f"data.path={GSM8K_TRAIN}",
-            "template=plain", f"output_dir={out}", *FAST, *extra]
+from tests.conftest import compose_cfg, tiny, tiny_command, write_jsonl, write_result
+from tests.helpers.common import score_args
 
 
 def save_model(model: torch.nn.Module, tokenizer, d: Path) -> Path:

@@ -9,6 +9,7 @@ import pytest
 
 from resofilter import progress
 from resofilter.errors import ConfigError
+from tests.helpers.common import ft_overrides
 
 
 class Clock:
@@ -44,7 +45,6 @@ def test_bad_progress_settings_are_config_errors():
 def test_a_finetune_logs_progress_lines_when_not_in_a_terminal(tmp_path, tiny_model_dir, caplog, monkeypatch):
     from resofilter.commands import finetune
     from tests.conftest import compose_cfg
-    from tests.test_training_eval import ft_overrides
 
     monkeypatch.setitem(progress._SETTINGS, "bars", "auto")  # pytest's stderr is not a terminal
     monkeypatch.setitem(progress._SETTINGS, "log_every_s", 0.0)

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_run import _fake_result
-from tests.test_selection import _stage_cfg
+from tests.helpers.common import _fake_result, _stage_cfg
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

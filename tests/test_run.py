@@ -17,15 +17,7 @@ from resofilter.commands import run
 from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.reporting.table import write_table
 from tests.conftest import compose_cfg, shrink, tiny_command, tiny_tier, write_result
-from tests.test_embedded import TINY
-
-TINY_RUN = {**TINY, "model.embedded.base_training.steps": 60, "finetune.max_steps": 3, "finetune.batch_size": 4,
-            "eval.max_samples": 6, "eval.max_new_tokens": 6, "eval.min_new_tokens": 2,
-            "trainer.enable_progress_bar": False, "score.progress_bar": False}
-
-
-def overrides(tmp: Path) -> list[str]:
-    return [f"{k}={v}" for k, v in TINY_RUN.items()] + [f"paths.cache_dir={tmp / 'cache'}"]
+from tests.helpers.common import TINY_RUN, _fake_result, overrides
 
 
 def test_run_end_to_end(tmp_path):
@@ -172,9 +164,6 @@ def test_the_last_line_of_readme_command_1_checks_its_band():
     assert f"accuracy {band} (1000/2000 kept) in … s — inside the band README command 1 expects ({band})" in readme
 
 
-def _fake_result(d: Path, variant: str, seed: int, accs: dict, auroc: float | None = 0.6) -> None:
-    write_result(d, variant=variant, seed=seed, accs=accs, total_time_s=10.0 + seed,
-                 select={"noise_rate_kept": 0.3, "noise_auroc": auroc})
 
 
 def test_table_numbers_by_hand(tmp_path):

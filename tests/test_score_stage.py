@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,8 @@ import pytest
 
 from resofilter.commands import score
 from resofilter.errors import ConfigError, ResoFilterError
-from tests.conftest import GSM8K_TRAIN, compose_cfg, shrink, tiny_command
+from tests.conftest import GSM8K_TRAIN, compose_cfg, shrink
+from tests.helpers.common import _cli
 
 FAST = ["score.statistics=[mean_abs,l2,max_abs,std,don,cos_to_weight,quantiles,count_above]",
         "tokenize.max_length=320", "score.shard_size=16", "score.batch_size=8", "score.progress_bar=false"]
@@ -75,10 +75,6 @@ def test_changed_config_in_same_dir_is_an_error(tmp_path, tiny_model_dir, monkey
         score(compose_cfg(score_overrides(tiny_model_dir, tmp_path / "o", "step=sgd"), "score"))
 
 
-def _cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "resofilter.cli", *tiny_command(args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
 @pytest.mark.slow  # a real SIGKILL of a subprocess (~40 s); in-process resume: test_paper_scale.py F5

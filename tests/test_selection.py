@@ -13,8 +13,7 @@ from resofilter.errors import ConfigError, ResoFilterError
 from resofilter.selection.diagnostics import auprc, auroc
 from resofilter.selection.scorers import ColumnScorer, CombinedScorer, ResoFilterScorer, ScoredPool, badness
 from resofilter.selection.select import n_to_keep, select
-from resofilter.stages import context
-from tests.conftest import compose_cfg, write_features_dir, write_jsonl
+from tests.helpers.common import _stage_cfg
 
 SCORES = np.array([0.5, 0.9, 0.1, 0.7, 0.3])  # positions 0..4
 
@@ -117,18 +116,6 @@ def test_topsis_by_hand_with_unequal_weights():
                                [0.5, 0.5, 0.5], rtol=1e-12)
 
 
-def _stage_cfg(tmp_path, *extra, mean_abs=None):
-    pool = [{"id": f"s{i}", "query": f"q{i % 5}", "response": f"r{i}", "meta": {"noisy": i % 3 == 0, "noise_kind":
-             "garbled" if i % 3 == 0 else "clean"}, "extra": i} for i in range(9)]
-    data = write_jsonl(tmp_path / "pool.jsonl", pool)
-    feats = pd.DataFrame({"sample_id": [f"s{i}" for i in range(9)], "loss": [float(i % 3 == 0) + i / 100
-                          for i in range(9)], "ppl": 1.0, "n_tokens": list(range(9)), "truncated": False,
-                          **{f"model.layers.{k}.mlp.up_proj/mean_abs": np.arange(9.0) if mean_abs is None
-                             else np.asarray(mean_abs) for k in range(4)}})
-    cfg = compose_cfg([f"data.path={data}", f"features_dir={tmp_path / 'feat'}", f"output_dir={tmp_path / 'out'}",
-                       "data.synthetic=null", *extra], "select")
-    write_features_dir(tmp_path / "feat", feats, context.load_data(cfg)[0])
-    return cfg, pool
 
 
 def test_select_stage_outputs(tmp_path):

@@ -15,7 +15,7 @@ from resofilter.features.literal import LiteralScorer
 from resofilter.features.sketch import Projector, SketchSpec, cosine_rows, projection, rms_error_bound
 from resofilter.features.targets import find_targets
 from tests.conftest import tiny
-from tests.test_features_math import _batch
+from tests.helpers.common import _batch
 
 STEP = StepConfig("adamw", lr=1e-5, weight_decay=0.01, eps=1e-8)
 

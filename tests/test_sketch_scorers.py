@@ -20,7 +20,7 @@ from resofilter.selection.scorers import (
     badness,
     build_scorer,
 )
-from tests.test_selection import _stage_cfg
+from tests.helpers.common import _stage_cfg
 
 LAYOUT = {"k_out": 1, "k_in": 2, "seed": 0, "of": "gradient", "targets": ["m"], "model": "test", "model_weights": None}
 

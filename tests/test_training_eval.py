@@ -15,14 +15,7 @@ from resofilter.evaluation.extract import GSM8KExtractor, MathExtractor, Synthet
 from resofilter.evaluation.generate import wilson_interval
 from resofilter.training.sft import causal_lm_loss, make_scheduler
 from tests.conftest import FIXTURES, GSM8K_TRAIN, compose_cfg, write_jsonl
-
-
-def ft_overrides(model_dir, out, *extra):
-    return [f"model.name_or_path={model_dir}", "model.embedded=null", "model.num_hidden_layers=4",
-            "data=gsm8k", f"data.path={GSM8K_TRAIN}", "data.max_samples=16", "template=plain",
-            "tokenize.max_length=128", f"output_dir={out}", "finetune.max_steps=8", "finetune.batch_size=4",
-            "finetune.optimizer.lr=3e-3", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
-            *extra]
+from tests.helpers.common import ft_overrides
 
 
 def test_causal_lm_loss_counts_response_tokens_only():

@@ -13,6 +13,7 @@ from resofilter.errors import ResoFilterError
 from resofilter.stages import context, specs
 from resofilter.stages.score import warn_unlearned
 from tests.conftest import GSM8K_TRAIN, compose_cfg, write_result
+from tests.helpers.common import _fake_result
 
 
 def test_warns_when_the_model_has_not_learned_the_text(caplog):
@@ -105,7 +106,6 @@ def test_table_logs_a_wandb_table_offline(tmp_path, monkeypatch):
     import json
 
     from resofilter.commands import table
-    from tests.test_run import _fake_result
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     for i, (variant, seed, acc) in enumerate([("full", 0, 0.30), ("resofilter", 0, 0.28)]):
