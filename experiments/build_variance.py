@@ -73,7 +73,9 @@ def rows_and_differences(root: Path, eval_name: str | None) -> tuple[str, list[t
 
 
 def report(root: Path, eval_name: str | None) -> str:
-    from resofilter.reporting.intervals import variance_components
+    from scipy import stats
+
+    from resofilter.reporting.intervals import t_interval, variance_components
 
     name, items = rows_and_differences(root, eval_name)
     head = ["", "mean", *(f"σ {c.replace('_', '×')}" for c in COMPONENTS), "SE of the mean",
@@ -82,8 +84,9 @@ def report(root: Path, eval_name: str | None) -> str:
              "seed: of a run's accuracy; problem, build×problem and residual: of one problem's correctness. "
              "Shares: of the variance of the row's mean in this design (builds × seeds × problems).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    signs = ["", "| " + " | ".join(["", "overall", "builds with its sign", "per build (points)"]) + " |",
-             "|---|---|---|---|"]
+    signs = ["", "| " + " | ".join(["", "overall", "builds with its sign", "sign test p (two-sided)",
+                                     "per build (points)", "95 % CI (builds, problems)"]) + " |",
+             "|---|---|---|---|---|---|"]
     for label, units in items:
         x, builds = unit_array(units)
         vc = variance_components(x)
@@ -97,8 +100,13 @@ def report(root: Path, eval_name: str | None) -> str:
             per_build = 100 * x.mean(axis=(1, 2))
             overall = np.sign(x.mean())
             same = int((np.sign(per_build) == overall).sum())
-            signs.append(f"| {label} | {100 * x.mean():+.1f} | {same}/{len(builds)} | "
-                         + ", ".join(f"b{b}: {v:+.1f}" for b, v in zip(builds, per_build, strict=True)) + " |")
+            nonzero = int((per_build != 0).sum())
+            # H0: a build's difference is as likely positive as negative; ties (0) carry no sign
+            p_sign = stats.binomtest(same, nonzero, 0.5).pvalue if nonzero else float("nan")
+            iv = t_interval(x.reshape(-1, x.shape[2]), np.repeat(np.arange(x.shape[0]), x.shape[1]))
+            signs.append(f"| {label} | {100 * x.mean():+.1f} | {same}/{len(builds)} | {p_sign:.3g} | "
+                         + ", ".join(f"b{b}: {v:+.1f}" for b, v in zip(builds, per_build, strict=True))
+                         + f" | [{100 * iv.lo:+.1f}, {100 * iv.hi:+.1f}] |")
     return "\n".join(lines + signs) + "\n"
 
 

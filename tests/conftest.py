@@ -135,7 +135,7 @@ def write_features_dir(d: Path, features, records, n_layers: int = 4) -> Path:
 
 def write_result(d: Path, *, variant: str = "resofilter", keep_ratio: float = 0.5, seed: int = 0,
                  accs: dict | None = None, select: dict | None = None, setting: dict | None = None,
-                 **fields) -> Path:
+                 steps: int | None = None, **fields) -> Path:
     """A finished run's ``results.json`` as the run writes it (a typed RunResult), with test values;
     ``setting`` defaults to the fields a table row is told apart by."""
     from resofilter.reporting.results import RunResult
@@ -146,7 +146,8 @@ def write_result(d: Path, *, variant: str = "resofilter", keep_ratio: float = 0.
             "total_time_s": 10.0, "base_model": None, "choices": None, "environment": {}}
     base.update(fields)
     stages = {"score": {"cached": True, "time_s": 1.0}, "select": {"n_out": 50, "time_s": 1.0, **(select or {})},
-              "finetune": {"time_s": 1.0}, "evaluate": {"time_s": 1.0}}
+              "finetune": {"time_s": 1.0, **({"steps": steps} if steps is not None else {})},
+              "evaluate": {"time_s": 1.0}}
     if setting is None:
         setting = {"variant_name": variant, "scorer.name": base["scorer"], "selection.keep_ratio": keep_ratio,
                    "layers.modules": base["layers"]["modules"], "layers.indices": base["layers"]["indices"],

@@ -137,7 +137,7 @@ def test_builds_swept_like_seeds_are_a_factor_of_the_table(tmp_path):
     t = write_table(sweep)
     rows = {r["variant"]: r for r in t["rows"]}
     assert rows["resofilter"]["builds"] == 2 and rows["resofilter"]["seeds"] == 1 and rows["full"]["units"] == 2
-    assert "| builds |" in t["markdown"] and "bootstrap over builds, seeds within builds and problems" in t["markdown"]
+    assert "| builds |" in t["markdown"] and "builds and problems as crossed random factors" in t["markdown"]
     accs = [r["eval"]["math_synth"] for r in results if r["variant"] == "resofilter"]
     assert rows["resofilter"]["acc/math_synth mean"] == pytest.approx(sum(accs) / 2)
 

@@ -196,12 +196,16 @@ def selection_report(out_dir: Path, *, scorer: str, summary: dict[str, Any], dia
 
 def table_report(out: Path, markdown_table: str, summary_rows: list[dict[str, Any]], columns: list[str],
                  root: str) -> Path:
-    """``table.html``: the table (the columns of ``table.csv`` that a reader needs) and ``table.png``."""
+    """``table.html``: the table (the columns of ``table.csv`` that a reader needs), ``table.png`` and, when the
+    runs span several budgets, ``budget.png``."""
     path = out / "table.html"
     rows = [[r.get(c) for c in columns] for r in summary_rows]
     notes = "".join(f'<p class="note">{esc(line)}</p>' for line in markdown_table.splitlines()
                     if line and not line.startswith("|"))
-    page(path, f"resofilter table: {root}",
-         [section("table", "Rows", table(columns, rows, table_id="results") + notes),
-          section("plot", "Accuracy against keep ratio", image(out / "table.png", "table plot"))])
+    sections = [section("table", "Rows", table(columns, rows, table_id="results") + notes),
+                section("plot", "Accuracy against keep ratio", image(out / "table.png", "table plot"))]
+    if (out / "budget.png").exists():
+        sections.append(section("budget", "Accuracy against the training budget",
+                                image(out / "budget.png", "budget curve")))
+    page(path, f"resofilter table: {root}", sections)
     return path

@@ -16,13 +16,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
 from resofilter.environment import differences
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.html import table_report
-from resofilter.reporting.intervals import Z_80_POWER, Z_95, Unit, bootstrap, paired_matrix, row_matrix
+from resofilter.reporting.intervals import Unit, detectable, paired_matrix, row_matrix, t_interval
 from resofilter.reporting.results import RunResult, canonical_setting
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "step": r.step, "seed": r.seed, "build": _build(r.build), "n_kept": r.n_kept,
             "noise_rate_kept": r.noise_rate_kept, "noise_auroc": r.noise_auroc, "rho_length": r.rho_length,
             "score_cached": r.features_cached, "time_s": r.run_time_s, "scorer": r.scorer, "budget": r.budget,
+            "train_steps": (r.stages.get("finetune") or {}).get("steps"),
+            "curve_key": stable_hash({k: v for k, v in canonical_setting(r.setting).items() if k not in BUDGET_KEYS}),
             "protocols": json.dumps(r.eval_protocols, sort_keys=True),
             "scored_by": _model_name(r.model), "trained": _model_name(r.train_model),
             "base_accuracy": (r.stages.get("base_eval") or {}).get("accuracy"),
@@ -134,6 +137,8 @@ def unit_correctness(row_runs: pd.DataFrame, eval_name: str) -> dict[Unit, dict[
 
 
 _OWN_COLUMNS = {"finetune.budget"}  # shown in a column of its own
+# How long a run trains: rows that differ only in these are one variant at several budgets (a curve)
+BUDGET_KEYS = ("finetune.budget", "finetune.max_steps", "finetune.epochs")
 
 
 def setting_labels(runs: pd.DataFrame) -> pd.Series:
@@ -175,7 +180,7 @@ def setting_labels(runs: pd.DataFrame) -> pd.Series:
     return runs["setting_key"].map(labels)
 
 
-def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> pd.DataFrame:
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.assign(setting=setting_labels(runs), context=runs["_setting"].map(context_key))
     varying = ["variant", "keep_ratio", "setting", "setting_key"]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
@@ -194,13 +199,14 @@ def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> p
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
     out = out.reset_index()
     first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols", "scored_by", "trained",
-                                         "base_accuracy"]].first()
+                                         "base_accuracy", "train_steps", "curve_key"]].first()
     out = out.join(first, on="setting_key")
     for c in acc_cols:
-        _intervals(out, runs, c, n_resamples, seed)
+        _intervals(out, runs, c)
     out = out.sort_values(["budget", "keep_ratio", "variant", "setting"], ascending=[True, False, True, True],
                           na_position="first")
     out = out.drop(columns=["setting_key", "context"])
+    out["curve"] = _curve_labels(out)
     if out["budget"].isna().all():
         out = out.drop(columns="budget")
     else:
@@ -208,10 +214,21 @@ def summarize(runs: pd.DataFrame, n_resamples: int = 10_000, seed: int = 0) -> p
     return out if out["setting"].astype(bool).any() else out.drop(columns="setting")
 
 
-def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int, seed: int) -> None:
-    """Add ``{col} lo/hi`` (the row's 95 % interval) and the paired differences from the row's
-    ``full`` reference (keep ratio 1, same context) and ``random`` reference (random scorer, same
-    keep ratio and context): ``{col} Δfull``/``Δrandom`` with ``lo``, ``hi`` and ``se``.
+def _curve_labels(out: pd.DataFrame) -> pd.Series:
+    """Each row's curve on the budget axis: its variant and keep ratio and whatever else (not the budget)
+    distinguishes its setting."""
+    def label(r: pd.Series) -> str:
+        rest = [part for part in str(r.get("setting") or "").split(", ")
+                if part and not part.startswith(tuple(f"{k}=" for k in BUDGET_KEYS))]
+        return ", ".join([f"{r['variant']} {r['keep_ratio']:g}", *rest])
+    return out.apply(label, axis=1) if len(out) else pd.Series(dtype=str)
+
+
+def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str) -> None:
+    """Add ``{col} lo/hi`` (the row's 95 % interval, :func:`t_interval` over its runs and problems) and
+    the paired differences from the row's ``full`` reference (keep ratio 1, same context) and ``random``
+    reference (random scorer, same keep ratio and context): ``{col} Δfull``/``Δrandom`` with ``lo``,
+    ``hi``, ``se`` and ``df``.
 
     Rows whose runs kept no predictions get no interval (NaN).
     """
@@ -220,13 +237,13 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int
     for c in (f"{col} lo", f"{col} hi", f"{col} problems"):
         out[c] = float("nan")
     for ref in ("full", "random"):
-        for c in ("", " lo", " hi", " se"):
+        for c in ("", " lo", " hi", " se", " df"):
             out[f"{col} Δ{ref}{c}"] = float("nan")
     for i, row in out.iterrows():
         mine = per_row.get(row["setting_key"])
         if not mine:
             continue
-        iv = bootstrap(row_matrix(mine), [b for b, _ in sorted(mine)], n_resamples, seed)
+        iv = t_interval(row_matrix(mine), np.array([b for b, _ in sorted(mine)]))
         out.loc[i, [f"{col} lo", f"{col} hi", f"{col} problems"]] = [iv.lo, iv.hi, iv.n_problems]
         same = (out["context"] == row["context"]) & (out["setting_key"] != row["setting_key"])
         refs = {"full": out[same & (out["keep_ratio"] >= 1)],
@@ -238,9 +255,9 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str, n_resamples: int
             diff = paired_matrix(mine, theirs)
             if diff is None:
                 continue
-            d = bootstrap(diff, [b for b, _ in sorted(set(mine) & set(theirs))], n_resamples, seed)
-            out.loc[i, [f"{col} Δ{ref}", f"{col} Δ{ref} lo", f"{col} Δ{ref} hi", f"{col} Δ{ref} se"]] = \
-                [d.mean, d.lo, d.hi, d.se]
+            d = t_interval(diff, np.array([b for b, _ in sorted(set(mine) & set(theirs))]))
+            out.loc[i, [f"{col} Δ{ref}{c}" for c in ("", " lo", " hi", " se", " df")]] = \
+                [d.mean, d.lo, d.hi, d.se, d.df]
 
 
 def _pct(x: float) -> str:
@@ -288,22 +305,26 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for c in acc_cols:
-        se = pd.concat([summary[f"{c} Δ{ref} se"] for ref in ("full", "random")]).dropna()
+        diffs = pd.concat([summary[[f"{c} Δ{ref} se", f"{c} Δ{ref} df"]].set_axis(["se", "df"], axis=1)
+                           for ref in ("full", "random")]).dropna()
         n_p = summary[f"{c} problems"].max()
-        if len(se):
-            mde = 100 * (Z_95 + Z_80_POWER) * se.median()
+        if len(diffs):
+            mde = 100 * float(np.median([detectable(r.se, r.df) for r in diffs.itertuples()]))
             problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
             if by_build:
                 design = (f"{int(summary['builds'].max())} builds × {int(summary['seeds'].max())} seeds{problems}; "
-                          "95 % intervals from a bootstrap over builds, seeds within builds and problems (rows of one "
-                          "build: seeds and problems), differences paired by build, seed and problem")
+                          "95 % generalized confidence intervals with builds and problems as crossed random factors "
+                          "(seeds averaged within their build; rows of one build: seeds and problems), differences "
+                          "paired by build, seed and problem")
             else:
                 one = _one_build(summary)
-                design = (f"{int(summary['seeds'].max())} seeds{problems}{one}; 95 % intervals from a bootstrap over "
-                          "seeds and problems, differences paired by seed and problem")
-            notes.append(f"{c[4:]}: {design} (\\*: the interval "
-                         f"excludes 0); a difference of ≥ {mde:.1f} points is detectable at 80 % power "
-                         "((1.96 + 0.84) × the median bootstrap SE of the differences).")
+                design = (f"{int(summary['seeds'].max())} seeds{problems}{one}; 95 % generalized confidence "
+                          "intervals with seeds and problems as crossed random factors, differences paired by seed "
+                          "and problem")
+            notes.append(f"{c[4:]}: {design} (\\*: the interval excludes 0; coverage checked by simulation: "
+                         f"experiments/interval_coverage.py); a difference of ≥ {mde:.1f} points is detectable at "
+                         "80 % power (the median over the differences of (t₀.₉₇₅ + t₀.₈₀) × SE on the interval's "
+                         "degrees of freedom).")
     protocols = {k: v for p in summary.get("protocols", pd.Series(dtype=object)).dropna()
                  for k, v in json.loads(p).items()}
     if models and keys[-len(models):] != models and summary[models].notna().all().all():
@@ -366,6 +387,73 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def has_budget_axis(summary: pd.DataFrame) -> bool:
+    """True when some curve (a variant's rows differing only in the budget) was trained at ≥ 2 step counts."""
+    if "curve_key" not in summary.columns or summary["train_steps"].isna().all():
+        return False
+    return bool((summary.groupby("curve_key")["train_steps"].nunique() >= 2).any())
+
+
+def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str], list[tuple[float, ...]]]:
+    """The data-efficiency curve: accuracy (top) and the paired difference from the full pool at the same
+    budget (bottom) against the optimizer steps trained, one line per curve, error bars the 95 % intervals.
+
+    The x axis is the steps a run took: under budget=steps every subset of a budget takes the same, under
+    budget=epochs the full pool takes twice a half's — its points then sit where it trained. Returns what it
+    drew: ``(eval column, "acc" | "Δfull", curve) → [(steps, mean, lo, hi), …]``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
+    fig, axes = plt.subplots(2, len(acc_cols), figsize=(7 * len(acc_cols), 8), squeeze=False, sharex=True)
+    curves = summary.dropna(subset=["train_steps"]).groupby("curve", sort=False)
+    steps = sorted(summary["train_steps"].dropna().unique())
+    drawn: dict[tuple[str, str, str], list[tuple[float, ...]]] = {}
+    for j, c in enumerate(acc_cols):
+        top, bottom = axes[0, j], axes[1, j]
+        for k, (name, g) in enumerate(curves):
+            g = g.sort_values("train_steps")
+            x = g["train_steps"].to_numpy(dtype=float)
+            shift = 1 + 0.025 * (k - (curves.ngroups - 1) / 2)  # side by side, so the error bars do not hide
+            # each other (the points' steps are the ticks)
+            mean = 100 * g[f"{c} mean"]
+            err = [(mean - 100 * g[f"{c} lo"]).fillna(100 * g[f"{c} std"]),
+                   (100 * g[f"{c} hi"] - mean).fillna(100 * g[f"{c} std"])]
+            full = (g["keep_ratio"] >= 1).all()
+            line = top.errorbar(x * shift, mean, yerr=err, marker="o", capsize=3, label=name,
+                                **({"color": "k", "ls": "--"} if full else {}))
+            drawn[(c, "acc", name)] = list(zip(x, mean, mean - err[0], mean + err[1], strict=True))
+            d = g.dropna(subset=[f"{c} Δfull"])
+            if not full and len(d):
+                dm = 100 * d[f"{c} Δfull"]
+                bottom.errorbar(d["train_steps"].to_numpy(dtype=float) * shift, dm,
+                                yerr=[dm - 100 * d[f"{c} Δfull lo"], 100 * d[f"{c} Δfull hi"] - dm], marker="o",
+                                capsize=3, color=line[0].get_color(), label=name)
+                drawn[(c, "Δfull", name)] = list(zip(d["train_steps"].astype(float), dm, 100 * d[f"{c} Δfull lo"],
+                                                     100 * d[f"{c} Δfull hi"], strict=True))
+        bottom.axhline(0, color="k", ls="--", lw=1)
+        top.set_ylabel(f"{c[4:]} accuracy (%)")
+        bottom.set_ylabel("Δ full at the same budget (points)")
+        bottom.set_xlabel("optimizer steps trained (log scale)")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(steps, [f"{v:g}" for v in steps])
+            ax.minorticks_off()
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=8)
+        top.set_title(f"{c[4:]}: mean over seeds with its 95 % interval", fontsize=9)
+    models = summary["trained"].dropna().unique() if "trained" in summary.columns else []
+    fig.suptitle("Accuracy against the training budget" + (f" — {', '.join(models)}" if len(models) else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
 def write_table(root: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     runs, incomplete = collect(root)
     out = Path(out) if out else Path(root)
@@ -385,6 +473,10 @@ def write_table(root: str | Path, out: str | Path | None = None) -> dict[str, An
     write_text_atomic(out / "table.csv", summary.to_csv(index=False))
     write_text_atomic(out / "runs.csv", runs.drop(columns=["_setting", "_choices", "_environment"]).to_csv(index=False))
     plot(summary, out / "table.png")
+    if has_budget_axis(summary):
+        plot_budget(summary, out / "budget.png")
+    else:
+        (out / "budget.png").unlink(missing_ok=True)  # an earlier table's curve of runs no longer all here
     shown = [c for c in summary.columns if not c.startswith("_") and c != "setting_key"]
     table_report(out, md, summary[shown].to_dict("records"), shown, str(root))
     log.info("table of %d runs (%d rows) → %s\n%s", len(runs), len(summary), out / "table.md", md)
