@@ -52,8 +52,9 @@ CLEARED = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THR
 def build(steps: int, cache: Path, env_extra: dict[str, str], overrides: list[str]) -> tuple[Path, float, dict]:
     """One short embedded build in a fresh process under ``env_extra``; its dir, wall time, environment."""
     env = {k: v for k, v in os.environ.items() if k not in CLEARED} | env_extra
-    cmd = [sys.executable, "-m", "resofilter", "prepare", f"model.embedded.base_training.steps={steps}",
-           f"paths.cache_dir={cache}", f"output_dir={cache / 'prepare'}", "progress.bars=false",
+    cmd = [sys.executable, "-m", "resofilter", "prepare", "experiment=tiny",  # the embedded tier (not the default)
+           f"model.embedded.base_training.steps={steps}", f"paths.cache_dir={cache}",
+           f"output_dir={cache / 'prepare'}", "progress.bars=false",
            "model.embedded.base_training.progress_bar=false", "model.embedded.eval.max_samples=50", *overrides]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -137,8 +137,10 @@ def unit_correctness(row_runs: pd.DataFrame, eval_name: str) -> dict[Unit, dict[
 
 
 _OWN_COLUMNS = {"finetune.budget"}  # shown in a column of its own
-# How long a run trains: rows that differ only in these are one variant at several budgets (a curve)
-BUDGET_KEYS = ("finetune.budget", "finetune.max_steps", "finetune.epochs")
+# How long a run trains: rows that differ only in these are one variant at several budgets (a curve). The kind
+# of budget (finetune.budget: steps or epochs) is not one of them: under epochs the full pool trains twice a
+# half's steps, so its rows are a curve of their own
+BUDGET_KEYS = ("finetune.max_steps", "finetune.epochs")
 
 
 def setting_labels(runs: pd.DataFrame) -> pd.Series:
@@ -220,7 +222,8 @@ def _curve_labels(out: pd.DataFrame) -> pd.Series:
     def label(r: pd.Series) -> str:
         rest = [part for part in str(r.get("setting") or "").split(", ")
                 if part and not part.startswith(tuple(f"{k}=" for k in BUDGET_KEYS))]
-        return ", ".join([f"{r['variant']} {r['keep_ratio']:g}", *rest])
+        kind = [] if pd.isna(r.get("budget")) or r.get("budget") == "steps" else [f"budget={r['budget']}"]
+        return ", ".join([f"{r['variant']} {r['keep_ratio']:g}", *kind, *rest])
     return out.apply(label, axis=1) if len(out) else pd.Series(dtype=str)
 
 
