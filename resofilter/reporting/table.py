@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
 from resofilter.environment import differences
@@ -104,6 +105,8 @@ def _model_name(path: str | None) -> str | None:
     if provenance.exists():
         p = read_json(provenance)
         return f"{Path(p['file']['path_in_package']).stem} ({p['package']['name']} {p['package']['version']})"
+    if label := _packaged_label(Path(path).name):  # its cache is gone (another machine, a cleared cache)
+        return label
     if "/models/base-" not in str(path):
         return str(path)
     build = Path(path) / "build.json"
@@ -112,6 +115,20 @@ def _model_name(path: str | None) -> str | None:
     e = read_json(build)["embedded"]
     a = e["architecture"]
     return f"embedded {e['arch']} {a['num_hidden_layers']}L d{a['hidden_size']}"
+
+
+def _packaged_label(dirname: str) -> str | None:
+    """A packaged model's name from its cache directory's name alone: ``gguf-<first 16 of the file's
+    SHA-256>`` is content-addressed, so the shipped model config pinning that hash names it."""
+    if not dirname.startswith("gguf-"):
+        return None
+    from resofilter.configs import config_dir
+
+    for f in sorted((config_dir() / "model").glob("*.yaml")):
+        pkg = (OmegaConf.load(f).get("package") or {})
+        if str(pkg.get("sha256", "")).startswith(dirname[len("gguf-"):]):
+            return f"{Path(pkg['file']).stem} ({pkg['name']} {pkg['version']})"
+    return None
 
 
 def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
@@ -247,7 +264,9 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str) -> None:
         if not mine:
             continue
         iv = t_interval(row_matrix(mine), np.array([b for b, _ in sorted(mine)]))
-        out.loc[i, [f"{col} lo", f"{col} hi", f"{col} problems"]] = [iv.lo, iv.hi, iv.n_problems]
+        # an accuracy lies in [0, 1] and a difference of two in [−1, 1]: a t interval of few seeds can reach
+        # past them, and cutting it there loses no coverage
+        out.loc[i, [f"{col} lo", f"{col} hi", f"{col} problems"]] = [max(iv.lo, 0.0), min(iv.hi, 1.0), iv.n_problems]
         same = (out["context"] == row["context"]) & (out["setting_key"] != row["setting_key"])
         refs = {"full": out[same & (out["keep_ratio"] >= 1)],
                 "random": out[same & (out["scorer"] == "random") & (out["keep_ratio"] == row["keep_ratio"])]}
@@ -260,7 +279,7 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str) -> None:
                 continue
             d = t_interval(diff, np.array([b for b, _ in sorted(set(mine) & set(theirs))]))
             out.loc[i, [f"{col} Δ{ref}{c}" for c in ("", " lo", " hi", " se", " df")]] = \
-                [d.mean, d.lo, d.hi, d.se, d.df]
+                [d.mean, max(d.lo, -1.0), min(d.hi, 1.0), d.se, d.df]
 
 
 def _pct(x: float) -> str:
