@@ -128,8 +128,11 @@ def table(argv: list[str]) -> dict:
     p.add_argument("--out", default=None, help="where to write table.md/csv/png (default: root)")
     p.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table as a wandb.Table")
     p.add_argument("--online", action="store_true", help="with --wandb: log online (default: offline)")
+    p.add_argument("--problems", metavar="REGEX", default=None,
+                   help="only the problems whose ids match from the start (e.g. 'test-' for the 500 test problems of "
+                        "eval=math_synth_2000): accuracies and intervals from the runs' predictions")
     args = p.parse_args(argv)
-    result = write_table(args.root, args.out)
+    result = write_table(args.root, args.out, args.problems)
     if args.wandb:
         from resofilter.reporting.wandb_log import log_table
 

@@ -265,6 +265,36 @@ def test_budget_curve_pairs_each_half_with_the_full_pool_of_its_budget(tmp_path)
     assert not (tmp_path / "budget.png").exists() and page not in (tmp_path / "table.html").read_text()
 
 
+def test_table_of_a_subset_of_the_problems(tmp_path):
+    """`table --problems test-`: the 500 test problems inside a 2,000-problem evaluation. Accuracies and
+    differences are recomputed over the matching ids only (by hand: full 2/4 and 3/4 there, the half 4/4
+    and 3/4), the rest of the predictions ignored; a pattern matching nothing is an error."""
+    from resofilter.commands import table
+    from resofilter.errors import ResoFilterError
+
+    def run(name: str, variant: str, scorer: str, keep: float, seed: int, test: list[int], extra: list[int]):
+        d = tmp_path / name
+        ids = [f"test-{i:05d}" for i in range(len(test))] + [f"test_extra-{i:05d}" for i in range(len(extra))]
+        _run(d, variant, scorer, keep, seed, test + extra)
+        (d / "eval" / "predictions.jsonl").write_text("".join(
+            json.dumps({"sample_id": i, "correct": bool(c)}) + "\n" for i, c in zip(ids, test + extra, strict=True)))
+
+    run("f0", "full", "random", 1.0, 0, [1, 0, 1, 0], [0, 0, 0, 0, 0, 0])
+    run("f1", "full", "random", 1.0, 1, [1, 1, 1, 0], [0, 0, 0, 0, 0, 0])
+    run("r0", "resofilter", "resofilter", 0.5, 0, [1, 1, 1, 1], [1, 1, 1, 1, 1, 1])
+    run("r1", "resofilter", "resofilter", 0.5, 1, [1, 1, 1, 0], [1, 1, 1, 1, 1, 1])
+    out = table([str(tmp_path), "--problems", "test-", "--out", str(tmp_path / "t")])
+    rows = {r["variant"]: r for r in out["rows"]}
+    assert rows["full"]["acc/gsm8k mean"] == pytest.approx((2 / 4 + 3 / 4) / 2)
+    assert rows["resofilter"]["acc/gsm8k mean"] == pytest.approx((4 / 4 + 3 / 4) / 2)
+    assert rows["resofilter"]["acc/gsm8k Δfull"] == pytest.approx(0.25) and rows["full"]["acc/gsm8k problems"] == 4
+    everything = {r["variant"]: r for r in write_table(tmp_path)["rows"]}
+    assert everything["full"]["acc/gsm8k problems"] == 10
+    assert everything["full"]["acc/gsm8k mean"] == pytest.approx(0.25)
+    with pytest.raises(ResoFilterError, match="matches 'nothing-'"):
+        write_table(tmp_path, tmp_path / "u", problems="nothing-")
+
+
 def test_a_packaged_model_is_named_after_its_cache_is_gone(tmp_path):
     """Results kept from another machine name the model by a cache directory that is not here; its name
     (gguf-<the GGUF's hash>) is content-addressed, so the shipped model config pinning that hash names it."""

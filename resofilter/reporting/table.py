@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -131,22 +132,40 @@ def _packaged_label(dirname: str) -> str | None:
     return None
 
 
-def correctness(run_dir: str | Path, eval_name: str) -> dict[str, float] | None:
-    """Per-problem correctness of one run on one eval set (``predictions.jsonl``), if it kept them."""
+def correctness(run_dir: str | Path, eval_name: str, problems: str | None = None) -> dict[str, float] | None:
+    """Per-problem correctness of one run on one eval set (``predictions.jsonl``), if it kept them; with
+    ``problems`` (a regular expression), only the problem ids it matches from the start."""
     d = Path(run_dir) / "eval"
+    keep = re.compile(problems).match if problems else (lambda _: True)
     for cand in (d / eval_name, d):
         metrics, preds = cand / "metrics.json", cand / "predictions.jsonl"
         if metrics.exists() and preds.exists() and read_json(metrics).get("eval") == eval_name:
-            return {p["sample_id"]: float(p["correct"]) for p in read_jsonl(preds)}
+            return {p["sample_id"]: float(p["correct"]) for p in read_jsonl(preds) if keep(p["sample_id"])}
     return None
+
+
+def restrict_problems(runs: pd.DataFrame, problems: str) -> pd.DataFrame:
+    """The runs with every accuracy recomputed over the problems whose ids ``problems`` matches (from the
+    start), from the runs' predictions: e.g. the 500 test problems of a 2,000-problem evaluation. A run
+    without predictions for an eval set has no accuracy on it (NaN); an eval set where none match is an error."""
+    runs = runs.copy()
+    runs["_problems"] = problems
+    for col in [c for c in runs.columns if c.startswith("acc/")]:
+        for i, d in runs["_dir"].items():
+            found = correctness(d, col[4:], problems)
+            runs.loc[i, col] = sum(found.values()) / len(found) if found else float("nan")
+        if runs[col].isna().all():
+            raise ResoFilterError(f"no problem id of {col[4:]} matches {problems!r} (or no run kept predictions)")
+    return runs
 
 
 def unit_correctness(row_runs: pd.DataFrame, eval_name: str) -> dict[Unit, dict[str, float]]:
     """Per-problem correctness of one row's runs by (build, seed) unit; a unit run twice (e.g. in two
     sweeps) gives the mean correctness of its runs, per problem. Units without predictions are left out."""
     by_unit: dict[Unit, dict[str, float]] = {}
+    problems = row_runs["_problems"].iloc[0] if "_problems" in row_runs.columns else None
     for (b, s), gs in row_runs.groupby(["build", "seed"]):
-        found = [x for x in (correctness(d, eval_name) for d in gs["_dir"]) if x is not None]
+        found = [x for x in (correctness(d, eval_name, problems) for d in gs["_dir"]) if x]
         if found:
             by_unit[(int(b), int(s))] = {p: sum(x[p] for x in found) / len(found)
                                         for p in set.intersection(*map(set, found))}
@@ -476,8 +495,12 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     return drawn
 
 
-def write_table(root: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+def write_table(root: str | Path, out: str | Path | None = None, problems: str | None = None) -> dict[str, Any]:
+    """The table of every finished run under ``root`` → ``out`` (default: ``root``); with ``problems`` (a regular
+    expression on problem ids), accuracies and intervals over the matching problems only."""
     runs, incomplete = collect(root)
+    if problems and not runs.empty:
+        runs = restrict_problems(runs, problems)
     out = Path(out) if out else Path(root)
     if incomplete:
         log.warning("%d run(s) without results.json: %s", len(incomplete), incomplete)
@@ -493,7 +516,8 @@ def write_table(root: str | Path, out: str | Path | None = None) -> dict[str, An
                "change the numbers, so rows of different environments are not like for like.\n")
     write_text_atomic(out / "table.md", md)
     write_text_atomic(out / "table.csv", summary.to_csv(index=False))
-    write_text_atomic(out / "runs.csv", runs.drop(columns=["_setting", "_choices", "_environment"]).to_csv(index=False))
+    write_text_atomic(out / "runs.csv", runs.drop(columns=["_setting", "_choices", "_environment", "_problems"],
+                                                  errors="ignore").to_csv(index=False))
     plot(summary, out / "table.png")
     if has_budget_axis(summary):
         plot_budget(summary, out / "budget.png")
