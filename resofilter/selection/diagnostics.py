@@ -20,6 +20,39 @@ def auroc(badness: np.ndarray, is_noise: np.ndarray) -> float:
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def auroc_interval(badness: np.ndarray, is_noise: np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of :func:`auroc` under a stratified bootstrap: the noisy and the clean samples
+    are each resampled with replacement (so every resample has both, in the pool's proportions).
+
+    A resample's AUROC is computed from counts: with the samples grouped by distinct badness, it is
+    Σ_pos w (clean weight strictly below + ½ clean weight tied) / (n_pos · n_neg) — the Mann–Whitney
+    statistic of the resampled multiset. Draw order: ``rng.integers(0, n_pos, (B, n_pos))`` then
+    ``rng.integers(0, n_neg, (B, n_neg))`` from ``numpy.random.default_rng(seed)``.
+    """
+    y = np.asarray(is_noise, dtype=bool)
+    b = np.asarray(badness, dtype=float)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan"), float("nan")
+    values, group = np.unique(b, return_inverse=True)
+    n_g = len(values)
+    rng = np.random.default_rng(seed)
+    offsets = (np.arange(n_resamples) * n_g)[:, None]
+
+    def weights(members: np.ndarray, n: int) -> np.ndarray:  # (B, G): how often each badness value is drawn
+        drawn = group[members][rng.integers(0, n, (n_resamples, n))]
+        return np.bincount((drawn + offsets).ravel(), minlength=n_resamples * n_g).reshape(n_resamples, n_g)
+
+    pos = weights(np.flatnonzero(y), n_pos).astype(float)
+    neg = weights(np.flatnonzero(~y), n_neg).astype(float)
+    below = np.cumsum(neg, axis=1) - neg
+    aucs = (pos * (below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(aucs, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
 def auprc(badness: np.ndarray, is_noise: np.ndarray) -> float:
     """Average precision of ranking by badness (ties: worst position first is not favoured)."""
     y = np.asarray(is_noise, dtype=bool)
