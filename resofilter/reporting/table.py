@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
 from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
 from resofilter.environment import differences
@@ -123,10 +122,12 @@ def _packaged_label(dirname: str) -> str | None:
     SHA-256>`` is content-addressed, so the shipped model config pinning that hash names it."""
     if not dirname.startswith("gguf-"):
         return None
+    import yaml
+
     from resofilter.configs import config_dir
 
     for f in sorted((config_dir() / "model").glob("*.yaml")):
-        pkg = (OmegaConf.load(f).get("package") or {})
+        pkg = (yaml.safe_load(f.read_text()) or {}).get("package") or {}
         if str(pkg.get("sha256", "")).startswith(dirname[len("gguf-"):]):
             return f"{Path(pkg['file']).stem} ({pkg['name']} {pkg['version']})"
     return None
