@@ -58,6 +58,28 @@ def environment() -> dict[str, Any]:
     }
 
 
+# the variables that force a code path on float32 kernels
+_NUMERIC_ENV = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def numeric_identity() -> dict[str, Any]:
+    """What, besides the code and the config, decides the bits a float32 computation of this process gives
+    and is the same in every process of one run: the packages that compute, the CPU (oneMKL takes
+    vendor-specific paths), torch's CPU capability (ATen's vector kernels) and the variables that force those
+    paths. Part of the key of what a long float32 computation caches (the embedded base model), so a build
+    made under one is never reused under another.
+
+    The thread count is not in it, though on Intel it changes a build too (1 thread vs 2: another model;
+    experiments/README.md, "Portable numerics"): Lightning's DDP launcher lowers the workers' thread count, and
+    every rank must resolve the build rank 0 made. ``build.json`` records the threads a build was made on."""
+    import torch
+
+    return {"machine": platform.machine(), "cpu": cpu_model(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "env": {k: os.environ[k] for k in _NUMERIC_ENV if k in os.environ},
+            "packages": {name: package_version(name) for name in PACKAGES}}
+
+
 def differences(environments: list[dict[str, Any] | None]) -> dict[str, list[Any]]:
     """The compared fields (``packages.<name>`` one by one) that take more than one value across
     ``environments`` (``None``: a record from before environments were recorded, skipped)."""

@@ -44,3 +44,35 @@ def test_table_says_when_the_merged_runs_differ_in_environment(tmp_path, caplog)
     assert "different environments" in caplog.text
     (tmp_path / "sweep" / "2").rename(tmp_path / "other")  # the same environment everywhere: nothing said
     assert "Environments differ" not in write_table(tmp_path / "sweep")["markdown"]
+
+
+def test_a_cached_build_is_keyed_by_what_changes_its_bits(monkeypatch, tmp_path):
+    """A build made under another CPU code path is another model (experiments/README.md, "Portable numerics"):
+    the base model's cache key changes with a variable that forces a kernel path or with a package version,
+    and stays put otherwise. Not with torch's thread count: Lightning's DDP launcher lowers it in the workers,
+    which must find the build rank 0 made (the count is recorded in build.json)."""
+    from omegaconf import OmegaConf
+
+    from resofilter import environment as env_module
+    from resofilter.configs import load_group_option
+    from resofilter.data.templates import FormatTemplate
+    from resofilter.stages.embedded import base_model_key
+
+    embedded = OmegaConf.to_container(load_group_option("model", "tiny_llama").embedded, resolve=True)
+    template = FormatTemplate("plain", "Question: {query}\nAnswer: ")
+    key = lambda: base_model_key(embedded, tmp_path, template, build=0)  # noqa: E731
+    first = key()
+    assert key() == first
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)
+        assert key() == first
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    assert key() != first
+    monkeypatch.delenv("MKL_CBWR")
+    assert key() == first
+    real = env_module.package_version
+    monkeypatch.setattr(env_module, "package_version", lambda name: "9.9" if name == "torch" else real(name))
+    assert key() != first

@@ -28,7 +28,7 @@ from resofilter.data.records import load_records
 from resofilter.data.synthetic import SyntheticConfig, another_pool, check_pool, heldout_split, write_benchmark
 from resofilter.data.templates import ChatTemplate, Template, template_identity
 from resofilter.data.tokenize import tokenize_records
-from resofilter.environment import environment
+from resofilter.environment import environment, numeric_identity
 from resofilter.errors import ConfigError
 from resofilter.evaluation.extract import SyntheticExtractor
 from resofilter.evaluation.generate import accuracy_metrics, predict_records
@@ -147,8 +147,9 @@ def base_model_key(embedded: Any, bench_dir: Path, template: Template, build: in
     e.pop("eval", None)
     e["base_training"] = {k: v for k, v in e["base_training"].items() if k not in _DISPLAY_ONLY}
     # builder: the build procedure's version; bump it when the same config would train differently
-    # (2: transformers' schedules), so an old cached model is rebuilt rather than reused
-    return stable_hash({"embedded": e, "bench": bench_dir.name, "builder": 2,
+    # (2: transformers' schedules), so an old cached model is rebuilt rather than reused. numerics: the packages,
+    # the CPU and its code path change a build's bits, so a build made under others is another model
+    return stable_hash({"embedded": e, "bench": bench_dir.name, "builder": 2, "numerics": numeric_identity(),
                         "template": template_identity(template) if isinstance(template, ChatTemplate)
                         else template.render_prompt("{q}", None, None)})  # (the key builds made before chat templates)
 
