@@ -242,8 +242,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     out = out.join(first, on="setting_key")
     for c in acc_cols:
         _intervals(out, runs, c)
-    out = out.sort_values(["budget", "keep_ratio", "variant", "setting"], ascending=[True, False, True, True],
-                          na_position="first")
+    out = out.sort_values(["budget", "keep_ratio", "variant", "train_steps", "setting"],
+                          ascending=[True, False, True, True, True], na_position="first")  # budgets in step order
     out = out.drop(columns=["setting_key", "context"])
     out["curve"] = _curve_labels(out)
     if out["budget"].isna().all():
@@ -354,15 +354,16 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
             mde = 100 * float(np.median([detectable(r.se, r.df) for r in diffs.itertuples()]))
             problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
             if by_build:
-                design = (f"{int(summary['builds'].max())} builds × {int(summary['seeds'].max())} seeds{problems}; "
+                design = (f"{_n(summary['builds'].max(), 'build')} × {_n(summary['seeds'].max(), 'seed')}{problems}; "
                           "95 % generalized confidence intervals with builds and problems as crossed random factors "
                           "(seeds averaged within their build; rows of one build: seeds and problems), differences "
                           "paired by build, seed and problem")
             else:
                 one = _one_build(summary)
-                design = (f"{int(summary['seeds'].max())} seeds{problems}{one}; 95 % generalized confidence "
-                          "intervals with seeds and problems as crossed random factors, differences paired by seed "
-                          "and problem")
+                factors = ("seeds and problems as crossed random factors" if summary["seeds"].max() > 1 else
+                           "the problems as the only factor (one seed: another seed's spread is not in them)")
+                design = (f"{_n(summary['seeds'].max(), 'seed')}{problems}{one}; 95 % generalized confidence "
+                          f"intervals with {factors}, differences paired by seed and problem")
             notes.append(f"{c[4:]}: {design} (\\*: the interval excludes 0; coverage checked by simulation: "
                          f"experiments/interval_coverage.py); a difference of ≥ {mde:.1f} points is detectable at "
                          "80 % power (the median over the differences of (t₀.₉₇₅ + t₀.₈₀) × SE on the interval's "
@@ -383,6 +384,10 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     if incomplete:
         lines += ["", f"Incomplete runs (no results.json): {', '.join(incomplete)}"]
     return "\n".join(lines) + "\n"
+
+
+def _n(count: float, noun: str) -> str:
+    return f"{int(count)} {noun}{'' if int(count) == 1 else 's'}"
 
 
 def _one_build(summary: pd.DataFrame) -> str:
