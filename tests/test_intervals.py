@@ -307,6 +307,13 @@ def test_a_packaged_model_is_named_after_its_cache_is_gone(tmp_path):
     md = write_table(tmp_path)["markdown"]
     assert f"Scored by and fine-tuned: SmolLM2-135M-Instruct.Q4_1 ({pkg.name} {pkg.version})." in md
     assert "/elsewhere" not in md
+    # an embedded build whose cache is gone: named from the run's setting
+    gone = "/elsewhere/.cache/resofilter/models/base-0123456789abcdef"
+    setting = {"variant_name": "resofilter", "model.embedded.arch": "llama",
+               "model.embedded.architecture.num_hidden_layers": 4, "model.embedded.architecture.hidden_size": 128}
+    for seed in range(2):
+        write_result(tmp_path / "emb" / f"r{seed}", seed=seed, model=gone, train_model=gone, setting=setting)
+    assert "Scored by and fine-tuned: embedded llama 4L d128." in write_table(tmp_path / "emb")["markdown"]
 
 
 def _mean_squares_by_loop(y: np.ndarray) -> tuple[float, float, float]:

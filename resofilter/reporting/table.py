@@ -51,7 +51,9 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "train_steps": (r.stages.get("finetune") or {}).get("steps"),
             "curve_key": stable_hash({k: v for k, v in canonical_setting(r.setting).items() if k not in BUDGET_KEYS}),
             "protocols": json.dumps(r.eval_protocols, sort_keys=True),
-            "scored_by": _model_name(r.model), "trained": _model_name(r.train_model),
+            "scored_by": _model_name(r.model, r.setting, "model"),
+            "trained": _model_name(r.train_model, r.setting, "train_model" if r.setting.get("train_model.embedded.arch")
+                                   or r.setting.get("train_model.name_or_path") else "model"),
             "base_accuracy": (r.stages.get("base_eval") or {}).get("accuracy"),
             "_dir": str(d), "_environment": r.environment,
             "setting_key": stable_hash(canonical_setting(r.setting)), "_setting": canonical_setting(r.setting),
@@ -96,9 +98,14 @@ def _n_builds(builds: pd.Series) -> int:
     return int(builds[builds != NO_BUILD].nunique())
 
 
-def _model_name(path: str | None) -> str | None:
+def _embedded_name(arch: Any, layers: Any, hidden: Any) -> str:
+    return f"embedded {arch} {layers}L d{hidden}"
+
+
+def _model_name(path: str | None, setting: dict[str, Any] | None = None, prefix: str = "model") -> str | None:
     """A model directory as the table names it: an embedded build by its architecture (the build is a
-    column of its own, so every build of one recipe has one name), others by path."""
+    column of its own, so every build of one recipe has one name; from the run's setting when the build's
+    cache is not here), others by path."""
     if path is None:
         return None
     provenance = Path(path) / "provenance.json"  # a packaged pretrained model (stages/packaged.py)
@@ -110,11 +117,16 @@ def _model_name(path: str | None) -> str | None:
     if "/models/base-" not in str(path):
         return str(path)
     build = Path(path) / "build.json"
-    if not build.exists():  # the cache was cleared since: its key is all that is left
-        return Path(path).name
+    if not build.exists():  # the cache was cleared since (or is on another machine): the setting says what it was
+        s = setting or {}
+        arch = s.get(f"{prefix}.embedded.arch")
+        if arch is None:
+            return Path(path).name
+        return _embedded_name(arch, s.get(f"{prefix}.embedded.architecture.num_hidden_layers"),
+                              s.get(f"{prefix}.embedded.architecture.hidden_size"))
     e = read_json(build)["embedded"]
     a = e["architecture"]
-    return f"embedded {e['arch']} {a['num_hidden_layers']}L d{a['hidden_size']}"
+    return _embedded_name(e["arch"], a["num_hidden_layers"], a["hidden_size"])
 
 
 def _packaged_label(dirname: str) -> str | None:
