@@ -29,7 +29,7 @@ import numpy as np
 from scipy import stats
 
 from resofilter.reporting.coverage import Components, Design, coverage
-from resofilter.reporting.intervals import Interval, bootstrap, t_interval
+from resofilter.reporting.intervals import Interval, bootstrap, t_interval, two_way_mean_squares
 
 DESIGNS = {
     "five builds": Design(5, 2, 400, Components(build=0.27, row_build=0.05, seed=0.09, problem=0.9,
@@ -43,19 +43,16 @@ DESIGNS = {
 
 
 def satterthwaite(values: np.ndarray, groups: np.ndarray | None) -> Interval:
-    """Plug-in t: the same variance as ``t_interval``, Satterthwaite's degrees of freedom."""
-    iv = t_interval(values, groups, n_draws=1)
+    """Plug-in t: the same mean and variance as ``t_interval``, Satterthwaite's degrees of freedom."""
     y = values if groups is None else np.stack([values[groups == k].mean(0) for k in np.unique(groups)])
     n_g, n_p = y.shape
-    m, m_g, m_p = y.mean(), y.mean(1), y.mean(0)
-    ms_g = n_p * ((m_g - m) ** 2).sum() / (n_g - 1)
-    ms_p = n_g * ((m_p - m) ** 2).sum() / (n_p - 1)
-    ms_e = ((y - m_g[:, None] - m_p[None, :] + m) ** 2).sum() / ((n_g - 1) * (n_p - 1))
+    ms_g, ms_p, ms_e = two_way_mean_squares(y)
     terms = [(ms_g, n_g - 1)] + ([(ms_p, n_p - 1), (-ms_e, (n_g - 1) * (n_p - 1))] if ms_p > ms_e else [])
     total = sum(t for t, _ in terms)
     df = total ** 2 / sum(t ** 2 / d for t, d in terms) if total > 0 else n_g - 1
-    half = float(stats.t.ppf(0.975, df)) * iv.se
-    return Interval(iv.mean, iv.mean - half, iv.mean + half, iv.se, iv.n_seeds, iv.n_problems, iv.n_builds, df)
+    m, se = float(y.mean()), math.sqrt(total / (n_g * n_p))
+    half = float(stats.t.ppf(0.975, df)) * se
+    return Interval(m, m - half, m + half, se, len(values), n_p, n_g if groups is not None else 1, df)
 
 
 def main(argv: list[str]) -> None:

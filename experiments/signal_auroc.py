@@ -51,10 +51,9 @@ def compose(overrides: list[str]) -> Any:
 def row_diagnostics(overrides: list[str], out_dir: Path, n_resamples: int = 2000) -> dict[str, Any]:
     """Score (cached) and select with one row's scorer; the selected scorer's AUROC overall and per kind,
     each with its bootstrap interval (``auroc_ci``, ``auroc_by_kind_ci``)."""
-    import numpy as np
     import pandas as pd
 
-    from resofilter.selection.diagnostics import auroc_interval
+    from resofilter.selection.diagnostics import auroc_by_kind_interval, auroc_interval
     from resofilter.stages import specs
     from resofilter.stages.config_check import validate
     from resofilter.stages.run import score_pool, with_reference
@@ -76,9 +75,7 @@ def row_diagnostics(overrides: list[str], out_dir: Path, n_resamples: int = 2000
     d = {"model": model_dir, "features_dir": str(feat_dir), **manifest["diagnostics"],
          "auroc_ci": auroc_interval(bad, y, n_resamples)}
     if kinds is not None:
-        k = np.asarray(kinds)
-        d["auroc_by_kind_ci"] = {kind: auroc_interval(bad[(k == kind) | ~y], (k == kind)[(k == kind) | ~y],
-                                                      n_resamples) for kind in sorted(set(k[y].tolist()))}
+        d["auroc_by_kind_ci"] = auroc_by_kind_interval(bad, y, kinds, n_resamples)
     return d
 
 

@@ -72,12 +72,9 @@ def numeric_identity() -> dict[str, Any]:
     The thread count is not in it, though on Intel it changes a build too (1 thread vs 2: another model;
     experiments/README.md, "Portable numerics"): Lightning's DDP launcher lowers the workers' thread count, and
     every rank must resolve the build rank 0 made. ``build.json`` records the threads a build was made on."""
-    import torch
-
-    return {"machine": platform.machine(), "cpu": cpu_model(),
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "env": {k: os.environ[k] for k in _NUMERIC_ENV if k in os.environ},
-            "packages": {name: package_version(name) for name in PACKAGES}}
+    env = environment()
+    return {"machine": env["machine"], "cpu": env["cpu"], "torch_cpu_capability": env["torch_cpu_capability"],
+            "env": {k: v for k, v in env["env"].items() if k in _NUMERIC_ENV}, "packages": env["packages"]}
 
 
 def differences(environments: list[dict[str, Any] | None]) -> dict[str, list[Any]]:

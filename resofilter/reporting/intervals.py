@@ -164,6 +164,16 @@ def bootstrap(values: np.ndarray, builds: np.ndarray, n_resamples: int = 10_000,
     return two_way_bootstrap(values, n_resamples, seed)
 
 
+def two_way_mean_squares(y: np.ndarray) -> tuple[float, float, float]:
+    """Mean squares of a (G, P) two-way layout without replication: rows (G − 1 df), columns (P − 1 df) and
+    residual ((G − 1)(P − 1) df)."""
+    n_g, n_p = y.shape
+    m, m_g, m_p = y.mean(), y.mean(axis=1), y.mean(axis=0)
+    ms_g = n_p * ((m_g - m) ** 2).sum() / (n_g - 1)
+    ms_p = n_g * ((m_p - m) ** 2).sum() / (n_p - 1)
+    ms_e = ((y - m_g[:, None] - m_p[None, :] + m) ** 2).sum() / ((n_g - 1) * (n_p - 1))
+    return float(ms_g), float(ms_p), float(ms_e)
+
 
 def t_interval(values: np.ndarray, groups: np.ndarray | None = None, level: float = 0.95, n_draws: int = 20_000,
                seed: int = 0) -> Interval:
@@ -207,11 +217,8 @@ def t_interval(values: np.ndarray, groups: np.ndarray | None = None, level: floa
         se = math.sqrt((dev ** 2).sum() / (n - 1) / n)
         half, df = float(stats.t.ppf(q, n - 1)) * se, float(n - 1)
     else:
-        m_g, m_p = y.mean(axis=1), y.mean(axis=0)
-        ms_g = n_p * ((m_g - m) ** 2).sum() / (n_g - 1)
-        ms_p = n_g * ((m_p - m) ** 2).sum() / (n_p - 1)
+        ms_g, ms_p, ms_e = two_way_mean_squares(y)
         df_g, df_p, df_e = n_g - 1, n_p - 1, (n_g - 1) * (n_p - 1)
-        ms_e = ((y - m_g[:, None] - m_p[None, :] + m) ** 2).sum() / df_e
         se = math.sqrt((ms_g + max(ms_p - ms_e, 0.0)) / (n_g * n_p))
         z, chi_g, chi_p, chi_e = _pivot_draws(df_g, df_p, df_e, n_draws, seed)
         v = (ms_g * df_g / chi_g + np.maximum(ms_p * df_p / chi_p - ms_e * df_e / chi_e, 0.0)) / (n_g * n_p)

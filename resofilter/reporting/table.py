@@ -42,6 +42,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             incomplete.append(str(d.relative_to(root)))
             continue
         r = RunResult.read(f)
+        setting = canonical_setting(r.setting)
         row: dict[str, Any] = {
             "run": str(d.relative_to(root)), "variant": r.variant, "keep_ratio": r.keep_ratio,
             "direction": r.direction, "layers": str(r.layers["indices"]), "statistic": r.statistic,
@@ -49,14 +50,13 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "noise_rate_kept": r.noise_rate_kept, "noise_auroc": r.noise_auroc, "rho_length": r.rho_length,
             "score_cached": r.features_cached, "time_s": r.run_time_s, "scorer": r.scorer, "budget": r.budget,
             "train_steps": (r.stages.get("finetune") or {}).get("steps"),
-            "curve_key": stable_hash({k: v for k, v in canonical_setting(r.setting).items() if k not in BUDGET_KEYS}),
+            "curve_key": stable_hash({k: v for k, v in setting.items() if k not in BUDGET_KEYS}),
             "protocols": json.dumps(r.eval_protocols, sort_keys=True),
             "scored_by": _model_name(r.model, r.setting, "model"),
-            "trained": _model_name(r.train_model, r.setting, "train_model" if r.setting.get("train_model.embedded.arch")
-                                   or r.setting.get("train_model.name_or_path") else "model"),
+            "trained": _model_name(r.train_model, r.setting, "train_model"),
             "base_accuracy": (r.stages.get("base_eval") or {}).get("accuracy"),
             "_dir": str(d), "_environment": r.environment,
-            "setting_key": stable_hash(canonical_setting(r.setting)), "_setting": canonical_setting(r.setting),
+            "setting_key": stable_hash(setting), "_setting": setting,
             "_choices": r.choices or {},
         }
         for name, acc in r.eval.items():
@@ -119,6 +119,8 @@ def _model_name(path: str | None, setting: dict[str, Any] | None = None, prefix:
     build = Path(path) / "build.json"
     if not build.exists():  # the cache was cleared since (or is on another machine): the setting says what it was
         s = setting or {}
+        if f"{prefix}.embedded.arch" not in s:  # no model of its own under this prefix: the scoring model
+            prefix = "model"
         arch = s.get(f"{prefix}.embedded.arch")
         if arch is None:
             return Path(path).name
@@ -468,13 +470,13 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
 
     acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
     fig, axes = plt.subplots(2, len(acc_cols), figsize=(7 * len(acc_cols), 8), squeeze=False, sharex=True)
-    curves = summary.dropna(subset=["train_steps"]).groupby("curve", sort=False)
+    curves = summary.dropna(subset=["train_steps"]).groupby("curve_key", sort=False)
     steps = sorted(summary["train_steps"].dropna().unique())
     drawn: dict[tuple[str, str, str], list[tuple[float, ...]]] = {}
     for j, c in enumerate(acc_cols):
         top, bottom = axes[0, j], axes[1, j]
-        for k, (name, g) in enumerate(curves):
-            g = g.sort_values("train_steps")
+        for k, (_, g) in enumerate(curves):
+            g, name = g.sort_values("train_steps"), g["curve"].iloc[0]
             x = g["train_steps"].to_numpy(dtype=float)
             shift = 1 + 0.025 * (k - (curves.ngroups - 1) / 2)  # side by side, so the error bars do not hide
             # each other (the points' steps are the ticks)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +118,26 @@ def group_retention(kept: np.ndarray, groups: dict[str, Sequence[Any]]) -> dict[
     return out
 
 
-def auroc_by_kind(badness: np.ndarray, is_noise: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
-    """AUROC of each noise kind against the clean samples alone (other kinds left out)."""
+def _by_kind(badness: np.ndarray, is_noise: np.ndarray, kinds: Sequence[str]
+             ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(kind, its samples' and the clean samples' badness, which of them are that kind) per noise kind."""
     y = np.asarray(is_noise, dtype=bool)
     k = np.asarray(kinds)
-    return {str(kind): auroc(badness[(k == kind) | ~y], (k == kind)[(k == kind) | ~y])
-            for kind in sorted(set(k[y].tolist()))}
+    b = np.asarray(badness)
+    for kind in sorted(set(k[y].tolist())):
+        among = (k == kind) | ~y
+        yield str(kind), b[among], (k == kind)[among]
+
+
+def auroc_by_kind(badness: np.ndarray, is_noise: np.ndarray, kinds: Sequence[str]) -> dict[str, float]:
+    """AUROC of each noise kind against the clean samples alone (other kinds left out)."""
+    return {kind: auroc(b, y) for kind, b, y in _by_kind(badness, is_noise, kinds)}
+
+
+def auroc_by_kind_interval(badness: np.ndarray, is_noise: np.ndarray, kinds: Sequence[str], n_resamples: int = 2000,
+                           seed: int = 0) -> dict[str, tuple[float, float]]:
+    """:func:`auroc_interval` of each noise kind against the clean samples alone, as :func:`auroc_by_kind`."""
+    return {kind: auroc_interval(b, y, n_resamples, seed) for kind, b, y in _by_kind(badness, is_noise, kinds)}
 
 
 def plot_confounds(path: Path, table: dict[str, dict[str, float | None]]) -> None:
