@@ -123,9 +123,9 @@ def test_pairing_by_seed_and_problem():
 
 
 def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: list[int], build: int | None = None,
-         steps: int = 400) -> None:
+         steps: int = 400, extra: dict | None = None) -> None:
     setting = {"variant_name": variant, "scorer.name": scorer, "selection.keep_ratio": keep,
-               "finetune.max_steps": steps, "eval.name": "gsm8k"}
+               "finetune.max_steps": steps, "eval.name": "gsm8k", **(extra or {})}
     write_result(d, variant=variant, scorer=scorer, keep_ratio=keep, seed=seed, build=build, setting=setting,
                  steps=steps,
                  accs={"gsm8k": sum(correct) / len(correct)}, total_time_s=1.0,
@@ -265,6 +265,25 @@ def test_budget_curve_pairs_each_half_with_the_full_pool_of_its_budget(tmp_path)
     assert not (tmp_path / "budget.png").exists() and page not in (tmp_path / "table.html").read_text()
 
 
+def test_budget_curves_are_named_by_every_setting_key_but_the_budget(tmp_path):
+    """Two ResoFilter curves differing in the optimizer's betas (a list: its label holds ", ") at two budgets:
+    each row's curve is its variant, keep ratio and betas, never its steps, and each curve has both points."""
+    from resofilter.reporting.table import collect, plot_budget, summarize
+
+    for steps in (100, 200):
+        for seed in range(2):
+            for betas in ([0.9, 0.98], [0.9, 0.999]):
+                _run(tmp_path / f"rf-{steps}-{seed}-{betas[1]}", "resofilter", "resofilter", 0.5, seed,
+                     [1, 0, 1, seed], steps=steps, extra={"finetune.optimizer.betas": betas})
+    summary = summarize(collect(tmp_path)[0])
+    curves = {f"resofilter 0.5, finetune.optimizer.betas=[0.9, {b}]" for b in ("0.98", "0.999")}
+    assert set(summary["curve"]) == curves
+    assert all("max_steps" not in c for c in summary["curve"]) and summary["setting"].str.contains("max_steps").all()
+    drawn = plot_budget(summary, tmp_path / "b.png")
+    assert {k[2] for k in drawn if k[1] == "acc"} == curves
+    assert all([p[0] for p in drawn[("acc/gsm8k", "acc", c)]] == [100, 200] for c in curves)
+
+
 def test_table_of_a_subset_of_the_problems(tmp_path):
     """`table --problems test-`: the 500 test problems inside a 2,000-problem evaluation. Accuracies and
     differences are recomputed over the matching ids only (by hand: full 2/4 and 3/4 there, the half 4/4
@@ -293,6 +312,28 @@ def test_table_of_a_subset_of_the_problems(tmp_path):
     assert everything["full"]["acc/gsm8k mean"] == pytest.approx(0.25)
     with pytest.raises(ResoFilterError, match="matches 'nothing-'"):
         write_table(tmp_path, tmp_path / "u", problems="nothing-")
+
+
+def test_a_table_reads_each_runs_predictions_once_and_again_when_they_change(tmp_path, monkeypatch):
+    """`table --problems` needs each run's predictions for its accuracy and for its intervals: one read per
+    file; a file rewritten since (a run evaluated again) is read anew."""
+    import resofilter.reporting.table as tbl
+
+    for seed in range(2):
+        _run(tmp_path / f"f{seed}", "full", "random", 1.0, seed, [1, 0, 1, seed])
+        _run(tmp_path / f"r{seed}", "resofilter", "resofilter", 0.5, seed, [1, 1, 1, seed])
+    reads: list[str] = []
+    real = tbl.read_jsonl
+    monkeypatch.setattr(tbl, "read_jsonl", lambda p, *a, **k: reads.append(str(p)) or real(p, *a, **k))
+    tbl._correctness.cache_clear()
+    rows = {r["variant"]: r for r in tbl.write_table(tmp_path, problems="q")["rows"]}
+    assert sorted(reads) == sorted(str((tmp_path / n / "eval" / "predictions.jsonl").resolve())
+                                   for n in ("f0", "f1", "r0", "r1"))
+    assert rows["resofilter"]["acc/gsm8k mean"] == pytest.approx((3 / 4 + 4 / 4) / 2)
+    preds = tmp_path / "r1" / "eval" / "predictions.jsonl"
+    preds.write_text("".join(json.dumps({"sample_id": f"q{i}", "correct": False}) + "\n" for i in range(4)))
+    rows = {r["variant"]: r for r in tbl.write_table(tmp_path, problems="q")["rows"]}
+    assert rows["resofilter"]["acc/gsm8k mean"] == pytest.approx((3 / 4 + 0) / 2)
 
 
 def test_a_packaged_model_is_named_after_its_cache_is_gone(tmp_path):

@@ -11,6 +11,7 @@ directory without ``results.json`` (killed, failed) is listed as incomplete, nev
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -149,7 +150,17 @@ def _packaged_label(dirname: str) -> str | None:
 
 def correctness(run_dir: str | Path, eval_name: str, problems: str | None = None) -> dict[str, float] | None:
     """Per-problem correctness of one run on one eval set (``predictions.jsonl``), if it kept them; with
-    ``problems`` (a regular expression), only the problem ids it matches from the start."""
+    ``problems`` (a regular expression), only the problem ids it matches from the start. Read once per
+    process while its files are unchanged (a table reads each run's predictions for its accuracy and again for
+    its intervals); the result is shared: do not change it."""
+    d = Path(run_dir).resolve() / "eval"
+    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) if p.exists() else None
+                  for cand in (d / eval_name, d) for p in (cand / "metrics.json", cand / "predictions.jsonl"))
+    return _correctness(str(d.parent), eval_name, problems, stamp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _correctness(run_dir: str, eval_name: str, problems: str | None, _stamp: tuple) -> dict[str, float] | None:
     d = Path(run_dir) / "eval"
     keep = re.compile(problems).match if problems else (lambda _: True)
     for cand in (d / eval_name, d):
@@ -194,12 +205,13 @@ _OWN_COLUMNS = {"finetune.budget"}  # shown in a column of its own
 BUDGET_KEYS = ("finetune.max_steps", "finetune.epochs")
 
 
-def setting_labels(runs: pd.DataFrame) -> pd.Series:
+def setting_labels(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Series:
     """What distinguishes each run's setting beyond variant and keep ratio, as ``key=value`` text.
 
     Keys that vary between settings but are fixed within each (variant, keep ratio) pair are
     what the variant means and are not repeated; a config group whose option differs is shown
-    by its option name (``layers=last3_mlp``) rather than its keys.
+    by its option name (``layers=last3_mlp``) rather than its keys. Keys in ``exclude`` are left out
+    (e.g. the budget, for the label of a curve drawn against it).
     """
     settings = runs.drop_duplicates("setting_key")
     keys = sorted({k for s in settings["_setting"] for k in s})
@@ -207,7 +219,7 @@ def setting_labels(runs: pd.DataFrame) -> pd.Series:
     pair = settings["variant"].astype(str) + "|" + settings["keep_ratio"].astype(str)
     shown = []
     for k in varying:
-        if k in _OWN_COLUMNS:
+        if k in _OWN_COLUMNS or k in exclude:
             continue
         per_pair = {}
         for p, s in zip(pair, settings["_setting"], strict=True):
@@ -234,7 +246,8 @@ def setting_labels(runs: pd.DataFrame) -> pd.Series:
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    runs = runs.assign(setting=setting_labels(runs), context=runs["_setting"].map(context_key))
+    runs = runs.assign(setting=setting_labels(runs), context=runs["_setting"].map(context_key),
+                       _curve_rest=setting_labels(runs, exclude=BUDGET_KEYS))
     varying = ["variant", "keep_ratio", "setting", "setting_key"]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
     # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
@@ -252,14 +265,14 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
     out = out.reset_index()
     first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols", "scored_by", "trained",
-                                         "base_accuracy", "train_steps", "curve_key"]].first()
+                                         "base_accuracy", "train_steps", "curve_key", "_curve_rest"]].first()
     out = out.join(first, on="setting_key")
     for c in acc_cols:
         _intervals(out, runs, c)
     out = out.sort_values(["budget", "keep_ratio", "variant", "train_steps", "setting"],
                           ascending=[True, False, True, True, True], na_position="first")  # budgets in step order
-    out = out.drop(columns=["setting_key", "context"])
     out["curve"] = _curve_labels(out)
+    out = out.drop(columns=["setting_key", "context", "_curve_rest"])
     if out["budget"].isna().all():
         out = out.drop(columns="budget")
     else:
@@ -269,12 +282,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _curve_labels(out: pd.DataFrame) -> pd.Series:
     """Each row's curve on the budget axis: its variant and keep ratio and whatever else (not the budget)
-    distinguishes its setting."""
+    distinguishes its setting (``_curve_rest``: :func:`setting_labels` without the budget keys)."""
     def label(r: pd.Series) -> str:
-        rest = [part for part in str(r.get("setting") or "").split(", ")
-                if part and not part.startswith(tuple(f"{k}=" for k in BUDGET_KEYS))]
         kind = [] if pd.isna(r.get("budget")) or r.get("budget") == "steps" else [f"budget={r['budget']}"]
-        return ", ".join([f"{r['variant']} {r['keep_ratio']:g}", *kind, *rest])
+        return ", ".join([f"{r['variant']} {r['keep_ratio']:g}", *kind, *filter(None, [r.get("_curve_rest")])])
     return out.apply(label, axis=1) if len(out) else pd.Series(dtype=str)
 
 
