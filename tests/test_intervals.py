@@ -489,3 +489,19 @@ def test_build_variance_script_reports_components_and_signs_per_build(tmp_path):
     iv = t_interval(np.array([d for b in sorted(diffs) for d in diffs[b]]), np.repeat(np.arange(3), 2))
     assert row.endswith(f"| [{100 * iv.lo:+.1f}, {100 * iv.hi:+.1f}] |")  # the interval with builds as a factor
     assert "| full 1 |" in md and "σ build" in md
+
+
+def test_a_figure_says_what_its_means_and_intervals_are_over():
+    """The figures' titles name the design the table's note names: builds (when more than one) and seeds, the
+    problems, and the factors of the interval."""
+    import pandas as pd
+
+    from resofilter.reporting.table import _design
+
+    three = pd.DataFrame({"builds": [3, 3], "seeds": [2, 1], "acc/x problems": [2000, 2000]})
+    one = pd.DataFrame({"builds": [1], "seeds": [3], "acc/x problems": [500]})
+    lone = pd.DataFrame({"builds": [1], "seeds": [1], "acc/x problems": [float("nan")]})
+    assert _design(three, "acc/x") == ("mean of 3 builds × 2 seeds × 2000 problems\n"
+                                       "95 % interval (builds and problems as factors)")
+    assert _design(one, "acc/x") == "mean of 3 seeds × 500 problems\n95 % interval (seeds and problems as factors)"
+    assert _design(lone, "acc/x") == "mean of 1 seed\n95 % interval (problems as the factor)"

@@ -423,6 +423,19 @@ def _one_build(summary: pd.DataFrame) -> str:
             "it)")
 
 
+def _design(summary: pd.DataFrame, col: str) -> str:
+    """A figure's account of what its means and intervals are over, e.g. "mean of 3 builds × 2 seeds × 2000
+    problems\\n95 % interval (builds and problems as factors)"."""
+    builds = int(summary["builds"].max()) if "builds" in summary.columns and summary["builds"].notna().any() else 1
+    seeds = int(summary["seeds"].max()) if summary["seeds"].notna().any() else 1
+    n_p = summary[f"{col} problems"].max() if f"{col} problems" in summary.columns else float("nan")
+    problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
+    units = f"{_n(builds, 'build')} × {_n(seeds, 'seed')}" if builds > 1 else _n(seeds, "seed")
+    factors = ("builds and problems as factors" if builds > 1 else "seeds and problems as factors" if seeds > 1
+               else "problems as the factor")
+    return f"mean of {units}{problems}\n95 % interval ({factors})"
+
+
 def plot(summary: pd.DataFrame, path: Path) -> None:
     """Accuracy against keep ratio per scorer, error bars the 95 % intervals (± sd where none)."""
     import matplotlib
@@ -451,9 +464,9 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
         ax.set_xlabel("keep ratio")
         ax.set_ylabel(f"{c[4:]} accuracy (%)")
         where = "" if budget is None else f", budget={budget}"
-        ax.set_title(f"{c[4:]}{where}: mean over seeds, 95 % interval (seeds × problems)", fontsize=9)
+        ax.set_title(f"{c[4:]}{where}: {_design(rows, c)}", fontsize=9)
         ax.legend(fontsize=8)
-    fig.suptitle("Accuracy by subset: every row's mean over seeds with its 95 % interval", fontsize=10)
+    fig.suptitle("Accuracy by subset: every row's mean with its 95 % interval", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -516,7 +529,7 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
             ax.minorticks_off()
             ax.grid(alpha=0.3)
         top.legend(fontsize=8)
-        top.set_title(f"{c[4:]}: mean over seeds with its 95 % interval", fontsize=9)
+        top.set_title(f"{c[4:]}: {_design(summary, c)}", fontsize=9)
     models = summary["trained"].dropna().unique() if "trained" in summary.columns else []
     fig.suptitle("Accuracy against the training budget" + (f" — {', '.join(models)}" if len(models) else ""),
                  fontsize=10)
