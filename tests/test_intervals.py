@@ -127,7 +127,7 @@ def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: li
     setting = {"variant_name": variant, "scorer.name": scorer, "selection.keep_ratio": keep,
                "finetune.max_steps": steps, "eval.name": "gsm8k", **(extra or {})}
     write_result(d, variant=variant, scorer=scorer, keep_ratio=keep, seed=seed, build=build, setting=setting,
-                 steps=steps,
+                 steps=steps, budget=setting.get("finetune.budget", "steps"),
                  accs={"gsm8k": sum(correct) / len(correct)}, total_time_s=1.0,
                  select={"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6,
                          "confounds": {"response_tokens": 0.25 if scorer == "resofilter" else -0.1}})
@@ -505,3 +505,33 @@ def test_a_figure_says_what_its_means_and_intervals_are_over():
                                        "95 % interval (builds and problems as factors)")
     assert _design(one, "acc/x") == "mean of 3 seeds × 500 problems\n95 % interval (seeds and problems as factors)"
     assert _design(lone, "acc/x") == "mean of 1 seed\n95 % interval (problems as the factor)"
+
+
+def test_the_budget_length_not_in_force_is_not_part_of_a_setting(tmp_path):
+    """Under budget=steps fine-tuning never reads finetune.epochs, under budget=epochs never max_steps: two runs
+    differing only there are one setting (resume, table rows), and a row's label names only the length in force."""
+    from resofilter.reporting.results import canonical_setting
+
+    steps = {"finetune.budget": "steps", "finetune.max_steps": 400, "finetune.epochs": 5, "seed": 0, "x": None}
+    assert canonical_setting(steps) == {"finetune.budget": "steps", "finetune.max_steps": 400, "seed": 0}
+    assert canonical_setting({**steps, "finetune.epochs": 1}) == canonical_setting(steps)
+    epochs = {**steps, "finetune.budget": "epochs", "finetune.max_steps": -1, "finetune.epochs": 1}
+    assert canonical_setting(epochs) == {"finetune.budget": "epochs", "finetune.epochs": 1, "seed": 0}
+    for seed in range(2):
+        for budget, length in (("steps", {"finetune.max_steps": 100, "finetune.epochs": 5}),
+                               ("steps", {"finetune.max_steps": 200, "finetune.epochs": 5}),
+                               ("epochs", {"finetune.max_steps": -1, "finetune.epochs": 1})):
+            tag = "-".join(str(v) for v in length.values())
+            _run(tmp_path / f"rf-{tag}-{seed}", "resofilter", "resofilter", 0.5, seed, [1, 0, 1, seed],
+                 extra={"finetune.budget": budget, **length})
+    labels = sorted(r["setting"] for r in write_table(tmp_path)["rows"])
+    assert labels == ["finetune.epochs=1", "finetune.max_steps=100", "finetune.max_steps=200"]
+    # the budget curve: one curve per kind of budget, one colour per variant (the full pool black)
+    from resofilter.reporting.table import _curve_colors, collect, summarize
+
+    for seed in range(2):
+        _run(tmp_path / f"full-{seed}", "full", "random", 1.0, seed, [1, 1, 1, seed],
+             extra={"finetune.budget": "steps", "finetune.max_steps": 100})
+    colors = _curve_colors(summarize(collect(tmp_path)[0]))
+    assert set(colors) == {"resofilter 0.5", "resofilter 0.5, budget=epochs", "full 1"}
+    assert colors["resofilter 0.5"] == colors["resofilter 0.5, budget=epochs"] != "k" and colors["full 1"] == "k"

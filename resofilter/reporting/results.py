@@ -23,8 +23,14 @@ STAGES = ("score", "reference", "select", "base_eval", "finetune", "evaluate")  
 
 def canonical_setting(setting: dict[str, Any]) -> dict[str, Any]:
     """A setting as runs are compared by (resume, ``table``'s rows): keys whose value is null are left out, so a
-    config key added in a later version with a null default leaves earlier runs the same setting."""
-    return {k: v for k, v in setting.items() if v is not None}
+    config key added in a later version with a null default leaves earlier runs the same setting; so is the
+    length of the budget kind not in force (``finetune.epochs`` under ``budget=steps``, ``finetune.max_steps``
+    under ``budget=epochs``: fine-tuning never reads it)."""
+    unused = _UNUSED_BUDGET_KEY.get(setting.get("finetune.budget"))
+    return {k: v for k, v in setting.items() if v is not None and k != unused}
+
+
+_UNUSED_BUDGET_KEY = {"steps": "finetune.epochs", "epochs": "finetune.max_steps"}
 
 
 @dataclass(frozen=True)

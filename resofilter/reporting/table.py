@@ -238,8 +238,8 @@ def setting_labels(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
                 if group not in groups:
                     groups.add(group)
                     parts.append(f"{group}={choices[group]}")
-            else:
-                v = s.get(k)
+            elif k in s:  # a key a setting lacks (null, or a budget length not in force) says nothing
+                v = s[k]
                 parts.append(f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}")
         labels[key] = ", ".join(parts)
     return runs["setting_key"].map(labels)
@@ -247,7 +247,7 @@ def setting_labels(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.assign(setting=setting_labels(runs), context=runs["_setting"].map(context_key),
-                       _curve_rest=setting_labels(runs, exclude=BUDGET_KEYS))
+                       curve_setting=setting_labels(runs, exclude=BUDGET_KEYS))
     varying = ["variant", "keep_ratio", "setting", "setting_key"]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
     # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
@@ -265,14 +265,14 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         out[f"{c} std"] = g.std(ddof=1).fillna(0.0)
     out = out.reset_index()
     first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols", "scored_by", "trained",
-                                         "base_accuracy", "train_steps", "curve_key", "_curve_rest"]].first()
+                                         "base_accuracy", "train_steps", "curve_key", "curve_setting"]].first()
     out = out.join(first, on="setting_key")
     for c in acc_cols:
         _intervals(out, runs, c)
     out = out.sort_values(["budget", "keep_ratio", "variant", "train_steps", "setting"],
                           ascending=[True, False, True, True, True], na_position="first")  # budgets in step order
     out["curve"] = _curve_labels(out)
-    out = out.drop(columns=["setting_key", "context", "_curve_rest"])
+    out = out.drop(columns=["setting_key", "context"])
     if out["budget"].isna().all():
         out = out.drop(columns="budget")
     else:
@@ -282,11 +282,33 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _curve_labels(out: pd.DataFrame) -> pd.Series:
     """Each row's curve on the budget axis: its variant and keep ratio and whatever else (not the budget)
-    distinguishes its setting (``_curve_rest``: :func:`setting_labels` without the budget keys)."""
+    distinguishes its setting (``curve_setting``: :func:`setting_labels` without the budget keys)."""
     def label(r: pd.Series) -> str:
-        kind = [] if pd.isna(r.get("budget")) or r.get("budget") == "steps" else [f"budget={r['budget']}"]
-        return ", ".join([f"{r['variant']} {r['keep_ratio']:g}", *kind, *filter(None, [r.get("_curve_rest")])])
+        kind = [] if _steps_budget(r) else [f"budget={r['budget']}"]
+        return ", ".join([f"{r['variant']} {r['keep_ratio']:g}", *kind, *filter(None, [r.get("curve_setting")])])
     return out.apply(label, axis=1) if len(out) else pd.Series(dtype=str)
+
+
+def _steps_budget(r: pd.Series) -> bool:
+    return pd.isna(r.get("budget")) or r.get("budget") == "steps"
+
+
+def _curve_colors(summary: pd.DataFrame) -> dict[str, str]:
+    """One colour per curve family — a variant, keep ratio and setting whatever the kind of budget — so a
+    variant's compute-matched and epoch curves share a colour (and differ in marker); the full pool black."""
+    import matplotlib.pyplot as plt
+
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors: dict[str, str] = {}
+    families: dict[tuple, str] = {}
+    for _, r in summary.dropna(subset=["train_steps"]).iterrows():
+        fam = (r["variant"], r["keep_ratio"], r.get("curve_setting"))
+        if r["keep_ratio"] >= 1:
+            families.setdefault(fam, "k")
+        else:
+            families.setdefault(fam, palette[sum(c != "k" for c in families.values()) % len(palette)])
+        colors[r["curve"]] = families[fam]
+    return colors
 
 
 def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str) -> None:
@@ -495,6 +517,7 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
     fig, axes = plt.subplots(2, len(acc_cols), figsize=(7 * len(acc_cols), 8), squeeze=False, sharex=True)
     curves = summary.dropna(subset=["train_steps"]).groupby("curve_key", sort=False)
+    colors = _curve_colors(summary)
     steps = sorted(summary["train_steps"].dropna().unique())
     drawn: dict[tuple[str, str, str], list[tuple[float, ...]]] = {}
     for j, c in enumerate(acc_cols):
@@ -508,15 +531,17 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
             err = [(mean - 100 * g[f"{c} lo"]).fillna(100 * g[f"{c} std"]),
                    (100 * g[f"{c} hi"] - mean).fillna(100 * g[f"{c} std"])]
             full = (g["keep_ratio"] >= 1).all()
-            line = top.errorbar(x * shift, mean, yerr=err, marker="o", capsize=3, label=name,
-                                **({"color": "k", "ls": "--"} if full else {}))
+            # compute-matched steps: filled circles; another kind of budget (the paper's epochs): open squares
+            style = ({"marker": "o"} if _steps_budget(g.iloc[0]) else {"marker": "s", "mfc": "white"})
+            line = top.errorbar(x * shift, mean, yerr=err, capsize=3, label=name, color=colors[name],
+                                ls="--" if full else "-", **style)
             drawn[(c, "acc", name)] = list(zip(x, mean, mean - err[0], mean + err[1], strict=True))
             d = g.dropna(subset=[f"{c} Δfull"])
             if not full and len(d):
                 dm = 100 * d[f"{c} Δfull"]
                 bottom.errorbar(d["train_steps"].to_numpy(dtype=float) * shift, dm,
-                                yerr=[dm - 100 * d[f"{c} Δfull lo"], 100 * d[f"{c} Δfull hi"] - dm], marker="o",
-                                capsize=3, color=line[0].get_color(), label=name)
+                                yerr=[dm - 100 * d[f"{c} Δfull lo"], 100 * d[f"{c} Δfull hi"] - dm],
+                                capsize=3, color=line[0].get_color(), label=name, **style)
                 drawn[(c, "Δfull", name)] = list(zip(d["train_steps"].astype(float), dm, 100 * d[f"{c} Δfull lo"],
                                                      100 * d[f"{c} Δfull hi"], strict=True))
         bottom.axhline(0, color="k", ls="--", lw=1)
