@@ -535,3 +535,25 @@ def test_the_budget_length_not_in_force_is_not_part_of_a_setting(tmp_path):
     colors = _curve_colors(summarize(collect(tmp_path)[0]))
     assert set(colors) == {"resofilter 0.5", "resofilter 0.5, budget=epochs", "full 1"}
     assert colors["resofilter 0.5"] == colors["resofilter 0.5, budget=epochs"] != "k" and colors["full 1"] == "k"
+
+
+def test_a_weak_scorers_half_pairs_with_the_strong_models_rows_by_seed(tmp_path):
+    """Weak to strong across families: the embedded model (build 0) scores, a model from a path is fine-tuned.
+    Its reference rows (the full pool, the random half: the path model alone, no build) pair with it by seed and
+    problem — by hand, seeds 0-2: (+2, +1, 0) problems of 4 better than the full pool."""
+    from resofilter.reporting.table import _by_my_units
+
+    assert _by_my_units({(0, 1): "m"}, {(-1, 1): "t", (-1, 2): "u"}) == {(0, 1): "t"}
+    assert _by_my_units({(0, 1): "m"}, {(0, 1): "t"}) == {(0, 1): "t"}  # the same units: as they are
+    assert _by_my_units({(0, 1): "m"}, {(1, 1): "t"}) == {(1, 1): "t"}  # other builds: nothing to pair
+    full = {0: [1, 0, 0, 1], 1: [1, 1, 0, 0], 2: [0, 1, 1, 1]}
+    weak = {0: [1, 1, 1, 1], 1: [1, 1, 1, 0], 2: [0, 1, 1, 1]}
+    for seed in range(3):
+        setting = {"variant_name": "resofilter", "scorer.name": "resofilter", "selection.keep_ratio": 0.5,
+                   "model.embedded.arch": "llama", "train_model.name_or_path": "/m/smollm2", "eval.name": "gsm8k"}
+        _run(tmp_path / f"full{seed}", "full", "random", 1.0, seed, full[seed],
+             extra={"model.name_or_path": "/m/smollm2"})
+        _run(tmp_path / f"weak{seed}", "resofilter", "resofilter", 0.5, seed, weak[seed], build=0, extra=setting)
+    rows = {r["variant"]: r for r in write_table(tmp_path)["rows"]}
+    assert rows["resofilter"]["acc/gsm8k Δfull"] == pytest.approx((2 + 1 + 0) / 12)
+    assert rows["full"]["builds"] == 0 and rows["resofilter"]["builds"] == 1

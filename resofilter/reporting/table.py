@@ -340,13 +340,24 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str) -> None:
         for ref, cand in refs.items():
             if len(cand) != 1 or row["keep_ratio"] >= 1 and ref == "full":
                 continue
-            theirs = per_row.get(cand["setting_key"].iloc[0], {})
+            theirs = _by_my_units(mine, per_row.get(cand["setting_key"].iloc[0], {}))
             diff = paired_matrix(mine, theirs)
             if diff is None:
                 continue
             d = t_interval(diff, np.array([b for b, _ in sorted(set(mine) & set(theirs))]))
             out.loc[i, [f"{col} Δ{ref}{c}" for c in ("", " lo", " hi", " se", " df")]] = \
                 [d.mean, max(d.lo, -1.0), min(d.hi, 1.0), d.se, d.df]
+
+
+def _by_my_units(mine: dict[Unit, Any], theirs: dict[Unit, Any]) -> dict[Unit, Any]:
+    """A reference's per-unit correctness keyed by this row's units. Units are (build, seed); a reference whose
+    models come from a path has no build, and a row of the same context (the same fine-tuned model) can still
+    have one: its *scoring* model is an embedded build (weak to strong: the tiny model scores, SmolLM2 is
+    fine-tuned). The build is then part of how the subset was chosen, not of the model trained, so the two
+    pair by seed."""
+    if set(mine) & set(theirs) or any(b != NO_BUILD for b, _ in theirs):
+        return theirs
+    return {(b, s): theirs[(NO_BUILD, s)] for b, s in mine if (NO_BUILD, s) in theirs}
 
 
 def _pct(x: float) -> str:
