@@ -123,11 +123,11 @@ def test_pairing_by_seed_and_problem():
 
 
 def _run(d: Path, variant: str, scorer: str, keep: float, seed: int, correct: list[int], build: int | None = None,
-         steps: int = 400, extra: dict | None = None) -> None:
+         steps: int = 400, extra: dict | None = None, choices: dict | None = None) -> None:
     setting = {"variant_name": variant, "scorer.name": scorer, "selection.keep_ratio": keep,
                "finetune.max_steps": steps, "eval.name": "gsm8k", **(extra or {})}
     write_result(d, variant=variant, scorer=scorer, keep_ratio=keep, seed=seed, build=build, setting=setting,
-                 steps=steps, budget=setting.get("finetune.budget", "steps"),
+                 steps=steps, budget=setting.get("finetune.budget", "steps"), choices=choices,
                  accs={"gsm8k": sum(correct) / len(correct)}, total_time_s=1.0,
                  select={"n_out": 10, "noise_rate_kept": 0.3, "noise_auroc": 0.6,
                          "confounds": {"response_tokens": 0.25 if scorer == "resofilter" else -0.1}})
@@ -552,8 +552,16 @@ def test_a_weak_scorers_half_pairs_with_the_strong_models_rows_by_seed(tmp_path)
         setting = {"variant_name": "resofilter", "scorer.name": "resofilter", "selection.keep_ratio": 0.5,
                    "model.embedded.arch": "llama", "train_model.name_or_path": "/m/smollm2", "eval.name": "gsm8k"}
         _run(tmp_path / f"full{seed}", "full", "random", 1.0, seed, full[seed],
-             extra={"model.name_or_path": "/m/smollm2"})
-        _run(tmp_path / f"weak{seed}", "resofilter", "resofilter", 0.5, seed, weak[seed], build=0, extra=setting)
-    rows = {r["variant"]: r for r in write_table(tmp_path)["rows"]}
-    assert rows["resofilter"]["acc/gsm8k Δfull"] == pytest.approx((2 + 1 + 0) / 12)
-    assert rows["full"]["builds"] == 0 and rows["resofilter"]["builds"] == 1
+             extra={"model.name_or_path": "/m/smollm2"}, choices={"model": "smollm2", "model@train_model": None})
+        _run(tmp_path / f"weak{seed}", "resofilter", "resofilter", 0.5, seed, weak[seed], build=0, extra=setting,
+             choices={"model": "tiny_llama", "model@train_model": "smollm2"})
+        _run(tmp_path / f"self{seed}", "resofilter", "resofilter", 0.5, seed, full[seed],
+             extra={"model.name_or_path": "/m/smollm2"}, choices={"model": "smollm2", "model@train_model": None})
+    table = write_table(tmp_path)
+    rows = {(r["variant"], r["builds"]): r for r in table["rows"]}
+    assert rows[("resofilter", 1)]["acc/gsm8k Δfull"] == pytest.approx((2 + 1 + 0) / 12)
+    assert rows[("full", 0)]["builds"] == 0
+    # labels name each group by its option ("model@train_model" is the train_model group); an unset one not at all
+    assert rows[("resofilter", 1)]["setting"] == "model=tiny_llama, train_model=smollm2"
+    assert rows[("resofilter", 0)]["setting"] == "model=smollm2"
+    assert "3 seeds × 4 problems; the rows with an embedded model are of one build" in table["markdown"]

@@ -58,7 +58,9 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             "base_accuracy": (r.stages.get("base_eval") or {}).get("accuracy"),
             "_dir": str(d), "_environment": r.environment,
             "setting_key": stable_hash(setting), "_setting": setting,
-            "_choices": r.choices or {},
+            # Hydra names a group placed at another package "group@package" (model@train_model): keyed here by
+            # the package, the prefix of the setting's keys it chose
+            "_choices": {k.split("@", 1)[-1]: v for k, v in (r.choices or {}).items()},
         }
         for name, acc in r.eval.items():
             row[f"acc/{name}"] = acc
@@ -235,9 +237,9 @@ def setting_labels(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
         for k in shown:
             group = k.split(".")[0]
             if group in choices and group in chosen:
-                if group not in groups:
+                if group not in groups:  # an unset optional group (train_model: the scoring model) says nothing
                     groups.add(group)
-                    parts.append(f"{group}={choices[group]}")
+                    parts += [] if choices[group] is None else [f"{group}={choices[group]}"]
             elif k in s:  # a key a setting lacks (null, or a budget length not in force) says nothing
                 v = s[k]
                 parts.append(f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}")
@@ -452,8 +454,11 @@ def _one_build(summary: pd.DataFrame) -> str:
     """The note's caveat for tables of one embedded build: its intervals leave the build's variance out."""
     if "builds" not in summary.columns or not (summary["builds"] == 1).any():
         return ""
-    return (" of one embedded build (intervals leave out the spread between builds; sweep `build=` to include "
-            "it)")
+    if (summary["builds"] == 1).all():
+        return (" of one embedded build (intervals leave out the spread between builds; sweep `build=` to include "
+                "it)")
+    return ("; the rows with an embedded model are of one build (their intervals leave out the spread between "
+            "builds; sweep `build=` to include it)")
 
 
 def _design(summary: pd.DataFrame, col: str) -> str:
