@@ -120,12 +120,14 @@ def run(cfg: DictConfig) -> dict:
 
 
 def table(argv: list[str]) -> dict:
-    """``resofilter table <multirun dir> [--out DIR]``: results.json files → table.md/csv + plot."""
+    """``resofilter table <multirun dir> [<dir> …] [--out DIR]``: results.json files → table.md/csv + plot."""
     import argparse
 
     p = argparse.ArgumentParser(prog="resofilter table", description=table.__doc__)
-    p.add_argument("root", help="a multirun (or any) directory holding run dirs with results.json")
-    p.add_argument("--out", default=None, help="where to write table.md/csv/png (default: root)")
+    p.add_argument("root", nargs="+", help="a multirun (or any) directory holding run dirs with results.json; "
+                   "several are read as one table (e.g. a headline sweep and a budget sweep)")
+    p.add_argument("--out", default=None, help="where to write table.md/csv/png (default: the one root; needed "
+                   "with several)")
     p.add_argument("--wandb", metavar="PROJECT", default=None, help="also log the table as a wandb.Table")
     p.add_argument("--online", action="store_true", help="with --wandb: log online (default: offline)")
     p.add_argument("--problems", metavar="REGEX", default=None,
@@ -133,13 +135,14 @@ def table(argv: list[str]) -> dict:
                         "eval=math_synth_2000): accuracies and intervals from the runs' predictions")
     args = p.parse_args(argv)
     result = write_table(args.root, args.out, args.problems)
+    out = Path(args.out or args.root[0])
     if args.wandb:
         from resofilter.reporting.wandb_log import log_table
 
         columns = [c for c in result["rows"][0] if not c.startswith("_") and c != "setting_key"]
-        result["wandb_dir"] = log_table(result["rows"], columns, args.wandb, f"table {Path(args.root).name}",
-                                        Path(args.out or args.root), offline=not args.online)
-    out = Path(args.out or args.root)
+        result["wandb_dir"] = log_table(result["rows"], columns, args.wandb,
+                                        "table " + "+".join(Path(r).name for r in args.root), out,
+                                        offline=not args.online)
     # the command's output: the table itself, and where its files are (the library only logs)
     files = ", ".join(str(out / f) for f in ("table.md", "table.csv", "table.png", "table.html"))
     sys.stdout.write(result["markdown"] + f"\nwritten: {files}\n")

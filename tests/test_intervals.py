@@ -565,3 +565,38 @@ def test_a_weak_scorers_half_pairs_with_the_strong_models_rows_by_seed(tmp_path)
     assert rows[("resofilter", 1)]["setting"] == "model=tiny_llama, train_model=smollm2"
     assert rows[("resofilter", 0)]["setting"] == "model=smollm2"
     assert "3 seeds × 4 problems; the rows with an embedded model are of one build" in table["markdown"]
+
+
+def test_a_table_of_two_directories_is_the_table_of_their_runs_together(tmp_path):
+    """A headline sweep (64 steps) and a budget sweep (16, 128) kept apart are read as one table: the same rows
+    and intervals as the runs copied under one directory, runs named by directory; several need --out."""
+    import shutil
+
+    from resofilter.commands import table
+    from resofilter.errors import ResoFilterError
+
+    rng = np.random.default_rng(7)
+    for where, steps_list in (("headline", (64,)), ("budget", (16, 128))):
+        for steps in steps_list:
+            for seed in range(2):
+                for name, variant, scorer, keep in (("full", "full", "random", 1.0),
+                                                    ("rf", "resofilter", "resofilter", 0.5)):
+                    _run(tmp_path / where / f"s{seed}" / f"{name}-{steps}", variant, scorer, keep, seed,
+                         (rng.random(40) < 0.5).astype(int).tolist(), steps=steps)
+    both = table([str(tmp_path / "headline"), str(tmp_path / "budget"), "--out", str(tmp_path / "t")])
+    for where in ("headline", "budget"):
+        shutil.copytree(tmp_path / where, tmp_path / "one" / where)
+    one = write_table(tmp_path / "one")
+    assert both["n_runs"] == one["n_runs"] == 12 and (tmp_path / "t" / "budget.png").exists()
+    import pandas as pd
+
+    cols = ["acc/gsm8k mean", "acc/gsm8k lo", "acc/gsm8k hi", "acc/gsm8k Δfull"]
+    rows = {(r["variant"], r["train_steps"]): r for r in both["rows"]}
+    assert len(rows) == 6
+    for r in one["rows"]:
+        mine = rows[(r["variant"], r["train_steps"])]
+        assert [mine[c] for c in cols] == pytest.approx([r[c] for c in cols], nan_ok=True)
+    runs = pd.read_csv(tmp_path / "t" / "runs.csv")["run"]
+    assert set(runs.str.split("/").str[0]) == {"headline", "budget"}
+    with pytest.raises(ResoFilterError, match="needs --out"):
+        write_table([tmp_path / "headline", tmp_path / "budget"])

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,22 +31,36 @@ from resofilter.reporting.results import RunResult, canonical_setting
 
 log = logging.getLogger(__name__)
 
-def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
-    """One row per finished run; and the run dirs that have no results.json."""
-    root = Path(root)
-    if not root.is_dir():
-        raise ResoFilterError(f"{root} is not a directory")
+Roots = str | Path | Sequence[str | Path]
+
+
+def _roots(roots: Roots) -> list[Path]:
+    return [Path(roots)] if isinstance(roots, (str, Path)) else [Path(r) for r in roots]
+
+
+def collect(roots: Roots) -> tuple[pd.DataFrame, list[str]]:
+    """One row per finished run under the directory (or directories: e.g. a headline sweep and a budget sweep
+    kept apart, read as one table); and the run dirs that have no results.json. A run is named by its path
+    under its directory, prefixed by the directory's name when there are several."""
+    dirs = _roots(roots)
+    if not dirs:
+        raise ResoFilterError("no directory to read runs from")
+    for root in dirs:
+        if not root.is_dir():
+            raise ResoFilterError(f"{root} is not a directory")
     rows, incomplete = [], []
-    run_dirs = sorted({p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob("results.json")})
-    for d in run_dirs:
+    run_dirs = sorted({(root, p.parent) for root in dirs
+                       for p in [*root.rglob(".hydra"), *root.rglob("results.json")]})
+    for root, d in run_dirs:
+        name = str(d.relative_to(root)) if len(dirs) == 1 else str(Path(root.name) / d.relative_to(root))
         f = d / "results.json"
         if not f.exists():
-            incomplete.append(str(d.relative_to(root)))
+            incomplete.append(name)
             continue
         r = RunResult.read(f)
         setting = canonical_setting(r.setting)
         row: dict[str, Any] = {
-            "run": str(d.relative_to(root)), "variant": r.variant, "keep_ratio": r.keep_ratio,
+            "run": name, "variant": r.variant, "keep_ratio": r.keep_ratio,
             "direction": r.direction, "layers": str(r.layers["indices"]), "statistic": r.statistic,
             "step": r.step, "seed": r.seed, "build": _build(r.build), "n_kept": r.n_kept,
             "noise_rate_kept": r.noise_rate_kept, "noise_auroc": r.noise_auroc, "rho_length": r.rho_length,
@@ -66,7 +81,7 @@ def collect(root: str | Path) -> tuple[pd.DataFrame, list[str]]:
             row[f"acc/{name}"] = acc
         rows.append(row)
     if not rows and not incomplete:
-        raise ResoFilterError(f"no run directories (results.json or .hydra/) under {root}")
+        raise ResoFilterError(f"no run directories (results.json or .hydra/) under {', '.join(map(str, dirs))}")
     return pd.DataFrame(rows), incomplete
 
 
@@ -580,17 +595,21 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     return drawn
 
 
-def write_table(root: str | Path, out: str | Path | None = None, problems: str | None = None) -> dict[str, Any]:
-    """The table of every finished run under ``root`` → ``out`` (default: ``root``); with ``problems`` (a regular
-    expression on problem ids), accuracies and intervals over the matching problems only."""
-    runs, incomplete = collect(root)
+def write_table(root: Roots, out: str | Path | None = None, problems: str | None = None) -> dict[str, Any]:
+    """The table of every finished run under ``root`` (a directory, or several read as one) → ``out`` (default:
+    the one directory; required with several); with ``problems`` (a regular expression on problem ids),
+    accuracies and intervals over the matching problems only."""
+    dirs = _roots(root)
+    if out is None and len(dirs) != 1:
+        raise ResoFilterError(f"a table of {len(dirs)} directories needs --out (where to write it)")
+    runs, incomplete = collect(dirs)
     if problems and not runs.empty:
         runs = restrict_problems(runs, problems)
-    out = Path(out) if out else Path(root)
+    out = Path(out) if out else dirs[0]
     if incomplete:
         log.warning("%d run(s) without results.json: %s", len(incomplete), incomplete)
     if runs.empty:
-        raise ResoFilterError(f"no finished runs under {root} (incomplete: {incomplete})")
+        raise ResoFilterError(f"no finished runs under {', '.join(map(str, dirs))} (incomplete: {incomplete})")
     summary = summarize(runs)
     md = to_markdown(summary, incomplete)
     if differ := differences(list(runs["_environment"])):
@@ -609,7 +628,7 @@ def write_table(root: str | Path, out: str | Path | None = None, problems: str |
     else:
         (out / "budget.png").unlink(missing_ok=True)  # an earlier table's curve of runs no longer all here
     shown = [c for c in summary.columns if not c.startswith("_") and c != "setting_key"]
-    table_report(out, md, summary[shown].to_dict("records"), shown, str(root))
+    table_report(out, md, summary[shown].to_dict("records"), shown, ", ".join(map(str, dirs)))
     log.info("table of %d runs (%d rows) → %s\n%s", len(runs), len(summary), out / "table.md", md)
     return {"n_runs": len(runs), "incomplete": incomplete, "rows": summary.to_dict("records"), "markdown": md}
 
