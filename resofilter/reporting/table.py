@@ -503,12 +503,16 @@ def plot(summary: pd.DataFrame, path: Path) -> None:
     for ax, (c, budget) in zip(axes[0], panels, strict=True):
         rows = summary if budget is None else summary[summary["budget"] == budget]
         full = rows[rows["keep_ratio"] == 1.0]
-        for name, g in rows[rows["keep_ratio"] < 1.0].groupby("variant"):
+        halves = rows[rows["keep_ratio"] < 1.0]
+        # variants sharing a keep ratio sit side by side around it, so their error bars do not hide each other
+        at = {r: sorted(g["variant"].unique()) for r, g in halves.groupby("keep_ratio")}
+        for name, g in halves.groupby("variant"):
             g = g.sort_values("keep_ratio")
             mean = 100 * g[f"{c} mean"]
             lo = (mean - 100 * g[f"{c} lo"]).fillna(100 * g[f"{c} std"])
             hi = (100 * g[f"{c} hi"] - mean).fillna(100 * g[f"{c} std"])
-            ax.errorbar(g["keep_ratio"], mean, yerr=[lo, hi], marker="o", capsize=3, label=name)
+            x = [r + 0.012 * (at[r].index(name) - (len(at[r]) - 1) / 2) for r in g["keep_ratio"]]
+            ax.errorbar(x, mean, yerr=[lo, hi], marker="o", capsize=3, label=name)
         if len(full):
             m = 100 * full[f"{c} mean"].iloc[0]
             ax.axhline(m, color="k", ls="--", label="full data")
