@@ -254,7 +254,8 @@ def setting_labels(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
             if group in choices and group in chosen:
                 if group not in groups:  # an unset optional group (train_model: the scoring model) says nothing
                     groups.add(group)
-                    parts += [] if choices[group] is None else [f"{group}={choices[group]}"]
+                    if choices[group] is not None:
+                        parts.append(f"{group}={choices[group]}")
             elif k in s:  # a key a setting lacks (null, or a budget length not in force) says nothing
                 v = s[k]
                 parts.append(f"{k}={v if isinstance(v, (str, int, float)) else json.dumps(v)}")
@@ -424,20 +425,18 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     for c in acc_cols:
         diffs = pd.concat([summary[[f"{c} Δ{ref} se", f"{c} Δ{ref} df"]].set_axis(["se", "df"], axis=1)
                            for ref in ("full", "random")]).dropna()
-        n_p = summary[f"{c} problems"].max()
         if len(diffs):
             mde = 100 * float(np.median([detectable(r.se, r.df) for r in diffs.itertuples()]))
-            problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
             if by_build:
-                design = (f"{_n(summary['builds'].max(), 'build')} × {_n(summary['seeds'].max(), 'seed')}{problems}; "
-                          "95 % generalized confidence intervals with builds and problems as crossed random factors "
+                design = (f"{_units(summary, c)}; 95 % generalized confidence intervals with builds and problems as "
+                          "crossed random factors "
                           "(seeds averaged within their build; rows of one build: seeds and problems), differences "
                           "paired by build, seed and problem")
             else:
                 one = _one_build(summary)
                 factors = ("seeds and problems as crossed random factors" if summary["seeds"].max() > 1 else
                            "the problems as the only factor (one seed: another seed's spread is not in them)")
-                design = (f"{_n(summary['seeds'].max(), 'seed')}{problems}{one}; 95 % generalized confidence "
+                design = (f"{_units(summary, c)}{one}; 95 % generalized confidence "
                           f"intervals with {factors}, differences paired by seed and problem")
             notes.append(f"{c[4:]}: {design} (\\*: the interval excludes 0; coverage checked by simulation: "
                          f"experiments/interval_coverage.py); a difference of ≥ {mde:.1f} points is detectable at "
@@ -476,17 +475,27 @@ def _one_build(summary: pd.DataFrame) -> str:
             "builds; sweep `build=` to include it)")
 
 
+def _builds_seeds(summary: pd.DataFrame) -> tuple[int, int]:
+    builds = int(summary["builds"].max()) if "builds" in summary.columns and summary["builds"].notna().any() else 1
+    return builds, int(summary["seeds"].max()) if summary["seeds"].notna().any() else 1
+
+
+def _units(summary: pd.DataFrame, col: str) -> str:
+    """What a table's (or figure's) means are over, e.g. "3 builds × 2 seeds × 2000 problems" (builds only when
+    some row spans several; problems when the runs kept predictions)."""
+    builds, seeds = _builds_seeds(summary)
+    n_p = summary[f"{col} problems"].max() if f"{col} problems" in summary.columns else float("nan")
+    problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
+    return (f"{_n(builds, 'build')} × {_n(seeds, 'seed')}" if builds > 1 else _n(seeds, "seed")) + problems
+
+
 def _design(summary: pd.DataFrame, col: str) -> str:
     """A figure's account of what its means and intervals are over, e.g. "mean of 3 builds × 2 seeds × 2000
     problems\\n95 % interval (builds and problems as factors)"."""
-    builds = int(summary["builds"].max()) if "builds" in summary.columns and summary["builds"].notna().any() else 1
-    seeds = int(summary["seeds"].max()) if summary["seeds"].notna().any() else 1
-    n_p = summary[f"{col} problems"].max() if f"{col} problems" in summary.columns else float("nan")
-    problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
-    units = f"{_n(builds, 'build')} × {_n(seeds, 'seed')}" if builds > 1 else _n(seeds, "seed")
+    builds, seeds = _builds_seeds(summary)
     factors = ("builds and problems as factors" if builds > 1 else "seeds and problems as factors" if seeds > 1
                else "problems as the factor")
-    return f"mean of {units}{problems}\n95 % interval ({factors})"
+    return f"mean of {_units(summary, col)}\n95 % interval ({factors})"
 
 
 def plot(summary: pd.DataFrame, path: Path) -> None:
