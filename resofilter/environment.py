@@ -82,10 +82,24 @@ def differences(environments: list[dict[str, Any] | None]) -> dict[str, list[Any
     ``environments`` (``None``: a record from before environments were recorded, skipped)."""
     seen: dict[str, set[str]] = {}
     for env in environments:
-        if not env:
-            continue
-        flat = {f"packages.{k}": v for k, v in (env.get("packages") or {}).items()}
-        flat.update({k: env.get(k) for k in COMPARED if k != "packages"})
-        for k, v in flat.items():
-            seen.setdefault(k, set()).add(str(v))
+        for k, v in _compared(env).items():
+            seen.setdefault(k, set()).add(v)
     return {k: sorted(v) for k, v in seen.items() if len(v) > 1}
+
+
+def _compared(env: dict[str, Any] | None) -> dict[str, str]:
+    """The compared fields of one environment, ``packages.<name>`` one by one, as text ({} for None)."""
+    if not env:
+        return {}
+    flat = {f"packages.{k}": v for k, v in (env.get("packages") or {}).items()}
+    flat.update({k: env.get(k) for k in COMPARED if k != "packages"})
+    return {k: str(v) for k, v in flat.items()}
+
+
+def environment_label(env: dict[str, Any] | None, keys: list[str]) -> str:
+    """One environment by its values of ``keys`` (the fields :func:`differences` found to differ), e.g.
+    "AVX2 · AMD EPYC"; "unrecorded" for a record from before environments were recorded."""
+    if not env:
+        return "unrecorded"
+    flat = _compared(env)
+    return " · ".join(flat.get(k, "None") for k in keys)

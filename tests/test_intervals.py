@@ -498,11 +498,17 @@ def test_a_figure_says_what_its_means_and_intervals_are_over():
 
     from resofilter.reporting.table import _design
 
-    three = pd.DataFrame({"builds": [3, 3], "seeds": [2, 1], "acc/x problems": [2000, 2000]})
+    three = pd.DataFrame({"builds": [3, 3], "seeds": [2, 2], "acc/x problems": [2000, 2000]})
     one = pd.DataFrame({"builds": [1], "seeds": [3], "acc/x problems": [500]})
     lone = pd.DataFrame({"builds": [1], "seeds": [1], "acc/x problems": [float("nan")]})
     assert _design(three, "acc/x") == ("mean of 3 builds × 2 seeds × 2000 problems\n"
                                        "95 % interval (builds and problems as factors)")
+    # rows over different numbers of seeds (a budget curve: 3 seeds at one budget, 1 at another) say the range,
+    # and that a row of one seed has the problems alone as its factor
+    mixed = pd.DataFrame({"builds": [0, 0], "seeds": [3, 1], "acc/x problems": [500, 500]})
+    assert _design(mixed, "acc/x") == ("mean of 1–3 seeds × 500 problems\n95 % interval (seeds and problems as "
+                                       "factors; problems alone for a row of 1 seed)")
+    assert _design(three.assign(seeds=[2, 1]), "acc/x").startswith("mean of 3 builds × 1–2 seeds × 2000 problems")
     assert _design(one, "acc/x") == "mean of 3 seeds × 500 problems\n95 % interval (seeds and problems as factors)"
     assert _design(lone, "acc/x") == "mean of 1 seed\n95 % interval (problems as the factor)"
 
@@ -600,3 +606,47 @@ def test_a_table_of_two_directories_is_the_table_of_their_runs_together(tmp_path
     assert set(runs.str.split("/").str[0]) == {"headline", "budget"}
     with pytest.raises(ResoFilterError, match="needs --out"):
         write_table([tmp_path / "headline", tmp_path / "budget"])
+
+
+def test_a_difference_whose_sides_ran_in_different_environments_is_marked(tmp_path):
+    """Runs merged from two machine kinds: each row names the environment its runs ran in, and a difference is
+    marked † exactly when, for some seed, its two sides ran in different ones (the float32 kernels differ)."""
+    from resofilter.environment import environment
+
+    def on(d: Path, cap: str) -> None:
+        f = d / "results.json"
+        r = json.loads(f.read_text())
+        r["environment"] = {**environment(), "torch_cpu_capability": cap}
+        f.write_text(json.dumps(r))
+
+    correct = [1, 0, 1, 1, 0, 0, 1, 0]
+    for steps, caps in ((16, {"full": "AVX512", "rf": "AVX2", "rnd": "AVX2"}),  # full on the other machine
+                        (32, {"full": "AVX2", "rf": "AVX2", "rnd": "AVX2"})):   # all on one
+        for seed in (0, 1):
+            for name, variant, scorer, keep in (("full", "full", "random", 1.0), ("rf", "resofilter", "resofilter",
+                                                0.5), ("rnd", "random50", "random", 0.5)):
+                d = tmp_path / f"{name}{steps}_{seed}"
+                _run(d, variant, scorer, keep, seed, correct[seed:] + correct[:seed], steps=steps)
+                on(d, caps[name])
+    md = write_table(tmp_path)["markdown"]
+    lines = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    head = lines[0]
+    rows = {(r[head.index("variant")], r[head.index("setting")]): dict(zip(head, r, strict=True)) for r in lines[2:]}
+    assert rows[("full", "finetune.max_steps=16")]["environment"] == "AVX512"
+    assert rows[("resofilter", "finetune.max_steps=16")]["environment"] == "AVX2"
+    assert rows[("resofilter", "finetune.max_steps=16")]["Δ full"].endswith("†")        # AVX2 against AVX512
+    assert not rows[("resofilter", "finetune.max_steps=16")]["Δ random"].endswith("†")  # both AVX2
+    assert rows[("random50", "finetune.max_steps=16")]["Δ full"].endswith("†")
+    assert not any(v.endswith("†") for k, r in rows.items() if k[1] == "finetune.max_steps=32" for v in r.values())
+    assert "†: the two sides of the difference ran" in md
+    # one seed of the half re-run on the full pool's machine: the row spans both, and its Δ is still marked
+    _run(tmp_path / "rf16_0_again", "resofilter", "resofilter", 0.5, 0, correct, steps=16)
+    on(tmp_path / "rf16_0_again", "AVX512")
+    md = write_table(tmp_path)["markdown"]
+    row = next(line for line in md.splitlines() if "| resofilter |" in line and "max_steps=16" in line)
+    assert "| AVX2; AVX512 |" in row and "] †" in row
+    # one environment throughout: no column, no mark
+    for d in tmp_path.glob("*/results.json"):
+        on(d.parent, "AVX2")
+    md = write_table(tmp_path)["markdown"]
+    assert "environment" not in md.splitlines()[0] and "†" not in md

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from resofilter._io import read_json, read_jsonl, stable_hash, write_text_atomic
-from resofilter.environment import differences
+from resofilter.environment import differences, environment_label
 from resofilter.errors import ResoFilterError
 from resofilter.reporting.html import table_report
 from resofilter.reporting.intervals import Unit, detectable, paired_matrix, row_matrix, t_interval
@@ -264,8 +264,12 @@ def setting_labels(runs: pd.DataFrame, exclude: tuple[str, ...] = ()) -> pd.Seri
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    # each run's environment by the fields that differ between the runs ("" when none do): a row says which
+    # it ran in, a paired difference whether its two sides ran in the same
+    differ = list(differences(list(runs["_environment"]))) if "_environment" in runs.columns else []
+    env = runs["_environment"].map(lambda e: environment_label(e, differ)) if differ else ""
     runs = runs.assign(setting=setting_labels(runs), context=runs["_setting"].map(context_key),
-                       curve_setting=setting_labels(runs, exclude=BUDGET_KEYS))
+                       curve_setting=setting_labels(runs, exclude=BUDGET_KEYS), _env=env)
     varying = ["variant", "keep_ratio", "setting", "setting_key"]
     acc_cols = [c for c in runs.columns if c.startswith("acc/")]
     # the same setting and seed run twice (e.g. in two sweeps) is one seed, not two samples
@@ -285,6 +289,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     first = runs.groupby("setting_key")[["scorer", "budget", "context", "protocols", "scored_by", "trained",
                                          "base_accuracy", "train_steps", "curve_key", "curve_setting"]].first()
     out = out.join(first, on="setting_key")
+    out["environments"] = out["setting_key"].map(runs.groupby("setting_key")["_env"].agg(
+        lambda e: "; ".join(sorted(set(e) - {""}))))
     for c in acc_cols:
         _intervals(out, runs, c)
     out = out.sort_values(["budget", "keep_ratio", "variant", "train_steps", "setting"],
@@ -339,11 +345,14 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str) -> None:
     """
     name = col[4:]
     per_row = {key: unit_correctness(g, name) for key, g in runs.groupby("setting_key")}
+    envs = {key: {(int(b), int(s)): frozenset(u["_env"]) for (b, s), u in g.groupby(["build", "seed"])}
+            for key, g in runs.groupby("setting_key")}
     for c in (f"{col} lo", f"{col} hi", f"{col} problems"):
         out[c] = float("nan")
     for ref in ("full", "random"):
         for c in ("", " lo", " hi", " se", " df"):
             out[f"{col} Δ{ref}{c}"] = float("nan")
+        out[f"{col} Δ{ref} envs differ"] = False
     for i, row in out.iterrows():
         mine = per_row.get(row["setting_key"])
         if not mine:
@@ -362,9 +371,13 @@ def _intervals(out: pd.DataFrame, runs: pd.DataFrame, col: str) -> None:
             diff = paired_matrix(mine, theirs)
             if diff is None:
                 continue
-            d = t_interval(diff, np.array([b for b, _ in sorted(set(mine) & set(theirs))]))
+            shared = sorted(set(mine) & set(theirs))
+            d = t_interval(diff, np.array([b for b, _ in shared]))
             out.loc[i, [f"{col} Δ{ref}{c}" for c in ("", " lo", " hi", " se", " df")]] = \
                 [d.mean, max(d.lo, -1.0), min(d.hi, 1.0), d.se, d.df]
+            their_envs = _by_my_units(mine, envs[cand["setting_key"].iloc[0]])
+            out.loc[i, f"{col} Δ{ref} envs differ"] = any(
+                envs[row["setting_key"]][u] != their_envs[u] for u in shared)
 
 
 def _by_my_units(mine: dict[Unit, Any], theirs: dict[Unit, Any]) -> dict[Unit, Any]:
@@ -395,8 +408,9 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
     for c in acc_cols:
         header += [f"{c[4:]} % [95 % CI]", "Δ full", "Δ random"]
     by_build = "builds" in summary.columns and (summary["builds"] > 1).any()
-    header += [*(["builds"] if by_build else []), "seeds", "kept", "noise kept (%)", "noise AUROC", "ρ length",
-               "time/run (s)"]
+    by_env = "environments" in summary.columns and summary["environments"].astype(bool).any()
+    header += [*(["builds"] if by_build else []), "seeds", *(["environment"] if by_env else []), "kept",
+               "noise kept (%)", "noise AUROC", "ρ length", "time/run (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in summary.iterrows():
         cells = [f"{r[k]:g}" if k == "keep_ratio" else ("" if pd.isna(r[k]) else str(r[k])) for k in keys]
@@ -412,12 +426,14 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
                     continue
                 lo, hi = r[f"{c} Δ{ref} lo"], r[f"{c} Δ{ref} hi"]
                 star = " \\*" if lo > 0 or hi < 0 else ""
-                cells.append(f"{_pct(m)} [{_pct(lo)}, {_pct(hi)}]{star}")
+                dagger = " †" if r.get(f"{c} Δ{ref} envs differ") else ""
+                cells.append(f"{_pct(m)} [{_pct(lo)}, {_pct(hi)}]{star}{dagger}")
         nr, auc = r["noise_rate_kept"], r["noise_auroc"]
         if r["keep_ratio"] >= 1:
             auc = float("nan")  # nothing is dropped: the (placeholder) scorer's AUROC says nothing
         rho = float("nan") if r["keep_ratio"] >= 1 or pd.isna(r["rho_length"]) else r["rho_length"]
-        cells += [*([str(int(r["builds"]))] if by_build else []), str(int(r["seeds"])), f"{r['n_kept']:.0f}",
+        cells += [*([str(int(r["builds"]))] if by_build else []), str(int(r["seeds"])),
+                  *([r["environments"]] if by_env else []), f"{r['n_kept']:.0f}",
                   "–" if pd.isna(nr) else f"{100 * nr:.1f}", "–" if pd.isna(auc) else f"{auc:.3f}",
                   "–" if pd.isna(rho) else f"{rho:+.2f}", f"{r['time_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -436,12 +452,18 @@ def to_markdown(summary: pd.DataFrame, incomplete: list[str]) -> str:
                 one = _one_build(summary)
                 factors = ("seeds and problems as crossed random factors" if summary["seeds"].max() > 1 else
                            "the problems as the only factor (one seed: another seed's spread is not in them)")
+                if summary["seeds"].max() > 1 and summary["seeds"].min() == 1:
+                    factors += " (rows of one seed: the problems alone, another seed's spread not in them)"
                 design = (f"{_units(summary, c)}{one}; 95 % generalized confidence "
                           f"intervals with {factors}, differences paired by seed and problem")
             notes.append(f"{c[4:]}: {design} (\\*: the interval excludes 0; coverage checked by simulation: "
                          f"experiments/interval_coverage.py); a difference of ≥ {mde:.1f} points is detectable at "
                          "80 % power (the median over the differences of (t₀.₉₇₅ + t₀.₈₀) × SE on the interval's "
                          "degrees of freedom).")
+    if any(summary.get(f"{c} Δ{ref} envs differ", pd.Series(dtype=bool)).any()
+           for c in acc_cols for ref in ("full", "random")):
+        notes.append("†: the two sides of the difference ran (for some seed) in different environments (column "
+                     "environment): float32 kernels differ between CPU kinds, so part of it may be the machine.")
     protocols = {k: v for p in summary.get("protocols", pd.Series(dtype=object)).dropna()
                  for k, v in json.loads(p).items()}
     if models and keys[-len(models):] != models and summary[models].notna().all().all():
@@ -480,13 +502,22 @@ def _builds_seeds(summary: pd.DataFrame) -> tuple[int, int]:
     return builds, int(summary["seeds"].max()) if summary["seeds"].notna().any() else 1
 
 
+def _count(summary: pd.DataFrame, col: str, noun: str) -> str:
+    """How many ``noun`` the rows' means are over: "3 seeds", or "1–3 seeds" where rows differ."""
+    values = summary[col].dropna() if col in summary.columns else pd.Series(dtype=float)
+    lo, hi = (int(values.min()), int(values.max())) if len(values) else (1, 1)
+    return _n(hi, noun) if lo == hi else f"{lo}–{hi} {noun}s"
+
+
 def _units(summary: pd.DataFrame, col: str) -> str:
-    """What a table's (or figure's) means are over, e.g. "3 builds × 2 seeds × 2000 problems" (builds only when
-    some row spans several; problems when the runs kept predictions)."""
-    builds, seeds = _builds_seeds(summary)
+    """What a table's (or figure's) means are over, e.g. "3 builds × 2 seeds × 2000 problems", "1–3 seeds × 500
+    problems" where rows differ (builds only when some row spans several; problems when the runs kept
+    predictions)."""
+    builds, _ = _builds_seeds(summary)
     n_p = summary[f"{col} problems"].max() if f"{col} problems" in summary.columns else float("nan")
     problems = "" if pd.isna(n_p) else f" × {int(n_p)} problems"
-    return (f"{_n(builds, 'build')} × {_n(seeds, 'seed')}" if builds > 1 else _n(seeds, "seed")) + problems
+    seeds = _count(summary, "seeds", "seed")
+    return (f"{_count(summary, 'builds', 'build')} × {seeds}" if builds > 1 else seeds) + problems
 
 
 def _design(summary: pd.DataFrame, col: str) -> str:
@@ -495,6 +526,8 @@ def _design(summary: pd.DataFrame, col: str) -> str:
     builds, seeds = _builds_seeds(summary)
     factors = ("builds and problems as factors" if builds > 1 else "seeds and problems as factors" if seeds > 1
                else "problems as the factor")
+    if seeds > 1 and builds <= 1 and int(summary["seeds"].min()) == 1:
+        factors += "; problems alone for a row of 1 seed"
     return f"mean of {_units(summary, col)}\n95 % interval ({factors})"
 
 
