@@ -529,6 +529,7 @@ def test_the_budget_length_not_in_force_is_not_part_of_a_setting(tmp_path):
                                ("epochs", {"finetune.max_steps": -1, "finetune.epochs": 1})):
             tag = "-".join(str(v) for v in length.values())
             _run(tmp_path / f"rf-{tag}-{seed}", "resofilter", "resofilter", 0.5, seed, [1, 0, 1, seed],
+                 steps=length["finetune.max_steps"] if budget == "steps" else 63,  # what a run trained
                  extra={"finetune.budget": budget, **length})
     labels = sorted(r["setting"] for r in write_table(tmp_path)["rows"])
     assert labels == ["finetune.epochs=1", "finetune.max_steps=100", "finetune.max_steps=200"]
@@ -536,11 +537,20 @@ def test_the_budget_length_not_in_force_is_not_part_of_a_setting(tmp_path):
     from resofilter.reporting.table import _curve_colors, collect, summarize
 
     for seed in range(2):
-        _run(tmp_path / f"full-{seed}", "full", "random", 1.0, seed, [1, 1, 1, seed],
+        _run(tmp_path / f"full-{seed}", "full", "random", 1.0, seed, [1, 1, 1, seed], steps=100,
              extra={"finetune.budget": "steps", "finetune.max_steps": 100})
     colors = _curve_colors(summarize(collect(tmp_path)[0]))
     assert set(colors) == {"resofilter 0.5", "resofilter 0.5, budget=epochs", "full 1"}
     assert colors["resofilter 0.5"] == colors["resofilter 0.5, budget=epochs"] != "k" and colors["full 1"] == "k"
+    # the figure draws variants with a curve: the one-epoch point beside ResoFilter's steps curve is drawn; a
+    # baseline trained at one budget only (a point of table.png) is not, nor is the full pool's one point
+    from resofilter.reporting.table import plot_budget
+
+    for seed in range(2):
+        _run(tmp_path / f"loss-{seed}", "loss50", "loss", 0.5, seed, [1, 0, 0, seed], steps=100,
+             extra={"finetune.budget": "steps", "finetune.max_steps": 100})
+    drawn = plot_budget(summarize(collect(tmp_path)[0]), tmp_path / "b.png")
+    assert {k[2] for k in drawn if k[1] == "acc"} == {"resofilter 0.5", "resofilter 0.5, budget=epochs"}
 
 
 def test_a_weak_scorers_half_pairs_with_the_strong_models_rows_by_seed(tmp_path):

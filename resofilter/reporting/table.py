@@ -585,6 +585,10 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     The x axis is the steps a run took: under budget=steps every subset of a budget takes the same, under
     budget=epochs the full pool takes twice a half's — its points then sit where it trained. Returns what it
     drew: ``(eval column, "acc" | "Δfull", curve) → [(steps, mean, lo, hi), …]``.
+
+    Only variants with a curve are drawn: a row trained at one budget whose variant (keep ratio and setting) has
+    no curve at any kind of budget is a point of ``table.png``, and is named under the figure; a variant's one
+    point under another kind of budget (the paper's one epoch beside the compute-matched curve) is drawn.
     """
     import matplotlib
 
@@ -592,6 +596,12 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     import matplotlib.pyplot as plt
 
     acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
+    summary = summary.dropna(subset=["train_steps"])
+    family = summary["variant"].astype(str) + "|" + summary["keep_ratio"].astype(str) + "|" + \
+        summary["curve_setting"].fillna("").astype(str)
+    has_curve = summary.groupby("curve_key")["train_steps"].transform("nunique") >= 2
+    left_out = summary[~family.isin(set(family[has_curve]))]
+    summary = summary[family.isin(set(family[has_curve]))]
     fig, axes = plt.subplots(2, len(acc_cols), figsize=(7 * len(acc_cols), 8), squeeze=False, sharex=True)
     curves = summary.dropna(subset=["train_steps"]).groupby("curve_key", sort=False)
     colors = _curve_colors(summary)
@@ -635,7 +645,10 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     models = summary["trained"].dropna().unique() if "trained" in summary.columns else []
     fig.suptitle("Accuracy against the training budget" + (f" — {', '.join(models)}" if len(models) else ""),
                  fontsize=10)
-    fig.tight_layout()
+    if len(left_out):
+        fig.text(0.01, 0.005, "At one budget only, so in table.png: " + ", ".join(left_out["curve"].unique()),
+                 fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.02 if len(left_out) else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
