@@ -317,16 +317,24 @@ def _steps_budget(r: pd.Series) -> bool:
     return pd.isna(r.get("budget")) or r.get("budget") == "steps"
 
 
+def _curve_families(summary: pd.DataFrame) -> pd.Series:
+    """Each row's curve family: its variant, keep ratio and setting but for the budget, whatever the kind of
+    budget (a variant's compute-matched curve and its one-epoch point are one family)."""
+    setting = summary.get("curve_setting", pd.Series("", index=summary.index)).fillna("")
+    return pd.Series(list(zip(summary["variant"], summary["keep_ratio"], setting, strict=True)),
+                     index=summary.index, dtype=object)
+
+
 def _curve_colors(summary: pd.DataFrame) -> dict[str, str]:
-    """One colour per curve family — a variant, keep ratio and setting whatever the kind of budget — so a
-    variant's compute-matched and epoch curves share a colour (and differ in marker); the full pool black."""
+    """One colour per curve family (:func:`_curve_families`), so a variant's compute-matched and epoch curves
+    share a colour (and differ in marker); the full pool black."""
     import matplotlib.pyplot as plt
 
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colors: dict[str, str] = {}
     families: dict[tuple, str] = {}
-    for _, r in summary.dropna(subset=["train_steps"]).iterrows():
-        fam = (r["variant"], r["keep_ratio"], r.get("curve_setting"))
+    summary = summary.dropna(subset=["train_steps"])
+    for (_, r), fam in zip(summary.iterrows(), _curve_families(summary), strict=True):
         if r["keep_ratio"] >= 1:
             families.setdefault(fam, "k")
         else:
@@ -597,13 +605,12 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
 
     acc_cols = sorted({c.split(" ", 1)[0] for c in summary.columns if c.startswith("acc/")})
     summary = summary.dropna(subset=["train_steps"])
-    family = summary["variant"].astype(str) + "|" + summary["keep_ratio"].astype(str) + "|" + \
-        summary["curve_setting"].fillna("").astype(str)
+    family = _curve_families(summary)
     has_curve = summary.groupby("curve_key")["train_steps"].transform("nunique") >= 2
-    left_out = summary[~family.isin(set(family[has_curve]))]
-    summary = summary[family.isin(set(family[has_curve]))]
+    drawn_family = family.isin(set(family[has_curve]))
+    left_out, summary = summary[~drawn_family], summary[drawn_family]
     fig, axes = plt.subplots(2, len(acc_cols), figsize=(7 * len(acc_cols), 8), squeeze=False, sharex=True)
-    curves = summary.dropna(subset=["train_steps"]).groupby("curve_key", sort=False)
+    curves = summary.groupby("curve_key", sort=False)
     colors = _curve_colors(summary)
     steps = sorted(summary["train_steps"].dropna().unique())
     drawn: dict[tuple[str, str, str], list[tuple[float, ...]]] = {}
