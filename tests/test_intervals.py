@@ -265,6 +265,38 @@ def test_budget_curve_pairs_each_half_with_the_full_pool_of_its_budget(tmp_path)
     assert not (tmp_path / "budget.png").exists() and page not in (tmp_path / "table.html").read_text()
 
 
+def test_the_budget_axis_cuts_only_an_interval_many_times_wider_than_the_rest():
+    """Half-widths 2, 3, 2 and 50 points (a row of two seeds: t with 1 df): the y range holds every mean and the
+    three ordinary intervals, the wide one is the one cut, with an arrow at each end it loses. One of 10 points,
+    whose whole takes less than 3 times the others' range, is drawn whole; so are intervals of no width (the
+    same answers as the reference) beside one of half a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from resofilter.reporting.table import fit_axis
+
+    fig, ax = plt.subplots()
+    bars = [(16, 60, 58, 62, "r"), (32, 65, 62, 68, "r"), (64, 70, 68, 72, "b"), (128, 55, 5, 105, "k")]
+    cut = fit_axis(ax, bars)
+    lo, hi = ax.get_ylim()
+    assert cut == [bars[3]]
+    assert lo < 55 and hi > 72 and lo > 5 and hi < 105  # every mean and ordinary end shown, the wide one's not
+    assert lo == pytest.approx(55 - 0.05 * 17) and hi == pytest.approx(72 + 0.05 * 17)
+    arrows = [(line.get_marker(), line.get_ydata()[0]) for line in ax.lines]
+    assert sorted(arrows) == sorted([("v", lo), ("^", hi)])
+    # a wide interval that fits in 3 times the range the rest need (45..72 against 55..72) is drawn whole
+    fig2, ax2 = plt.subplots()
+    assert fit_axis(ax2, [*bars[:3], (128, 55, 45, 65, "k")]) == [] and not ax2.lines
+    assert ax2.get_ylim() == pytest.approx((45 - 0.05 * 27, 72 + 0.05 * 27))
+    fig3, ax3 = plt.subplots()
+    assert fit_axis(ax3, [(16, 0, 0, 0, "r"), (32, 0, 0, 0, "r"), (64, 1, 0.5, 1.5, "b")]) == []
+    assert not ax3.lines
+    for f in (fig, fig2, fig3):
+        plt.close(f)
+
+
 def test_budget_curves_are_named_by_every_setting_key_but_the_budget(tmp_path):
     """Two ResoFilter curves differing in the optimizer's betas (a list: its label holds ", ") at two budgets:
     each row's curve is its variant, keep ratio and betas, never its steps, and each curve has both points."""

@@ -586,6 +586,36 @@ def has_budget_axis(summary: pd.DataFrame) -> bool:
     return bool((summary.groupby("curve_key")["train_steps"].nunique() >= 2).any())
 
 
+Bar = tuple[float, float, float, float, str]  # x, mean, lo, hi, colour: one error bar as drawn
+
+
+def fit_axis(ax: Any, bars: Sequence[Bar], reach: float = 3.0, stretch: float = 3.0, floor: float = 1.0) -> list[Bar]:
+    """Fit the y range so that an interval many times wider than the rest (a row of two seeds: a t with 1 degree
+    of freedom, ±50 points) does not flatten every other one. The ordinary bars are those whose half-width is at
+    most ``reach`` times the median half-width (at least ``floor``); when showing every interval whole would take
+    more than ``stretch`` times the range the means and the ordinary intervals need, the range is theirs and each
+    wider interval is cut at the axis, with an arrow in its colour at each end it loses. Returns the bars cut."""
+    bars = [b for b in bars if np.isfinite(b[1])]
+    if not bars:
+        return []
+    half = np.array([(b[3] - b[2]) / 2 for b in bars], dtype=float)
+    limit = reach * max(float(np.nanmedian(half)) if np.isfinite(half).any() else 0.0, floor)
+    means = [b[1] for b in bars]
+    ends = [e for b in bars for e in b[2:4] if np.isfinite(e)]
+    core = means + [e for b, h in zip(bars, half, strict=True) if h <= limit for e in b[2:4]]
+    span = max(max(core) - min(core), 2 * floor)
+    if max(means + ends) - min(means + ends) <= stretch * span:
+        core, span = means + ends, max(max(means + ends) - min(means + ends), 2 * floor)
+    lo, hi = min(core) - 0.05 * span, max(core) + 0.05 * span
+    ax.set_ylim(lo, hi)
+    cut = [b for b in bars if b[2] < lo or b[3] > hi]
+    for x, _, b_lo, b_hi, color in cut:
+        for end, edge, marker in ((b_lo, lo, "v"), (b_hi, hi, "^")):
+            if end < lo or end > hi:
+                ax.plot([x], [edge], marker=marker, color=color, ms=7, clip_on=False, zorder=5)
+    return cut
+
+
 def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str], list[tuple[float, ...]]]:
     """The data-efficiency curve: accuracy (top) and the paired difference from the full pool at the same
     budget (bottom) against the optimizer steps trained, one line per curve, error bars the 95 % intervals.
@@ -596,7 +626,8 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
 
     Only variants with a curve are drawn: a row trained at one budget whose variant (keep ratio and setting) has
     no curve at any kind of budget is a point of ``table.png``, and is named under the figure; a variant's one
-    point under another kind of budget (the paper's one epoch beside the compute-matched curve) is drawn.
+    point under another kind of budget (the paper's one epoch beside the compute-matched curve) is drawn. Each
+    panel's y range is :func:`fit_axis`'s: an interval many times wider than the rest is cut at the axis, marked.
     """
     import matplotlib
 
@@ -614,6 +645,8 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     colors = _curve_colors(summary)
     steps = sorted(summary["train_steps"].dropna().unique())
     drawn: dict[tuple[str, str, str], list[tuple[float, ...]]] = {}
+    bars: list[list[Bar]] = [[], []]  # the top and bottom panel's, for fit_axis
+    cut = 0
     for j, c in enumerate(acc_cols):
         top, bottom = axes[0, j], axes[1, j]
         for k, (_, g) in enumerate(curves):
@@ -630,6 +663,8 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
             line = top.errorbar(x * shift, mean, yerr=err, capsize=3, label=name, color=colors[name],
                                 ls="--" if full else "-", **style)
             drawn[(c, "acc", name)] = list(zip(x, mean, mean - err[0], mean + err[1], strict=True))
+            bars[0] += [(xs, m, lo, hi, colors[name]) for xs, (_, m, lo, hi)
+                        in zip(x * shift, drawn[(c, "acc", name)], strict=True)]
             d = g.dropna(subset=[f"{c} Δfull"])
             if not full and len(d):
                 dm = 100 * d[f"{c} Δfull"]
@@ -638,7 +673,10 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
                                 capsize=3, color=line[0].get_color(), label=name, **style)
                 drawn[(c, "Δfull", name)] = list(zip(d["train_steps"].astype(float), dm, 100 * d[f"{c} Δfull lo"],
                                                      100 * d[f"{c} Δfull hi"], strict=True))
+                bars[1] += [(xs * shift, m, lo, hi, colors[name]) for xs, m, lo, hi in drawn[(c, "Δfull", name)]]
         bottom.axhline(0, color="k", ls="--", lw=1)
+        cut += sum(len(fit_axis(ax, b)) for ax, b in zip((top, bottom), bars, strict=True))
+        bars = [[], []]
         top.set_ylabel(f"{c[4:]} accuracy (%)")
         bottom.set_ylabel("Δ full at the same budget (points)")
         bottom.set_xlabel("optimizer steps trained (log scale)")
@@ -652,10 +690,12 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     models = summary["trained"].dropna().unique() if "trained" in summary.columns else []
     fig.suptitle("Accuracy against the training budget" + (f" — {', '.join(models)}" if len(models) else ""),
                  fontsize=10)
-    if len(left_out):
-        fig.text(0.01, 0.005, "At one budget only, so in table.png: " + ", ".join(left_out["curve"].unique()),
-                 fontsize=7, wrap=True)
-    fig.tight_layout(rect=(0, 0.02 if len(left_out) else 0, 1, 1))
+    notes = [*(["▲▼ an interval many times wider than the rest, cut at the axis (its ends: table.md)"] if cut else []),
+             *(["At one budget only, so in table.png: " + ", ".join(left_out["curve"].unique())]
+               if len(left_out) else [])]
+    if notes:
+        fig.text(0.01, 0.005, "\n".join(notes), fontsize=7, wrap=True)
+    fig.tight_layout(rect=(0, 0.015 * len(notes) + 0.005 * bool(notes), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return drawn
