@@ -266,10 +266,11 @@ def test_budget_curve_pairs_each_half_with_the_full_pool_of_its_budget(tmp_path)
 
 
 def test_the_budget_axis_cuts_only_an_interval_many_times_wider_than_the_rest():
-    """Half-widths 2, 3, 2 and 50 points (a row of two seeds: t with 1 df): the y range holds every mean and the
-    three ordinary intervals, the wide one is the one cut, with an arrow at each end it loses. One of 10 points,
-    whose whole takes less than 3 times the others' range, is drawn whole; so are intervals of no width (the
-    same answers as the reference) beside one of half a point."""
+    """Half-widths 2, 3, 2 and 50 points (a row of two seeds: t with 1 df) about means 55–70: the y range holds
+    every mean and the three ordinary intervals, the wide one (over 3 × the means' 15-point spread) is the one
+    cut, with an arrow at each end it loses. One of 10 points is drawn whole; so are intervals of no width (the
+    same answers as the reference) beside one of half a point; and differences near 0 of ±4 (one seed) beside
+    ±25 and ±100 (two seeds) cut those two, though they are half the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +294,11 @@ def test_the_budget_axis_cuts_only_an_interval_many_times_wider_than_the_rest():
     fig3, ax3 = plt.subplots()
     assert fit_axis(ax3, [(16, 0, 0, 0, "r"), (32, 0, 0, 0, "r"), (64, 1, 0.5, 1.5, "b")]) == []
     assert not ax3.lines
-    for f in (fig, fig2, fig3):
+    fig4, ax4 = plt.subplots()
+    near0 = [(16, 0.5, -3.5, 4.5, "r"), (32, -2, -6, 2, "r"), (64, -3, -7, 1, "b"), (128, 1, -3, 5, "b")]
+    wide = [(16, -1, -26, 24, "k"), (32, 0, -100, 100, "k"), (64, -4, -29, 21, "k")]
+    assert fit_axis(ax4, near0 + wide) == wide and ax4.get_ylim() == pytest.approx((-7 - 0.6, 5 + 0.6))
+    for f in (fig, fig2, fig3, fig4):
         plt.close(f)
 
 

@@ -592,15 +592,18 @@ Bar = tuple[float, float, float, float, str]  # x, mean, lo, hi, colour: one err
 def fit_axis(ax: Any, bars: Sequence[Bar], reach: float = 3.0, stretch: float = 3.0, floor: float = 1.0) -> list[Bar]:
     """Fit the y range so that an interval many times wider than the rest (a row of two seeds: a t with 1 degree
     of freedom, ±50 points) does not flatten every other one. The ordinary bars are those whose half-width is at
-    most ``reach`` times the median half-width (at least ``floor``); when showing every interval whole would take
-    more than ``stretch`` times the range the means and the ordinary intervals need, the range is theirs and each
-    wider interval is cut at the axis, with an arrow in its colour at each end it loses. Returns the bars cut."""
+    most ``reach`` times the larger of the means' spread and the lower quartile of the half-widths (at least
+    ``floor``): an interval far wider than the differences drawn says little about them. When showing every
+    interval whole would take more than ``stretch`` times the range the means and the ordinary intervals need,
+    the range is theirs and each wider interval is cut at the axis, with an arrow in its colour at each end it
+    loses. Returns the bars cut."""
     bars = [b for b in bars if np.isfinite(b[1])]
     if not bars:
         return []
     half = np.array([(b[3] - b[2]) / 2 for b in bars], dtype=float)
-    limit = reach * max(float(np.nanmedian(half)) if np.isfinite(half).any() else 0.0, floor)
     means = [b[1] for b in bars]
+    quartile = float(np.nanpercentile(half, 25)) if np.isfinite(half).any() else 0.0
+    limit = reach * max(max(means) - min(means), quartile, floor)
     ends = [e for b in bars for e in b[2:4] if np.isfinite(e)]
     core = means + [e for b, h in zip(bars, half, strict=True) if h <= limit for e in b[2:4]]
     span = max(max(core) - min(core), 2 * floor)
