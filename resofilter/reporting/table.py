@@ -604,12 +604,15 @@ def fit_axis(ax: Any, bars: Sequence[Bar], reach: float = 3.0, stretch: float = 
     means = [b[1] for b in bars]
     quartile = float(np.nanpercentile(half, 25)) if np.isfinite(half).any() else 0.0
     limit = reach * max(max(means) - min(means), quartile, floor)
-    ends = [e for b in bars for e in b[2:4] if np.isfinite(e)]
+    whole = means + [e for b in bars for e in b[2:4] if np.isfinite(e)]
     core = means + [e for b, h in zip(bars, half, strict=True) if h <= limit for e in b[2:4]]
-    span = max(max(core) - min(core), 2 * floor)
-    if max(means + ends) - min(means + ends) <= stretch * span:
-        core, span = means + ends, max(max(means + ends) - min(means + ends), 2 * floor)
-    lo, hi = min(core) - 0.05 * span, max(core) + 0.05 * span
+
+    def span(values: list[float]) -> float:
+        return max(max(values) - min(values), 2 * floor)
+
+    if span(whole) <= stretch * span(core):
+        core = whole
+    lo, hi = min(core) - 0.05 * span(core), max(core) + 0.05 * span(core)
     ax.set_ylim(lo, hi)
     cut = [b for b in bars if b[2] < lo or b[3] > hi]
     for x, _, b_lo, b_hi, color in cut:
@@ -648,10 +651,10 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
     colors = _curve_colors(summary)
     steps = sorted(summary["train_steps"].dropna().unique())
     drawn: dict[tuple[str, str, str], list[tuple[float, ...]]] = {}
-    bars: list[list[Bar]] = [[], []]  # the top and bottom panel's, for fit_axis
     cut = 0
     for j, c in enumerate(acc_cols):
         top, bottom = axes[0, j], axes[1, j]
+        bars: tuple[list[Bar], list[Bar]] = ([], [])  # each panel's, as drawn, for fit_axis
         for k, (_, g) in enumerate(curves):
             g, name = g.sort_values("train_steps"), g["curve"].iloc[0]
             x = g["train_steps"].to_numpy(dtype=float)
@@ -666,8 +669,7 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
             line = top.errorbar(x * shift, mean, yerr=err, capsize=3, label=name, color=colors[name],
                                 ls="--" if full else "-", **style)
             drawn[(c, "acc", name)] = list(zip(x, mean, mean - err[0], mean + err[1], strict=True))
-            bars[0] += [(xs, m, lo, hi, colors[name]) for xs, (_, m, lo, hi)
-                        in zip(x * shift, drawn[(c, "acc", name)], strict=True)]
+            bars[0].extend((xs * shift, m, lo, hi, colors[name]) for xs, m, lo, hi in drawn[(c, "acc", name)])
             d = g.dropna(subset=[f"{c} Δfull"])
             if not full and len(d):
                 dm = 100 * d[f"{c} Δfull"]
@@ -676,10 +678,9 @@ def plot_budget(summary: pd.DataFrame, path: Path) -> dict[tuple[str, str, str],
                                 capsize=3, color=line[0].get_color(), label=name, **style)
                 drawn[(c, "Δfull", name)] = list(zip(d["train_steps"].astype(float), dm, 100 * d[f"{c} Δfull lo"],
                                                      100 * d[f"{c} Δfull hi"], strict=True))
-                bars[1] += [(xs * shift, m, lo, hi, colors[name]) for xs, m, lo, hi in drawn[(c, "Δfull", name)]]
+                bars[1].extend((xs * shift, m, lo, hi, colors[name]) for xs, m, lo, hi in drawn[(c, "Δfull", name)])
         bottom.axhline(0, color="k", ls="--", lw=1)
         cut += sum(len(fit_axis(ax, b)) for ax, b in zip((top, bottom), bars, strict=True))
-        bars = [[], []]
         top.set_ylabel(f"{c[4:]} accuracy (%)")
         bottom.set_ylabel("Δ full at the same budget (points)")
         bottom.set_xlabel("optimizer steps trained (log scale)")
