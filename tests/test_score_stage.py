@@ -85,16 +85,21 @@ def test_killed_run_resumes_to_identical_features(tmp_path, tiny_model_dir):
     assert p.wait(timeout=600) == 0, p.stdout.read()
     p = _cli(["score", *score_overrides(tiny_model_dir, out, *common)])
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / "shards").glob("shard-*.parquet"))) < 3:
+    finished = out / "shards"
+    while time.time() < deadline and len(list(finished.glob("shard-*.parquet.sha256.json"))) < 3:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    done = len(list((out / "shards").glob("shard-*.parquet")))
+    # a shard counts as finished once its checksum is written after it; the kill may land between
+    # the two, and that shard is then recomputed (finished_shards), not resumed
+    done = len(list(finished.glob("shard-*.parquet.sha256.json")))
+    unsummed = len(list(finished.glob("shard-*.parquet"))) - done
     assert 3 <= done < 16 and not (out / "features.parquet").exists(), "kill must land mid-run"
     p = _cli(["score", *score_overrides(tiny_model_dir, out, *common)])
     log = p.communicate(timeout=600)[0]
     assert p.returncode == 0, log
     assert "resuming" in log
+    assert ("no checksum (killed while writing it)" in log) == (unsummed > 0), log
     ref = pd.read_parquet(ref_out / "features.parquet")
     got = pd.read_parquet(out / "features.parquet")
     pd.testing.assert_frame_equal(got, ref)
