@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from hydra.utils import instantiate
 
+from resofilter._io import model_fingerprint
 from resofilter.commands import finetune, run, score, select
 from resofilter.data.records import Record
 from resofilter.data.tokenize import IGNORE_INDEX, tokenize_record
@@ -141,6 +142,9 @@ def test_the_trained_model_is_not_the_scoring_model(tmp_path):
                  **TINY_RUN, **small, **{"train_model.embedded.architecture.num_hidden_layers": 2})
     res = run(cfg)
     assert res["model"] != res["train_model"]
+    assert res["weights"] == {"model": model_fingerprint(res["model"], None),
+                              "train_model": model_fingerprint(res["train_model"], None)}
+    assert res["weights"]["model"] != res["weights"]["train_model"]
     fman = json.loads((tmp_path / "out" / "select" / "manifest.json").read_text())
     features = json.loads((tmp_path / "cache" / "features" / res["stages"]["score"]["key"] / "manifest.json")
                           .read_text())

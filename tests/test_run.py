@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from resofilter._io import model_fingerprint
 from resofilter.cli import CONF_DIR
 from resofilter.commands import run
 from resofilter.errors import ConfigError, ResoFilterError
@@ -38,6 +39,9 @@ def test_run_end_to_end(tmp_path):
     assert again["stages"]["score"]["cached"] and again["stages"]["score"]["features_dir"] == \
         res["stages"]["score"]["features_dir"]
     assert set(again["eval"]) == {"math_synth", "gsm8k"}
+    # the models' content, hashed afresh (no memo), as results.json records it: one model scores and trains here
+    fresh = model_fingerprint(res["model"], None)
+    assert res["weights"] == again["weights"] == {"model": fresh, "train_model": fresh}
     gsm = json.loads((tmp_path / "b" / "out" / "eval" / "gsm8k" / "metrics.json").read_text())
     assert gsm["eval"] == "gsm8k" and gsm["n"] == 4 and again["eval"]["gsm8k"] == gsm["accuracy"]
     assert again["stages"]["evaluate"]["more"]["gsm8k"]["n"] == 4

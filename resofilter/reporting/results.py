@@ -63,6 +63,10 @@ class RunResult:
     choices: dict[str, Any] | None  # Hydra's config group options
     environment: dict[str, Any]  # packages, torch's CPU code path and threads
     wandb_dir: str | None = None
+    # content fingerprints (``model_fingerprint``: its weights, not its path) of the scoring and the fine-tuned
+    # model, ``{"model": …, "train_model": …}``: two runs of one ``build`` on two machine kinds show whether they
+    # fine-tuned the same bits. None in a result written before it was recorded.
+    weights: dict[str, str] | None = None
     schema: int = RESULTS_SCHEMA
 
     def __post_init__(self) -> None:

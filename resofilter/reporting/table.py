@@ -70,6 +70,7 @@ def collect(roots: Roots) -> tuple[pd.DataFrame, list[str]]:
             "protocols": json.dumps(r.eval_protocols, sort_keys=True),
             "scored_by": _model_name(r.model, r.setting, "model"),
             "trained": _model_name(r.train_model, r.setting, "train_model"),
+            "trained_weights": (r.weights or {}).get("train_model"),  # its content (runs.csv): None before recorded
             "base_accuracy": (r.stages.get("base_eval") or {}).get("accuracy"),
             "_dir": str(d), "_environment": r.environment,
             "setting_key": stable_hash(setting), "_setting": setting,

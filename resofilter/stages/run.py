@@ -215,6 +215,8 @@ def run_results(spec: RunSpec, stages: dict[str, Any], evals: dict[str, Any], mo
         base_model=_base_accuracy(train_dir),  # the build accuracy of the model fine-tuned
         setting=spec.setting, choices=spec.hydra_choices,
         environment=environment(),  # package versions, torch's CPU code path and threads: `table` compares them
+        weights={role: model_fingerprint(d, spec.score.cache_dir) for role, d in (("model", model_dir),
+                                                                                  ("train_model", train_dir))},
     )
 
 
